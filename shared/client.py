@@ -1,0 +1,138 @@
+"""The ad-hoc producer API: what applications use to submit work to the chronoq fleet.
+
+Ad-hoc work goes to the default queue (``celery_queue``) unless told otherwise, so it never
+competes with scheduled fires on ``cron_queue``. Every call is blocking; from asyncio code run
+them with ``anyio.to_thread.run_sync``.
+
+>>> client = Client(settings)
+>>> task_id = client.submit("demo.number_sum", args=[2, 3])
+>>> client.result(task_id, timeout=10)
+5
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from celery import Celery, chain, chord, group
+from celery.canvas import Signature
+from celery.result import AsyncResult, GroupResult
+
+from shared.celery_app import create_celery_app
+from shared.errors import RedisUnavailableError
+from shared.names import HEADER_TRACE_ID, new_trace_id
+from shared.redis import check_redis
+from shared.settings import AppSettings
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerHealth:
+    ok: bool
+    latency_ms: float | None
+    error: str | None = None
+
+
+class Client:
+    """Submit tasks by name, compose them, and read their results.
+
+    ``settings`` must name a Redis (``REDIS_URL``, or the embedded one resolved by
+    :func:`shared.redis.resolve_redis`).
+    """
+
+    def __init__(self, settings: AppSettings, app: Celery | None = None) -> None:
+        self.settings = settings
+        self.app = app or create_celery_app(settings, name="chronoq-client")
+
+    def signature(
+        self, task_name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> Signature:
+        """A signature for composing with :meth:`chain`, :meth:`group` and :meth:`chord`."""
+        options.setdefault("queue", self.settings.celery.default_queue)
+        return self.app.signature(task_name, args=tuple(args), kwargs=kwargs or {}, **options)
+
+    def submit(
+        self,
+        task_name: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        task_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> str:
+        """Send one task by name; return its task id.
+
+        ``priority`` 0-9 (0 runs first on Redis). ``countdown`` / ``eta`` delay it; keep the
+        delay below ``CELERY_VISIBILITY_TIMEOUT_S`` or the Redis transport redelivers it.
+        """
+        result = self.app.send_task(
+            task_name,
+            args=list(args),
+            kwargs=kwargs or {},
+            queue=queue or self.settings.celery.default_queue,
+            priority=priority,
+            countdown=countdown,
+            eta=eta,
+            task_id=task_id,
+            headers={HEADER_TRACE_ID: trace_id or new_trace_id()},
+        )
+        return str(result.id)
+
+    def chain(self, *signatures: Signature) -> str:
+        """Run ``signatures`` one after another, each receiving the previous result; returns
+        the id of the last task (its result is the chain's result)."""
+        return str(chain(*signatures).apply_async().id)
+
+    def group(self, *signatures: Signature) -> str:
+        """Run ``signatures`` in parallel; returns the group id (:meth:`result` gives the list)."""
+        result = group(*signatures).apply_async()
+        result.save()
+        return str(result.id)
+
+    def chord(self, header: Sequence[Signature], body: Signature) -> str:
+        """Run ``header`` in parallel, then ``body`` with the list of their results; returns the
+        body's task id."""
+        return str(chord(list(header), body).apply_async().id)
+
+    def result(self, task_id: str, timeout: float | None = None) -> Any:
+        """Wait up to ``timeout`` seconds for a task's (or a group's) result.
+
+        Raises the task's own exception if it failed, ``celery.exceptions.TimeoutError`` when
+        it is not done in time.
+        """
+        saved = GroupResult.restore(task_id, app=self.app)
+        if saved is not None:
+            return saved.get(timeout=timeout)
+        return AsyncResult(task_id, app=self.app).get(timeout=timeout)
+
+    def status(self, task_id: str) -> str:
+        """PENDING (unknown or queued), STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
+        return str(AsyncResult(task_id, app=self.app).state)
+
+    def revoke(self, task_id: str, *, terminate: bool = False) -> None:
+        """Tell every worker not to run ``task_id``; with ``terminate`` also kill it if running."""
+        self.app.control.revoke(task_id, terminate=terminate, signal="SIGTERM")
+
+    def health(self) -> BrokerHealth:
+        """Whether the broker answers, and how fast."""
+        try:
+            latency = check_redis(self.settings.redis, self.settings.broker_url())
+        except RedisUnavailableError as exc:
+            return BrokerHealth(ok=False, latency_ms=None, error=str(exc))
+        return BrokerHealth(ok=True, latency_ms=round(latency, 2))
+
+    def close(self) -> None:
+        """Release the broker and backend connections."""
+        self.app.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

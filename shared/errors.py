@@ -1,0 +1,56 @@
+"""The one exception tree of chronoq.
+
+::
+
+    ChronoqError                 base of everything chronoq raises on purpose
+    ├── ConfigError              settings or files are wrong; the process exits with EX_CONFIG (78)
+    │   └── JobSpecError         one or more job-file problems, each naming file, job and field
+    ├── RedisUnavailableError    Redis refused, timed out or rejected our credentials
+    │   └── RedisAuthError       wrong password or user: retrying cannot help
+    ├── EmbeddedRedisError       no redis-server binary, or the embedded server would not start
+    └── DispatchError            a fire could not be published (retried by the dispatcher)
+
+Messages say what is wrong and how to fix it, and never contain a secret: URLs are redacted
+with :func:`shared.redis.redact_url` before they are put in a message.
+"""
+
+from __future__ import annotations
+
+EX_CONFIG = 78  # sysexits.h: configuration error
+EX_UNAVAILABLE = 69  # sysexits.h: a service we need is unavailable
+
+
+class ChronoqError(Exception):
+    """Base class of every error chronoq raises on purpose."""
+
+
+class ConfigError(ChronoqError):
+    """Settings or configuration files are invalid.
+
+    ``problems`` holds one line per problem; ``str()`` joins them so a caller can print the
+    error as it is.
+    """
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class JobSpecError(ConfigError):
+    """One or more job files are invalid; every problem names the file, the job and the field."""
+
+
+class RedisUnavailableError(ChronoqError):
+    """Redis did not answer in time or refused the connection."""
+
+
+class RedisAuthError(RedisUnavailableError):
+    """Redis rejected our credentials; retrying cannot help."""
+
+
+class EmbeddedRedisError(ChronoqError):
+    """The embedded redis-server could not be found or started."""
+
+
+class DispatchError(ChronoqError):
+    """A fire could not be published to the broker."""

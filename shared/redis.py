@@ -1,0 +1,92 @@
+"""Redis clients built from settings, a reachability check, and resolving where Redis is.
+
+Every client has socket timeouts so a stalled Redis never hangs a caller, and ``rediss://``
+verifies the server certificate unless ``REDIS_SSL_CERT_REQS`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+import redis.asyncio
+from loguru import logger
+
+from shared.errors import RedisAuthError, RedisUnavailableError
+from shared.redaction import redact_url
+from shared.settings import AppSettings, RedisSettings
+
+
+def client_options(settings: RedisSettings) -> dict[str, Any]:
+    """Keyword arguments shared by the sync and async clients."""
+    options: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": settings.socket_connect_timeout_s,
+        "health_check_interval": settings.health_check_interval_s,
+        "decode_responses": True,
+    }
+    if settings.uses_tls:
+        options.update(settings.ssl_options())
+    return options
+
+
+def create_redis(settings: RedisSettings, url: str | None = None) -> redis.Redis:
+    """A blocking client for ``url`` (default: the configured server). Never call it on the
+    event loop; use :func:`create_async_redis` there."""
+    return redis.Redis.from_url(url or settings.connection_url(), **client_options(settings))
+
+
+def create_async_redis(settings: RedisSettings, url: str | None = None) -> redis.asyncio.Redis:
+    """An asyncio client for ``url`` (default: the configured server)."""
+    return redis.asyncio.Redis.from_url(url or settings.connection_url(), **client_options(settings))
+
+
+def check_redis(settings: RedisSettings, url: str | None = None) -> float:
+    """PING once; return the round trip in milliseconds.
+
+    Raises :class:`RedisAuthError` when the server rejects our credentials (retrying cannot
+    help) and :class:`RedisUnavailableError` when it cannot be reached in time. Messages show
+    the URL redacted.
+    """
+    target = url or settings.connection_url()
+    shown = redact_url(target)
+    client = create_redis(settings, target)
+    try:
+        started = time.perf_counter()
+        client.ping()
+        return (time.perf_counter() - started) * 1000
+    except redis.AuthenticationError as exc:
+        raise RedisAuthError(
+            f"redis at {shown} rejected our credentials ({exc}); fix the password in REDIS_URL or REDIS_PASSWORD"
+        ) from None
+    except redis.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+            raise RedisAuthError(
+                f"redis at {shown} requires a password ({exc}); set it in REDIS_URL or REDIS_PASSWORD"
+            ) from None
+        raise RedisUnavailableError(f"redis at {shown} answered PING with an error: {exc}") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise RedisUnavailableError(f"redis at {shown} is unreachable: {exc}") from None
+    finally:
+        client.close()
+
+
+@contextmanager
+def resolve_redis(settings: AppSettings) -> Iterator[AppSettings]:
+    """Yield settings that name a reachable Redis.
+
+    With ``REDIS_URL`` set they are returned as they are. Without it the embedded server is
+    started (or an already running one from another chronoq process is shared) for the life
+    of the ``with`` block.
+    """
+    if settings.redis.url is not None:
+        yield settings
+        return
+    from shared.embedded import EmbeddedRedis  # only needed without REDIS_URL
+
+    with EmbeddedRedis(settings.redis.embedded_dir, settings.redis.server_bin) as url:
+        logger.info("using embedded redis at {} (set REDIS_URL to use your own)", url)
+        yield settings.with_redis_url(url)

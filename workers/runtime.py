@@ -1,0 +1,92 @@
+"""Running ``async def`` task bodies: one long-lived event loop per worker process.
+
+A new event loop per task (``asyncio.run`` in each call) would throw away connection pools
+and cost a loop start-up per task. Instead each process gets one anyio blocking portal (an
+event loop in a daemon thread), created lazily after the pool forks and stopped at process
+shutdown. Every pool kind works: prefork (one loop per child), threads (one loop shared by the
+threads), solo.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import ExitStack
+from contextvars import ContextVar
+from typing import Any
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from celery import Task
+
+from shared.logging import current_context, log_context
+
+_async_request: ContextVar[Any] = ContextVar("chronoq_async_request", default=None)
+
+
+class AsyncRuntime:
+    """The per-process event loop. Thread-safe; survives fork by starting anew in the child."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._stack: ExitStack | None = None
+        self._portal: BlockingPortal | None = None
+
+    def _ensure_portal(self) -> BlockingPortal:
+        with self._lock:
+            if self._portal is None or self._pid != os.getpid():
+                # After a fork the parent's loop thread does not exist in the child.
+                self._stack = ExitStack()
+                self._portal = self._stack.enter_context(start_blocking_portal(backend="asyncio"))
+                self._pid = os.getpid()
+            return self._portal
+
+    def run(self, func: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Run ``await func(*args)`` on the loop and return its result (or raise its error).
+
+        If the calling thread is interrupted (a soft time limit), the coroutine is cancelled.
+        """
+        future = self._ensure_portal().start_task_soon(func, *args)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def shutdown(self) -> None:
+        """Stop the loop thread if this process started one. Idempotent."""
+        with self._lock:
+            if self._stack is not None and self._pid == os.getpid():
+                self._stack.close()
+            self._stack, self._portal, self._pid = None, None, None
+
+
+runtime = AsyncRuntime()
+
+
+class ChronoqTask(Task):  # type: ignore[misc]
+    """Task base class of chronoq's workers: runs ``async def`` bodies on the process loop.
+
+    Inside an async body ``self.request`` works as in a sync task (it is carried in a context
+    variable, since the loop thread is shared by concurrent tasks), and so do ``self.retry()``
+    and the log context (task_id, job_id, trace_id).
+    """
+
+    @property
+    def request(self) -> Any:
+        carried = _async_request.get()
+        return carried if carried is not None else self._get_request()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().__call__(*args, **kwargs)
+        if not inspect.iscoroutine(result):
+            return result
+        return runtime.run(_with_request, result, self._get_request(), current_context())
+
+
+async def _with_request(coro: Coroutine[Any, Any, Any], request: Any, context: dict[str, str]) -> Any:
+    _async_request.set(request)
+    with log_context(**context):
+        return await coro

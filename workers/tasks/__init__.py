@@ -1,0 +1,1 @@
+"""Demo tasks. Users add their own modules through ``TASK_MODULES``."""
