@@ -1,0 +1,481 @@
+"""Job specs, and loading them from job files: parse (read + safe parse), then validate.
+
+A job file is YAML (``.yaml``/``.yml``) or TOML (``.toml``) with two optional top-level keys::
+
+    defaults:            # overrides the settings' job defaults for this file only
+      timezone: UTC      # also: queue, jitter, coalesce, max_instances, misfire_grace_time
+    jobs:
+      - id: nightly-report          # unique across all files: letters, digits and . _ : -
+        task: reports.build         # a Celery task name, sent by name
+        cron: "0 2 * * *"           # exactly one of cron | interval | date
+        timezone: Europe/Berlin
+
+TOML uses ``[defaults]`` and ``[[jobs]]`` with the same keys. Defaults resolve as settings, then
+the file's ``defaults``, then the job. Validation reports every problem of every file at once,
+one line each, naming the file, the job (index and id) and the field.
+
+Config files are data, never code: YAML goes through a SafeLoader (no Python tags), files over
+1 MiB are refused unread, and YAML whose aliases expand too far ("billion laughs") is refused
+before anything is constructed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tomllib
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, time
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from scheduler.triggers import parse_cron
+from shared.errors import ConfigError, JobSpecError
+from shared.names import DEFAULT_CRON_QUEUE
+from shared.settings import SchedulerSettings
+
+MAX_FILE_BYTES = 1024 * 1024
+MAX_YAML_ALIASES = 100
+MAX_YAML_NODES = 1_000_000  # with aliases expanded; a 1 MiB file without aliases holds ~500k
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 64
+TRIGGER_KEYS = ("cron", "interval", "date")
+_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
+_TASK_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_INTERVAL_UNITS = {"weeks": 604800, "days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
+
+
+def _check_timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Europe/Berlin)") from None
+    return value
+
+
+class _JobOptions(BaseModel):
+    """The options a job inherits from the settings and its file's ``defaults`` block."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timezone: StrictStr = "UTC"
+    """IANA name; cron fields and naive dates are read in this zone."""
+    queue: StrictStr = Field(DEFAULT_CRON_QUEUE, pattern=r"^\S{1,200}$")
+    jitter: float = Field(0.0, ge=0, strict=True)
+    """Seconds: each fire is dispatched 0..jitter s late; the schedule never moves."""
+    coalesce: StrictBool = True
+    """Several missed fires -> one catch-up dispatch."""
+    max_instances: StrictInt = Field(1, ge=1)
+    misfire_grace_time: StrictInt | None = Field(60, gt=0)
+    """Seconds a fire may be late and still run; None: no limit."""
+
+    _timezone = field_validator("timezone")(_check_timezone)
+
+
+class JobDefaults(_JobOptions):
+    """Job defaults: the settings', then a file's ``defaults`` block. Field defaults match the settings'."""
+
+    @classmethod
+    def from_settings(cls, settings: SchedulerSettings, cron_queue: str) -> JobDefaults:
+        """The defaults every job starts from. Raises ConfigError for an invalid ``cron_queue``."""
+        fields = settings.model_dump(include={"timezone", "coalesce", "max_instances", "misfire_grace_time"})
+        try:
+            return cls(**fields, jitter=float(settings.jitter), queue=cron_queue)
+        except ValidationError as exc:
+            raise ConfigError([f"settings: {line}" for line in _describe(exc)]) from None
+
+    def make_spec(self, **fields: Any) -> JobSpec:
+        """A JobSpec from code on these defaults; ``source`` defaults to "code". Raises JobSpecError."""
+        try:
+            return JobSpec.model_validate({**self.model_dump(), "source": "code", **fields})
+        except ValidationError as exc:
+            raise JobSpecError([f"job {fields.get('id')!r}: {line}" for line in _describe(exc)]) from None
+
+
+class JobSpec(_JobOptions):
+    """One scheduled job: what to send (task, args, kwargs, queue...) and when (one trigger).
+
+    Build from code as ``JobSpec(id="x", task="demo.sleep", interval=10)`` (defaults as in
+    :class:`JobDefaults`), with :meth:`JobDefaults.make_spec`, or from files. ``interval``
+    (seconds, or a mapping of weeks/days/hours/minutes/seconds) is stored as ``interval_s``;
+    naive ``date``/``start_date``/``end_date`` are read in ``timezone``. ``==`` ignores
+    ``source`` and compares args/kwargs as JSON, so two specs are equal exactly when the
+    schedule and every dispatched message would be the same. Raises ValidationError.
+    """
+
+    id: StrictStr
+    task: StrictStr
+    cron: StrictStr | dict[StrictStr, StrictStr | StrictInt] | None = None
+    interval_s: float | None = Field(None, alias="interval")
+    date: datetime | None = None
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+    priority: StrictInt | None = Field(None, ge=0, le=9)
+    expires: float | None = Field(None, gt=0, strict=True)
+    """Seconds after the nominal fire time after which a worker discards the message."""
+    start_date: datetime | None = None
+    end_date: datetime | None = None
+    enabled: StrictBool = True
+    description: StrictStr = ""
+    source: StrictStr = "code"
+    """Where the spec came from (a file path or "code"); not part of ``==``."""
+
+    @property
+    def kind(self) -> Literal["cron", "interval", "date"]:
+        """Which trigger the job uses."""
+        if self.cron is not None:
+            return "cron"
+        return "interval" if self.interval_s is not None else "date"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, JobSpec):
+            return NotImplemented
+        return self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.task))
+
+    def _identity(self) -> tuple[dict[str, Any], str]:
+        # As JSON, because that is what is sent: [1], [1.0] and [True] are equal in Python only.
+        payload = json.dumps([self.args, self.kwargs], sort_keys=True)
+        return self.model_dump(exclude={"source", "args", "kwargs"}), payload
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if not _ID_RE.match(value):
+            raise ValueError(f"{value!r} must be 1-200 letters, digits or . _ : -")
+        return value
+
+    @field_validator("task")
+    @classmethod
+    def _check_task(cls, value: str) -> str:
+        if len(value) > 200 or not _TASK_RE.match(value):
+            raise ValueError(f"{value!r} is not a Celery task name (dotted identifiers such as reports.build)")
+        return value
+
+    @field_validator("cron", mode="before")
+    @classmethod
+    def _check_cron(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str) or isinstance(item, bool) or not isinstance(item, str | int):
+                    raise ValueError(f"{key!r}: {item!r} must be a string or an integer")
+        elif value is not None and not isinstance(value, str):
+            raise ValueError("must be a crontab string such as '0 2 * * *' or a mapping such as {second: '*/10'}")
+        if value is not None:
+            parse_cron(value)
+        return " ".join(value.split()) if isinstance(value, str) else value
+
+    @field_validator("interval_s", mode="before")
+    @classmethod
+    def _check_interval(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            if unknown := [unit for unit in value if unit not in _INTERVAL_UNITS]:
+                raise ValueError(f"unknown unit {unknown[0]!r} (use {', '.join(_INTERVAL_UNITS)})")
+            seconds = sum(_seconds(amount, f"{unit} ") * _INTERVAL_UNITS[unit] for unit, amount in value.items())
+        else:
+            seconds = _seconds(value, "")
+        if seconds <= 0:
+            raise ValueError(f"must be positive, got {value!r}")
+        return seconds
+
+    @field_validator("date", "start_date", "end_date", mode="before")
+    @classmethod
+    def _check_datetime_type(cls, value: Any) -> Any:
+        # Pydantic would read a bare number as a Unix timestamp: a typo, not a date.
+        if value is not None and not isinstance(value, str | date):
+            raise ValueError(f"must be a date-time such as 2026-12-01T09:00:00+01:00, got {value!r}")
+        return value
+
+    @field_validator("date", "start_date", "end_date")
+    @classmethod
+    def _localise(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        zone = info.data.get("timezone")  # absent when the timezone itself is invalid
+        if value is None or zone is None:
+            return value
+        tz = ZoneInfo(zone)
+        value = (value.replace(tzinfo=tz) if value.tzinfo is None else value).astimezone(UTC).astimezone(tz)
+        if info.field_name != "date" and info.data.get("date") is not None:
+            raise ValueError("applies to cron and interval jobs, not to a date job")
+        start = info.data.get("start_date")
+        if info.field_name == "end_date" and start is not None and value < start:
+            raise ValueError(f"{value.isoformat()} is before start_date {start.isoformat()}")
+        return value
+
+    @field_validator("args", "kwargs", mode="before")
+    @classmethod
+    def _check_json(cls, value: Any, info: ValidationInfo) -> Any:
+        expected = list if info.field_name == "args" else dict
+        value = list(value) if isinstance(value, tuple) and expected is list else value
+        if not isinstance(value, expected):
+            raise ValueError(f"must be a {'list' if expected is list else 'mapping'}, got {type(value).__name__}")
+        if (problem := json_problem(value, "")) is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("kwargs")
+    @classmethod
+    def _check_size(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        size = len(json.dumps([info.data.get("args", []), value]).encode())
+        if size > MAX_PAYLOAD_BYTES:
+            raise ValueError(f"args and kwargs are {size} bytes as JSON; the limit is {MAX_PAYLOAD_BYTES}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_trigger(self) -> JobSpec:
+        if (problem := trigger_problem(self.cron, self.interval_s, self.date)) is not None:
+            raise ValueError(problem)
+        return self
+
+
+def trigger_problem(*triggers: object) -> str | None:
+    """The problem when not exactly one of cron, interval, date (in that order) is not None."""
+    given = [key for key, value in zip(TRIGGER_KEYS, triggers, strict=True) if value is not None]
+    if len(given) == 1:
+        return None
+    return f"needs exactly one of cron, interval or date, got {' and '.join(given) if given else 'none'}"
+
+
+def _seconds(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{what}must be a number of seconds or a mapping such as {{minutes: 5}}, got {value!r}")
+    return float(value)
+
+
+def json_problem(value: Any, where: str, depth: int = 0) -> str | None:
+    """Why ``value`` is not plain JSON, or None; ``where`` names the element (``[0]['when']``)."""
+    if depth > MAX_JSON_DEPTH:
+        return f"{where or 'value'} is nested more than {MAX_JSON_DEPTH} levels deep"
+    if value is None or isinstance(value, str | bool | int):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where or 'value'} is {value}, which JSON cannot carry"
+    if isinstance(value, list | tuple):
+        items: list[tuple[str, Any]] = [(f"{where}[{i}]", item) for i, item in enumerate(value)]
+    elif isinstance(value, dict):
+        if bad := [key for key in value if not isinstance(key, str)]:
+            return f"{where or 'mapping'} has a key {bad[0]!r} that is not a string"
+        items = [(f"{where}[{key!r}]", item) for key, item in value.items()]
+    else:
+        hint = " (quote it to pass a string)" if isinstance(value, date | time) else ""
+        return f"{where or 'value'} is a {type(value).__name__}, not a JSON value{hint}"
+    return next((p for place, item in items if (p := json_problem(item, place, depth + 1)) is not None), None)
+
+
+class _Refused(Exception):
+    """A YAML document refused for its shape (aliases, expansion)."""
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that limits aliases and refuses duplicate keys."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise _Refused(f"more than {MAX_YAML_ALIASES} aliases (*name); write the values out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # PyYAML keeps the last of two equal keys; a second `cron:` would silently win.
+        seen: set[tuple[str, str]] = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if (key.tag, key.value) in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key.value!r}", key.start_mark)
+                seen.add((key.tag, key.value))
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Values in ``node`` with every alias expanded; raises _Refused past MAX_YAML_NODES.
+
+    Memoised per node, so a billion-laughs document is measured in a few hundred steps.
+    """
+    if (known := sizes.get(id(node))) is not None:
+        if known < 0:
+            raise _Refused("an alias refers to the node that contains it")
+        return known
+    sizes[id(node)] = -1  # in progress
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes)
+        if total > MAX_YAML_NODES:
+            raise _Refused(f"aliases expand to more than {MAX_YAML_NODES} values (a 'billion laughs' file?)")
+    sizes[id(node)] = total
+    return total
+
+
+def _load_yaml(text: str) -> Any:
+    loader = _SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        _expanded_size(root, {})
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
+
+
+def parse_job_file(path: Path) -> dict[str, Any]:
+    """Read and safely parse one job file; does not validate its content.
+
+    The type comes from the suffix (``.yaml``, ``.yml``, ``.toml``). Returns the top-level
+    mapping ({} for an empty file). Raises JobSpecError with one problem naming the file (and
+    the line of a syntax error) when the file is missing, unreadable, over 1 MiB, not UTF-8,
+    of another type, malformed, tagged beyond plain data (``!!python/...``) or too aliased.
+    """
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml"):
+        raise JobSpecError(f"{path}: unknown file type {suffix or '(no suffix)'!r}: use .yaml, .yml or .toml")
+    try:
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_FILE_BYTES + 1)  # never read a huge file whole
+    except FileNotFoundError:
+        raise JobSpecError(f"{path}: no such job file") from None
+    except OSError as exc:
+        raise JobSpecError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise JobSpecError(f"{path}: larger than {MAX_FILE_BYTES} bytes; split it into several job files")
+    try:
+        text = raw.decode("utf-8")
+        document = tomllib.loads(text) if suffix == ".toml" else _load_yaml(text)
+    except UnicodeDecodeError as exc:
+        raise JobSpecError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise JobSpecError(f"{path}: TOML syntax error: {exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise JobSpecError(f"{path}: {where}YAML error: {exc.problem or exc.context}") from None
+    except (yaml.YAMLError, _Refused) as exc:
+        raise JobSpecError(f"{path}: YAML refused: {exc}") from None
+    except RecursionError:
+        raise JobSpecError(f"{path}: nested too deeply") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise JobSpecError(f"{path}: the top level must be a mapping with 'defaults' and 'jobs'")
+    return document
+
+
+def validate_job_documents(docs: list[tuple[Path, dict[str, Any]]], defaults: JobDefaults) -> list[JobSpec]:
+    """Validate parsed job files (from :func:`parse_job_file`) into specs, in file order.
+
+    Raises one JobSpecError listing every problem of every file, one line each naming the
+    file, the job (``jobs[3] (nightly-report)``) and the field. Ids must be unique across all
+    documents; a duplicate names both places.
+    """
+    problems: list[str] = []
+    specs: list[JobSpec] = []
+    first_use: dict[str, str] = {}
+    for path, doc in docs:
+        unknown = [key for key in doc if key not in ("defaults", "jobs")]
+        problems += [f"{path}: unknown top-level key {key!r} (allowed: defaults, jobs)" for key in unknown]
+        file_defaults = defaults
+        if (raw_defaults := doc.get("defaults")) is not None:
+            try:
+                if not isinstance(raw_defaults, dict):
+                    raise ValueError
+                file_defaults = JobDefaults.model_validate({**defaults.model_dump(), **raw_defaults})
+            except ValidationError as exc:
+                problems += [f"{path}: {line}" for line in _describe(exc, "defaults")]
+            except ValueError:
+                problems.append(f"{path}: defaults: must be a mapping")
+        jobs = [] if doc.get("jobs") is None else doc["jobs"]
+        if not isinstance(jobs, list):
+            problems.append(f"{path}: jobs: must be a list of jobs, not a {type(jobs).__name__}")
+            continue
+        for index, job in enumerate(jobs):
+            place = f"{path}: jobs[{index}]"
+            if not isinstance(job, dict):
+                problems.append(f"{place}: must be a mapping with id, task and a trigger (got {type(job).__name__})")
+                continue
+            job_id = job.get("id")
+            found: list[str] = []
+            # Checked here as well: pydantic skips the model-level check once a field failed.
+            if (problem := trigger_problem(*(job.get(key) for key in TRIGGER_KEYS))) is not None:
+                found.append(problem)
+            if "source" in job:
+                found.append("unknown key 'source'")
+            try:
+                specs.append(JobSpec.model_validate({**file_defaults.model_dump(), **job, "source": str(path)}))
+            except ValidationError as exc:
+                found += _describe(exc)
+            if isinstance(job_id, str):
+                if job_id in first_use:
+                    found.append(f"id {job_id!r} is already used by {first_use[job_id]}")
+                first_use.setdefault(job_id, place)
+            label = f"{place} ({job_id if isinstance(job_id, str) else 'no id'})"
+            problems += [f"{label}: {line}" for line in dict.fromkeys(found)]
+    if problems:
+        raise JobSpecError(problems)
+    return specs
+
+
+def load_job_specs(paths: Sequence[Path], settings: SchedulerSettings, cron_queue: str) -> list[JobSpec]:
+    """Parse and validate job files on the settings' defaults; no network, nothing imported.
+
+    Raises JobSpecError listing every problem of every file (a missing file is one of them).
+    """
+    defaults = JobDefaults.from_settings(settings, cron_queue)
+    problems: list[str] = []
+    docs: list[tuple[Path, dict[str, Any]]] = []
+    for path in paths:
+        try:
+            docs.append((path, parse_job_file(path)))
+        except JobSpecError as exc:
+            problems += exc.problems
+    try:
+        specs = validate_job_documents(docs, defaults)
+    except JobSpecError as exc:
+        problems += exc.problems
+    if problems:
+        raise JobSpecError(problems)
+    return specs
+
+
+def _describe(exc: ValidationError, scope: str = "") -> list[str]:
+    """One line per problem: ``field: message``, ``scope.field: message`` or ``scope: message``."""
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        if error["type"] == "extra_forbidden":
+            field, message = "", f"unknown key {loc[-1]!r}"
+        else:
+            field = f"cron {error['input']!r}" if loc[:1] == ["cron"] else ".".join(loc)
+            message = "missing" if error["type"] == "missing" else error["msg"].removeprefix("Value error, ")
+            if error["type"] not in ("value_error", "missing"):  # pydantic's own wording: show the value
+                message = f"{message[:1].lower()}{message[1:]} (got {error['input']!r:.80})"
+        field = ".".join(part for part in (scope, field) if part)
+        lines.append(f"{field}: {message}" if field else message)
+    return lines
