@@ -1,0 +1,287 @@
+"""BatchPublisher: put many Celery task messages on the Redis broker in one round trip per batch.
+
+``app.send_task`` costs several Redis round trips and a lot of Python per message. A burst of
+fires due in the same second needs better, so this module builds each message with Celery's own
+protocol-2 code (``app.amqp.create_task_message``), finishes it the way kombu's Redis transport
+does (``Producer.publish`` -> ``Channel.prepare_message`` -> ``basic_publish`` -> ``_put``) and
+pushes a whole batch with one non-transactional pipeline. A worker cannot tell the difference:
+same headers (custom ones merged at the top level, where ``task.request`` exposes them), same
+properties and ``delivery_info``, same base64 JSON body, same list key, priority lists included.
+The transport options kombu reads (``sep``, ``priority_steps``, ``global_keyprefix``,
+``body_encoding``) are read from the app's ``broker_transport_options`` the same way.
+
+What ``send_task`` does and this does not, on purpose: it fires no ``before/after_task_publish``
+signals, sends no ``task-sent`` event (Flower sees a task once a worker receives it), does not
+subscribe the result backend to the task (``AsyncResult.get`` still works, it polls first), and
+declares no queue (workers declare the queues they consume). Only direct queues without
+``x-expires`` are supported, JSON only, no compression: anything else raises at once.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.utils.nodenames import anon_nodename
+from celery.utils.saferepr import saferepr
+from kombu import entity, serialization
+from kombu.transport import redis as kombu_redis
+from kombu.utils import json as kombu_json
+from kombu.utils.uuid import uuid
+
+from shared.errors import DispatchError
+
+DEFAULT_BATCH_SIZE = 1000
+"""Messages per pipeline: big enough to amortise the round trip, small enough that one failed
+batch (which may have partly landed) stays a small retry."""
+
+RedisFactory = Callable[[], redis.Redis]
+
+# kombu is untyped: give the functions used here the types they have.
+_serialize: Callable[..., tuple[str, str, str]] = serialization.dumps
+_delivery_mode: Callable[[Any], int] = entity.maybe_delivery_mode
+# kombu.utils.json.dumps(x) is JSONEncoder().encode(x); one shared encoder saves building one per
+# message (encode() keeps no state, so threads may share it).
+_json_encode: Callable[[Any], str] = kombu_json.JSONEncoder().encode
+
+
+@dataclass(frozen=True)
+class TaskMessage:
+    """One task message, as ``app.send_task(task_name, args, kwargs, queue=..., task_id=...,
+    headers=..., priority=..., expires=..., time_limit=..., soft_time_limit=...)`` takes it.
+
+    ``headers`` are custom message headers (``job_id``, ``scheduled_at``, ``trace_id``); a worker
+    exposes them as attributes of ``task.request``. They must not reuse a protocol header name
+    (``id``, ``task``, ``eta``...). ``priority`` is 0-9; kombu's Redis transport consumes *lower*
+    numbers first and folds them into its priority steps (default 0, 3, 6, 9). ``expires_s`` is
+    relative to the moment of publishing and may be negative (the worker then revokes the task
+    as expired). ``time_limit_s``/``soft_time_limit_s`` None: the worker's configured limits.
+    """
+
+    task_name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    queue: str
+    task_id: str
+    headers: dict[str, str] = field(default_factory=dict)
+    priority: int | None = None
+    expires_s: float | None = None
+    time_limit_s: int | None = None
+    soft_time_limit_s: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.priority is not None and not 0 <= self.priority <= 9:
+            raise ValueError(f"task {self.task_id}: priority must be 0-9 or None, not {self.priority}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """Where one queue's messages go: the anonymous exchange, routing key = queue name."""
+
+    routing_key: str
+    keys_by_step: dict[int, str]
+    delivery_mode: int
+
+
+class BatchPublisher:
+    """Publish :class:`TaskMessage` batches to the broker of a configured Celery app.
+
+    ``broker`` is the Redis to publish to: a URL, or a factory returning a redis-py client (for
+    example ``lambda: create_redis(settings.redis, settings.broker_url())``); None uses the app's
+    ``broker_write_url``/``broker_url`` with the socket timeouts and TLS options of its
+    ``broker_transport_options``/``broker_use_ssl``. The publisher owns that client and closes it
+    in :meth:`close` (or on leaving a ``with`` block). Creating a publisher connects to nothing.
+    ``batch_size`` is the number of messages per pipeline (one round trip).
+
+    Thread-safe: each :meth:`publish` takes its own pipeline from the client's connection pool,
+    and the only shared state is a cache of per-queue routes (two threads may both compute one;
+    they compute the same thing).
+
+    Raises ``ValueError`` when the app is not set up for protocol 2, JSON and no compression.
+    """
+
+    def __init__(
+        self, app: Celery, broker: str | RedisFactory | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> None:
+        conf = app.conf
+        if conf.task_protocol != 2 or conf.task_serializer != "json" or conf.task_compression:
+            raise ValueError(
+                "BatchPublisher needs task_protocol=2, task_serializer='json' and no task_compression "
+                f"(got {conf.task_protocol}, {conf.task_serializer!r}, {conf.task_compression!r})"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        with app.connection_for_write() as connection:
+            channel_cls = connection.transport.Channel
+            options = dict(connection.transport_options)
+        if not issubclass(channel_cls, kombu_redis.Channel):
+            raise ValueError(f"BatchPublisher only speaks kombu's Redis transport, not {channel_cls.__module__}")
+
+        def option(name: str) -> Any:
+            # The same precedence as kombu's Channel.__init__: transport option, else class default.
+            return options.get(name, getattr(channel_cls, name))
+
+        self._app = app
+        self._batch_size = batch_size
+        self._sep: str = option("sep")
+        self._steps: list[int] = list(option("priority_steps"))
+        self._key_prefix: str = option("global_keyprefix") or ""
+        body_encoding: str | None = option("body_encoding")
+        self._body_encoding = body_encoding
+        # kombu's Channel.encode_body: any encoding but utf-8 (default base64) goes through a codec.
+        self._body_codec: Any = (
+            channel_cls.codecs[body_encoding] if body_encoding and body_encoding.lower() != "utf-8" else None
+        )
+        self._default_priority: int = channel_cls.default_priority
+        self._routes: dict[str, _Route] = {}
+        self._create_task_message: Callable[..., Any] = app.amqp.create_task_message  # protocol 2
+        # Read once: each lookup in Celery's layered config costs more than building a message.
+        self._repr_maxlevels: int = conf.task_repr_maxlevels
+        self._argsrepr_maxsize: int = app.amqp.argsrepr_maxsize
+        self._kwargsrepr_maxsize: int = app.amqp.kwargsrepr_maxsize
+        if callable(broker):
+            self._client = broker()
+        else:
+            url = broker or conf.broker_write_url or conf.broker_url
+            tls = conf.broker_use_ssl if isinstance(conf.broker_use_ssl, dict) else {}
+            self._client = _redis_from_url(url, options, tls)
+
+    def __enter__(self) -> BatchPublisher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the Redis client this publisher created."""
+        self._client.close()
+
+    def publish(self, messages: Sequence[TaskMessage]) -> None:
+        """Put every message on its queue; blocking (call it off the event loop).
+
+        Every message is encoded before anything is sent, so a bad message raises with nothing
+        published: ``kombu.exceptions.EncodeError`` for arguments JSON cannot encode,
+        ``ValueError`` for a header that clashes with the protocol's, ``QueueNotFound`` for an
+        unknown queue with ``task_create_missing_queues`` off. Messages then go in pipelines of
+        ``batch_size``, one round trip each, keeping their order within a queue.
+
+        Raises :class:`DispatchError` (``__cause__`` is the redis-py error) when Redis fails; the
+        batch in flight may have partly landed, so publish *all* ``messages`` again: duplicates
+        carry the same task id. The message says how many were confirmed before the failure.
+        """
+        reply_to = self._app.thread_oid  # what send_task puts in reply_to: per thread, per app
+        origin = anon_nodename()  # what as_task_v2 would compute per message: pid and host
+        encoded = [self._encode(message, reply_to, origin) for message in messages]
+        done = 0
+        for start in range(0, len(encoded), self._batch_size):
+            batch = encoded[start : start + self._batch_size]
+            # One LPUSH per list with many values: the same order as one LPUSH per message (the
+            # consumer pops from the tail), far fewer commands for Redis to parse.
+            by_key: dict[str, list[str]] = {}
+            for key, payload in batch:
+                by_key.setdefault(key, []).append(payload)
+            try:
+                with self._client.pipeline(transaction=False) as pipe:
+                    for key, payloads in by_key.items():
+                        pipe.lpush(key, *payloads)
+                    pipe.execute()
+            except redis.RedisError as exc:
+                raise DispatchError(
+                    f"publishing {len(encoded)} task messages failed after {done} were confirmed; the next "
+                    f"{len(batch)} may be partly on the broker. Publish all {len(encoded)} again (same "
+                    f"task ids, duplicates are harmless). Redis said: {exc}"
+                ) from exc
+            done += len(batch)
+
+    def _encode(self, message: TaskMessage, reply_to: str, origin: str) -> tuple[str, str]:
+        """The list key and the JSON payload kombu's Redis transport would LPUSH for ``message``."""
+        route = self._route(message.queue)
+        headers, properties, body, _ = self._create_task_message(
+            message.task_id,
+            message.task_name,
+            message.args,
+            message.kwargs,
+            expires=message.expires_s,
+            reply_to=reply_to,
+            time_limit=message.time_limit_s,
+            soft_time_limit=message.soft_time_limit_s,
+            ignore_result=None,  # send_task passes None when the caller does not say
+            origin=origin,
+            # The reprs as_task_v2 computes itself, but with the limits read once (see __init__).
+            argsrepr=self._repr(message.args, self._argsrepr_maxsize),
+            kwargsrepr=self._repr(message.kwargs, self._kwargsrepr_maxsize),
+        )
+        clash = headers.keys() & message.headers.keys()
+        if clash:
+            raise ValueError(f"task {message.task_id}: headers {sorted(clash)} would overwrite Celery's own")
+        headers.update(message.headers)  # send_task_message merges custom headers the same way
+        # Key order as kombu builds the dict, so the JSON is the same byte for byte but for ids.
+        properties["delivery_mode"] = route.delivery_mode
+        if message.expires_s is not None:
+            # send_task also sets the AMQP TTL, clamped at 0; Redis ignores it, the worker uses
+            # the ``expires`` header.
+            properties["expiration"] = str(int(max(message.expires_s, 0) * 1000))
+        properties["delivery_info"] = {"exchange": "", "routing_key": route.routing_key}
+        priority = message.priority or self._default_priority
+        properties["priority"] = priority
+        content_type, content_encoding, payload = _serialize(body, serializer="json")
+        if self._body_codec is not None:
+            payload = self._body_codec.encode(payload)
+        properties["body_encoding"] = self._body_encoding
+        properties["delivery_tag"] = uuid()
+        envelope = {
+            "body": payload,
+            "content-encoding": content_encoding,
+            "content-type": content_type,
+            "headers": headers,
+            "properties": properties,
+        }
+        step = self._steps[bisect(self._steps, priority) - 1]  # kombu's Channel.priority()
+        return route.keys_by_step[step], _json_encode(envelope)
+
+    def _repr(self, value: Any, maxsize: int) -> str:
+        """Celery's ``saferepr``, as as_task_v2 computes ``argsrepr``/``kwargsrepr``."""
+        if not value and type(value) in (list, dict):
+            return "[]" if type(value) is list else "{}"  # saferepr's answer, at no cost: no kwargs is common
+        result: str = saferepr(value, maxsize, maxlevels=self._repr_maxlevels)
+        return result
+
+    def _route(self, queue_name: str) -> _Route:
+        route = self._routes.get(queue_name)
+        if route is not None:
+            return route
+        queue = self._app.amqp.queues[queue_name]  # creates a missing queue, as send_task does
+        exchange = queue.exchange
+        if exchange is not None and exchange.type != "direct":
+            raise ValueError(
+                f"queue {queue_name!r} is bound to a {exchange.type} exchange; only direct queues are supported"
+            )
+        if queue.expires is not None:
+            raise ValueError(f"queue {queue_name!r} has x-expires; BatchPublisher does not refresh queue TTLs")
+        # A direct queue is published on the anonymous exchange with the queue name as routing
+        # key (send_task_message), which kombu's Redis transport maps straight to the list name.
+        keys = {
+            step: self._key_prefix + (f"{queue_name}{self._sep}{step}" if step else queue_name) for step in self._steps
+        }
+        delivery_mode = _delivery_mode(
+            (exchange.delivery_mode if exchange is not None else None) or self._app.conf.task_default_delivery_mode
+        )
+        route = _Route(routing_key=queue_name, keys_by_step=keys, delivery_mode=delivery_mode)
+        self._routes[queue_name] = route
+        return route
+
+
+def _redis_from_url(url: str, transport: dict[str, Any], tls: dict[str, Any]) -> redis.Redis:
+    """A client for the broker URL with the timeouts kombu would use, so a dead Redis fails fast."""
+    options: dict[str, Any] = {
+        name: transport[name]
+        for name in ("socket_timeout", "socket_connect_timeout")
+        if transport.get(name) is not None
+    }
+    if url.startswith("rediss://"):
+        options.update(tls)
+    return redis.Redis.from_url(url, **options)
