@@ -14,9 +14,7 @@ TOML uses ``[defaults]`` and ``[[jobs]]`` with the same keys. Defaults resolve a
 the file's ``defaults``, then the job. Validation reports every problem of every file at once,
 one line each, naming the file, the job (index and id) and the field.
 
-Config files are data, never code: YAML goes through a SafeLoader (no Python tags), files over
-1 MiB are refused unread, and YAML whose aliases expand too far ("billion laughs") is refused
-before anything is constructed.
+Reading and safely parsing a file is :mod:`scheduler.jobfiles`; this module validates.
 """
 
 from __future__ import annotations
@@ -24,14 +22,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import tomllib
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -45,14 +41,12 @@ from pydantic import (
     model_validator,
 )
 
+from scheduler.jobfiles import parse_job_file
 from scheduler.triggers import parse_cron
 from shared.errors import ConfigError, JobSpecError
 from shared.names import DEFAULT_CRON_QUEUE
 from shared.settings import SchedulerSettings
 
-MAX_FILE_BYTES = 1024 * 1024
-MAX_YAML_ALIASES = 100
-MAX_YAML_NODES = 1_000_000  # with aliases expanded; a 1 MiB file without aliases holds ~500k
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 64
 TRIGGER_KEYS = ("cron", "interval", "date")
@@ -279,113 +273,6 @@ def json_problem(value: Any, where: str, depth: int = 0) -> str | None:
         hint = " (quote it to pass a string)" if isinstance(value, date | time) else ""
         return f"{where or 'value'} is a {type(value).__name__}, not a JSON value{hint}"
     return next((p for place, item in items if (p := json_problem(item, place, depth + 1)) is not None), None)
-
-
-class _Refused(Exception):
-    """A YAML document refused for its shape (aliases, expansion)."""
-
-
-class _SafeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that limits aliases and refuses duplicate keys."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.aliases = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        if self.check_event(yaml.AliasEvent):
-            self.aliases += 1
-            if self.aliases > MAX_YAML_ALIASES:
-                raise _Refused(f"more than {MAX_YAML_ALIASES} aliases (*name); write the values out")
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        # PyYAML keeps the last of two equal keys; a second `cron:` would silently win.
-        seen: set[tuple[str, str]] = set()
-        for key, _ in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                if (key.tag, key.value) in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key.value!r}", key.start_mark)
-                seen.add((key.tag, key.value))
-        return super().construct_mapping(node, deep)
-
-
-def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
-    """Values in ``node`` with every alias expanded; raises _Refused past MAX_YAML_NODES.
-
-    Memoised per node, so a billion-laughs document is measured in a few hundred steps.
-    """
-    if (known := sizes.get(id(node))) is not None:
-        if known < 0:
-            raise _Refused("an alias refers to the node that contains it")
-        return known
-    sizes[id(node)] = -1  # in progress
-    children: list[yaml.Node] = []
-    if isinstance(node, yaml.SequenceNode):
-        children = list(node.value)
-    elif isinstance(node, yaml.MappingNode):
-        children = [part for pair in node.value for part in pair]
-    total = 1
-    for child in children:
-        total += _expanded_size(child, sizes)
-        if total > MAX_YAML_NODES:
-            raise _Refused(f"aliases expand to more than {MAX_YAML_NODES} values (a 'billion laughs' file?)")
-    sizes[id(node)] = total
-    return total
-
-
-def _load_yaml(text: str) -> Any:
-    loader = _SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-        if root is None:
-            return None
-        _expanded_size(root, {})
-        return loader.construct_document(root)
-    finally:
-        loader.dispose()
-
-
-def parse_job_file(path: Path) -> dict[str, Any]:
-    """Read and safely parse one job file; does not validate its content.
-
-    The type comes from the suffix (``.yaml``, ``.yml``, ``.toml``). Returns the top-level
-    mapping ({} for an empty file). Raises JobSpecError with one problem naming the file (and
-    the line of a syntax error) when the file is missing, unreadable, over 1 MiB, not UTF-8,
-    of another type, malformed, tagged beyond plain data (``!!python/...``) or too aliased.
-    """
-    suffix = path.suffix.lower()
-    if suffix not in (".yaml", ".yml", ".toml"):
-        raise JobSpecError(f"{path}: unknown file type {suffix or '(no suffix)'!r}: use .yaml, .yml or .toml")
-    try:
-        with path.open("rb") as stream:
-            raw = stream.read(MAX_FILE_BYTES + 1)  # never read a huge file whole
-    except FileNotFoundError:
-        raise JobSpecError(f"{path}: no such job file") from None
-    except OSError as exc:
-        raise JobSpecError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise JobSpecError(f"{path}: larger than {MAX_FILE_BYTES} bytes; split it into several job files")
-    try:
-        text = raw.decode("utf-8")
-        document = tomllib.loads(text) if suffix == ".toml" else _load_yaml(text)
-    except UnicodeDecodeError as exc:
-        raise JobSpecError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise JobSpecError(f"{path}: TOML syntax error: {exc}") from None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise JobSpecError(f"{path}: {where}YAML error: {exc.problem or exc.context}") from None
-    except (yaml.YAMLError, _Refused) as exc:
-        raise JobSpecError(f"{path}: YAML refused: {exc}") from None
-    except RecursionError:
-        raise JobSpecError(f"{path}: nested too deeply") from None
-    if document is None:
-        return {}
-    if not isinstance(document, dict):
-        raise JobSpecError(f"{path}: the top level must be a mapping with 'defaults' and 'jobs'")
-    return document
 
 
 def validate_job_documents(docs: list[tuple[Path, dict[str, Any]]], defaults: JobDefaults) -> list[JobSpec]:

@@ -115,12 +115,16 @@ def settings(redis_server: RedisServer, namespace: str) -> AppSettings:
 
 
 def make_settings(url: str, namespace: str, **overrides: Any) -> AppSettings:
-    return AppSettings(
-        _env_file=None,
-        redis={"url": url, "key_prefix": f"t{namespace}:"},
-        celery={"cron_queue": f"cron_{namespace}", "default_queue": f"celery_{namespace}"},
-        **overrides,
-    )
+    """Settings for ``url`` with queues and key prefix of their own; ``overrides`` are merged
+    into the groups (``redis={"socket_timeout_s": 1}``)."""
+    groups: dict[str, dict[str, Any]] = {
+        "redis": {"url": url, "key_prefix": f"t{namespace}:"},
+        "celery": {"cron_queue": f"cron_{namespace}", "default_queue": f"celery_{namespace}"},
+    }
+    fields: dict[str, Any] = dict(groups)
+    for name, values in overrides.items():
+        fields[name] = {**groups[name], **values} if name in groups else values
+    return AppSettings(_env_file=None, **fields)
 
 
 def settings_env(settings: AppSettings) -> dict[str, str]:

@@ -109,3 +109,18 @@ def test_tls_verifies_certificates_by_default() -> None:
     settings = AppSettings(_env_file=None, redis={"url": "rediss://:pw@db:6380/0"})
     assert settings.redis.uses_tls
     assert settings.redis.ssl_options()["ssl_cert_reqs"] == ssl.CERT_REQUIRED
+
+
+def test_env_example_documents_every_setting() -> None:
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "configs" / ".env.example").read_text()
+    documented = set(re.findall(r"#\s*([A-Z_]+)=", text))
+    fields = set()
+    for name, info in AppSettings.model_fields.items():
+        group = info.annotation
+        if isinstance(group, type) and hasattr(group, "model_fields"):
+            fields |= {f"{name}_{sub}".upper() for sub in group.model_fields}
+        else:
+            fields.add(name.upper())
+    assert documented == fields

@@ -10,14 +10,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from scheduler.specs import (
-    MAX_FILE_BYTES,
-    JobDefaults,
-    JobSpec,
-    load_job_specs,
-    parse_job_file,
-    validate_job_documents,
-)
+from scheduler.jobfiles import MAX_FILE_BYTES, parse_job_file
+from scheduler.specs import JobDefaults, JobSpec, load_job_specs, validate_job_documents
 from shared.errors import ConfigError, JobSpecError
 from shared.settings import SchedulerSettings
 
@@ -420,8 +414,17 @@ def test_oversize_file_is_refused_unparsed(tmp_path: Path) -> None:
         parse_job_file(path)
 
 
-def test_deep_nesting_is_refused(tmp_path: Path) -> None:
-    path = write(tmp_path, "jobs.yaml", "a: " + "[" * 100_000 + "]" * 100_000 + "\n")
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: " + "[" * 100_000 + "]" * 100_000 + "\n",  # flow style
+        "".join(" " * level + "a:\n" for level in range(50_000))[: 1024 * 1024 - 1],  # block style
+    ],
+    ids=["flow", "block"],
+)
+def test_deep_nesting_is_refused_without_crashing(tmp_path: Path, text: str) -> None:
+    # libyaml would crash the whole process on these; they must be refused first.
+    path = write(tmp_path, "jobs.yaml", text)
     with pytest.raises(JobSpecError, match="nested too deeply"):
         parse_job_file(path)
 

@@ -1,0 +1,339 @@
+"""SchedulerManager: chronoq's jobs on an APScheduler 3 ``AsyncIOScheduler``.
+
+- Jobs registered before :meth:`start` wait in a pending queue and are added, in order, when it
+  starts; afterwards they are added at once.
+- Defaults (jitter, coalesce, max_instances, misfire grace, time zone) come from
+  :class:`~scheduler.specs.JobDefaults`; every job may override them.
+- APScheduler decides *when*; chronoq decides *what happens*: a custom executor hands every
+  due nominal fire time (including a catch-up's missed ones) to the fire sink, which applies
+  misfire grace, coalescing, pausing and jitter itself and records each outcome. So the job
+  store is memory only (nothing pickled), APScheduler's own coalesce/misfire/max_instances
+  are switched off, and no job function ever runs in this process.
+- Restart catch-up: with the last fire of each job loaded from Redis, a job re-registered at
+  start resumes its grid from that fire: fires missed past their grace are recorded as missed,
+  those within grace are handed over (one if coalescing). A date job that has fired is not
+  added again.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from apscheduler.executors.base import BaseExecutor
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.jobstores.memory import MemoryJobStore
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from loguru import logger
+
+from scheduler.specs import JobDefaults, JobSpec
+from scheduler.triggers import build_trigger, describe_trigger
+from shared.errors import ChronoqError
+
+# A per-second job down for a day has 86,400 missed fires; past this many they are counted
+# in one summary record instead of one record each.
+MAX_CATCH_UP_RECORDS = 1000
+
+
+class FireSink(Protocol):
+    """Where due fires go (the :class:`~scheduler.dispatch.Dispatcher`, or a recorder in tests)."""
+
+    def submit(self, job: JobSpec, run_times: Sequence[datetime]) -> None: ...
+
+    def record_missed(self, job_id: str, times: Sequence[datetime], reason: str) -> None: ...
+
+    def record_skipped(self, job: JobSpec, run_times: Sequence[datetime], reason: str) -> None: ...
+
+
+class UnknownJobError(ChronoqError, KeyError):
+    """No job with that id."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadReport:
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"added={len(self.added)} changed={len(self.changed)} removed={len(self.removed)} "
+            f"unchanged={len(self.unchanged)}"
+        )
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _never_called() -> None:  # pragma: no cover - the executor hands fires to the sink instead
+    raise AssertionError("chronoq jobs are dispatched, never run in the scheduler")
+
+
+class _SinkExecutor(BaseExecutor):  # type: ignore[misc]
+    """An APScheduler executor that runs nothing: it passes the due run times on."""
+
+    def __init__(self, on_due: Callable[[str, list[datetime]], None]) -> None:
+        super().__init__()
+        self._on_due = on_due
+
+    def submit_job(self, job: Any, run_times: list[datetime]) -> None:
+        # No instance counting here: a fire is a Celery message, and how many run at once is a
+        # question for the fleet, not for this process.
+        self._on_due(job.id, run_times)
+
+    def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class SchedulerManager:
+    """Registers, steers and fires chronoq jobs. Use as ``async with`` or start()/shutdown()."""
+
+    def __init__(
+        self,
+        defaults: JobDefaults,
+        sink: FireSink,
+        *,
+        last_fires: Callable[[], Awaitable[dict[str, datetime]]] | None = None,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.defaults = defaults
+        self.sink = sink
+        self.clock = clock
+        self._load_last_fires = last_fires
+        self._last_fires: dict[str, datetime] = {}
+        self._specs: dict[str, JobSpec] = {}
+        self._pending: dict[str, JobSpec] = {}  # registration order is kept by the dict
+        self._paused: dict[str, str] = {}
+        self._scheduler: AsyncIOScheduler | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start APScheduler and add the pending jobs in registration order."""
+        if self._scheduler is not None:
+            return
+        if self._load_last_fires is not None:
+            self._last_fires = await self._load_last_fires()
+        scheduler = AsyncIOScheduler(
+            timezone=UTC,
+            jobstores={"default": MemoryJobStore()},
+            executors={"default": _SinkExecutor(self._on_due)},
+            job_defaults={"coalesce": False, "misfire_grace_time": None, "max_instances": 1},
+        )
+        self._scheduler = scheduler
+        pending, self._pending = self._pending, {}
+        # Added before APScheduler starts, the jobs wait in its own pending list and it wakes up
+        # once for all of them, instead of once per job.
+        for spec in pending.values():
+            self._add(spec, catch_up=True)
+        scheduler.start()
+        logger.info("scheduler started with {} jobs", len(self._specs))
+
+    async def shutdown(self) -> None:
+        """Stop firing. Idempotent; fires already handed to the sink are the sink's to finish."""
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+
+    async def __aenter__(self) -> SchedulerManager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    @property
+    def running(self) -> bool:
+        return self._scheduler is not None
+
+    @property
+    def scheduler(self) -> AsyncIOScheduler:
+        """The underlying APScheduler scheduler, for advanced use (after start)."""
+        if self._scheduler is None:
+            raise ChronoqError("the scheduler is not started")
+        return self._scheduler
+
+    # -- registration ------------------------------------------------------------------------
+
+    def register(self, spec: JobSpec) -> JobSpec:
+        """Add a job: queued until start, at once after. Raises ChronoqError for a taken id."""
+        if spec.id in self._specs or spec.id in self._pending:
+            raise ChronoqError(f"job id {spec.id!r} is already registered")
+        if self._scheduler is None:
+            self._pending[spec.id] = spec
+        else:
+            self._add(spec, catch_up=True)
+        return spec
+
+    def register_cron(self, id: str, task: str, cron: str | dict[str, str | int], **options: Any) -> JobSpec:
+        """Register a cron job from code (``options``: any job-file key)."""
+        return self.register(self.defaults.make_spec(id=id, task=task, cron=cron, **options))
+
+    def register_interval(self, id: str, task: str, interval: float | dict[str, float], **options: Any) -> JobSpec:
+        """Register an interval job from code; ``interval`` in seconds or a mapping."""
+        return self.register(self.defaults.make_spec(id=id, task=task, interval=interval, **options))
+
+    def register_date(self, id: str, task: str, date: datetime | str, **options: Any) -> JobSpec:
+        """Register a one-off job from code."""
+        return self.register(self.defaults.make_spec(id=id, task=task, date=date, **options))
+
+    # -- steering ----------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobSpec:
+        spec = self._specs.get(job_id) or self._pending.get(job_id)
+        if spec is None:
+            raise UnknownJobError(job_id)
+        return spec
+
+    def list(self) -> builtins.list[JobSpec]:
+        """Every registered job (pending ones included), in registration order."""
+        return [*self._specs.values(), *self._pending.values()]
+
+    def next_fire_time(self, job_id: str) -> datetime | None:
+        """When the job fires next (None: paused in APScheduler, finished, disabled, or not started)."""
+        self.get(job_id)
+        job = self._scheduler.get_job(job_id) if self._scheduler else None
+        return None if job is None else job.next_run_time
+
+    def is_paused(self, job_id: str) -> bool:
+        return job_id in self._paused
+
+    def pause(self, job_id: str, note: str = "") -> None:
+        """Stop dispatching the job. Its fires keep coming due and are recorded as skipped,
+        so a pause is visible in the history and resuming needs no catch-up."""
+        self.get(job_id)
+        self._paused[job_id] = note
+
+    def resume(self, job_id: str) -> None:
+        self.get(job_id)
+        self._paused.pop(job_id, None)
+
+    def set_paused(self, paused: Iterable[str]) -> None:
+        """Make exactly ``paused`` the paused jobs (used when the flags come from Redis)."""
+        self._paused = {job_id: self._paused.get(job_id, "") for job_id in paused}
+
+    def remove(self, job_id: str) -> JobSpec:
+        spec = self.get(job_id)
+        self._pending.pop(job_id, None)
+        self._specs.pop(job_id, None)
+        self._paused.pop(job_id, None)
+        if self._scheduler is not None:
+            # Disabled or finished jobs are not in APScheduler.
+            with contextlib.suppress(JobLookupError):
+                self._scheduler.remove_job(job_id)
+        logger.bind(job_id=job_id).info("job removed")
+        return spec
+
+    def modify(self, job_id: str, **changes: Any) -> JobSpec:
+        """Change any job-file field(s) of a job, validated like a job file; the job's next fire
+        is recomputed only when its schedule changed."""
+        old = self.get(job_id)
+        data = {**old.model_dump(by_alias=True), **changes}
+        if {"cron", "interval", "date"} & changes.keys():
+            for key in ("cron", "interval", "date"):
+                if key not in changes:
+                    data.pop(key, None)
+        return self._replace(old, self.defaults.make_spec(**data))
+
+    def reschedule(self, job_id: str, *, cron: Any = None, interval: Any = None, date: Any = None) -> JobSpec:
+        """Give a job a new trigger (exactly one of cron, interval, date)."""
+        changes = {k: v for k, v in {"cron": cron, "interval": interval, "date": date}.items() if v is not None}
+        return self.modify(job_id, **changes)
+
+    def reconcile(self, specs: Sequence[JobSpec]) -> ReloadReport:
+        """Make the registered jobs of the same sources equal ``specs`` (a reload).
+
+        Jobs whose spec is unchanged keep their schedule exactly; changed ones are replaced;
+        jobs from a file that are no longer in ``specs`` are removed. Jobs registered from code
+        are left alone.
+        """
+        report = ReloadReport()
+        wanted = {spec.id: spec for spec in specs}
+        for job_id, current in list(self._specs.items()):
+            if current.source != "code" and job_id not in wanted:
+                self.remove(job_id)
+                report.removed.append(job_id)
+        for spec in specs:
+            existing = self._specs.get(spec.id)
+            if existing is None:
+                self.register(spec)
+                report.added.append(spec.id)
+            elif existing == spec:
+                self._specs[spec.id] = spec  # same schedule; keep the newest source name
+                report.unchanged.append(spec.id)
+            else:
+                self._replace(existing, spec)
+                report.changed.append(spec.id)
+        return report
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _replace(self, old: JobSpec, new: JobSpec) -> JobSpec:
+        if self._scheduler is None or old.id not in self._specs:
+            self._pending[old.id] = new
+            return new
+        paused = self._paused.get(old.id)
+        self.remove(old.id)
+        self._add(new, catch_up=False)
+        if paused is not None:
+            self._paused[new.id] = paused
+        logger.bind(job_id=new.id).info("job changed: {}", describe_trigger(new))
+        return new
+
+    def _add(self, spec: JobSpec, *, catch_up: bool) -> None:
+        self._specs[spec.id] = spec
+        if not spec.enabled:
+            logger.bind(job_id=spec.id).info("job registered disabled")
+            return
+        now = self.clock()
+        trigger = build_trigger(spec)
+        first = self._first_fire(spec, trigger, now, catch_up=catch_up)
+        if first is None:
+            logger.bind(job_id=spec.id).info("job has no fire left ({})", describe_trigger(spec))
+            return
+        self.scheduler.add_job(_never_called, trigger=trigger, id=spec.id, name=spec.id, next_run_time=first)
+        logger.bind(job_id=spec.id).info("job added: {} next={}", describe_trigger(spec), first.isoformat())
+
+    def _first_fire(self, spec: JobSpec, trigger: Any, now: datetime, *, catch_up: bool) -> datetime | None:
+        """The first fire to hand APScheduler, after recording what was missed while down."""
+        last = self._last_fires.get(spec.id)
+        if spec.kind == "date":
+            # A date job fires once, ever: not again after a restart or a reload.
+            assert spec.date is not None
+            return None if last is not None and last >= spec.date else trigger.get_next_fire_time(None, now)
+        if last is None or not catch_up:
+            return trigger.get_next_fire_time(None, now)  # type: ignore[no-any-return]
+        grace = spec.misfire_grace_time
+        horizon = None if grace is None else now - timedelta(seconds=grace)
+        missed: builtins.list[datetime] = []
+        fire = trigger.get_next_fire_time(last, now)
+        while fire is not None and horizon is not None and fire < horizon and len(missed) < MAX_CATCH_UP_RECORDS:
+            missed.append(fire)
+            fire = trigger.get_next_fire_time(fire, now)
+        reason = "due while no scheduler was running, past its misfire grace"
+        if fire is not None and horizon is not None and fire < horizon:
+            # Too many to record one by one: resume the grid at the grace horizon.
+            logger.bind(job_id=spec.id).warning(
+                "more than {} fires missed while down; recording the first {}",
+                MAX_CATCH_UP_RECORDS,
+                MAX_CATCH_UP_RECORDS,
+            )
+            fire = trigger.get_next_fire_time(None, horizon)
+        self.sink.record_missed(spec.id, missed, reason)
+        return fire  # type: ignore[no-any-return]
+
+    def _on_due(self, job_id: str, run_times: builtins.list[datetime]) -> None:
+        spec = self._specs.get(job_id)
+        if spec is None:
+            return
+        self._last_fires[job_id] = run_times[-1]
+        if job_id in self._paused:
+            self.sink.record_skipped(spec, run_times, "paused")
+        else:
+            self.sink.submit(spec, run_times)
