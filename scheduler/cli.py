@@ -126,14 +126,14 @@ async def _jobs(args: argparse.Namespace, settings: Any) -> int:
 
     client = create_async_redis(settings.redis)
     try:
-        state = StateStore(client, RedisKeys(settings.redis.key_prefix), owner="cli")
+        state = StateStore(client, RedisKeys(settings.redis.key_prefix))
         if args.action == "outcomes":
             counters = await state.counters(args.job)
             _emit(args, counters, "\n".join(f"{k:<11} {v}" for k, v in sorted(counters.items())) or "no fires yet")
         else:
             entries = await state.history(args.job_id, args.limit)
             lines = [
-                f"{e['scheduled_at']}  {e['outcome']:<10} {e.get('task_id') or ''} {e.get('reason') or ''}".rstrip()
+                f"{e.get('scheduled_at', '?')}  {e.get('final') or '?':<10} {e.get('task_id') or ''} {e.get('reason') or ''}".rstrip()
                 for e in entries
             ]
             _emit(args, entries, "\n".join(lines) or f"no fires recorded for {args.job_id}")

@@ -1,26 +1,28 @@
-"""From "a trigger fired" to "a message is on the queue": classify, claim, publish, record.
+"""From "a trigger fired" to "a message is on the queue": classify, encode, decide atomically.
 
-Each nominal fire of a job ends as exactly one :class:`~scheduler.state.Outcome`, logged and
-counted:
+Each nominal fire of a job ends as exactly one outcome, decided once for the whole fleet by
+:meth:`shared.fleet.FireLedger.decide` (one Lua call per batch, which also publishes):
 
 - **missed**: later than the job's misfire grace when it came due (or when Redis came back);
 - **coalesced**: one of several fires due at once for a ``coalesce`` job; only the newest runs;
-- **skipped**: the job is paused;
-- **dispatched**: claimed in Redis and published to the job's queue.
+- **skipped**: the job is paused, or ``max_instances`` of it are in flight (overlap ``skip``);
+- **dispatched**: published to the job's queue (or, overlap ``buffer_one``, when a slot frees).
 
-Jitter delays a fire's publication by 0..jitter s; ``scheduled_at`` stays the nominal time, so
-the schedule never drifts. Fires are published in batches (one Redis round trip per batch for
-claims, one for the messages, one for the records), off the event loop. When Redis is down a
-batch is retried with backoff until each fire's grace runs out; then it is recorded as missed.
+Every replica runs every job. The leader handles a fire when it is due; the others handle it
+``takeover_s`` later, which costs one cheap check when the leader did its job and publishes it
+when the leader is gone. Jitter (0..jitter s) is derived from the fire itself, so every replica
+waits the same; ``scheduled_at`` stays the nominal time and the schedule never drifts.
+
+When Redis is down a batch is retried with backoff until each fire's grace runs out; a fire past
+it is then decided as missed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import random
+import hashlib
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
@@ -30,9 +32,10 @@ import redis
 from loguru import logger
 
 from scheduler.publisher import TaskMessage
-from scheduler.state import ClaimResult, FireRecord, Outcome, StateStore
 from shared.errors import DispatchError
+from shared.fleet import FireIntent, FireLedger, Outcome, Overlap
 from shared.names import HEADER_JOB_ID, HEADER_SCHEDULED_AT, HEADER_TRACE_ID, fire_task_id, format_scheduled_at
+from shared.redis import raise_if_cancelling
 
 if TYPE_CHECKING:
     from scheduler.specs import JobSpec
@@ -45,10 +48,21 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class Publisher(Protocol):
-    """Puts task messages on the broker. Blocking; called from a worker thread."""
+class Encoder(Protocol):
+    """Turns task messages into (broker list key, payload); pure CPU, run off the loop."""
 
-    def publish(self, messages: Sequence[TaskMessage]) -> None: ...
+    def encode(self, messages: Sequence[TaskMessage]) -> list[tuple[str, str]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Fleet-wide defaults a fire's message and slot need."""
+
+    time_limit_s: int
+    soft_time_limit_s: int | None = None
+    slot_margin_s: int = 30
+    max_queue_wait_s: int = 3600
+    """A slot of a message without ``expires`` lapses after this wait plus the time limit."""
 
 
 def deadline_of(job: JobSpec, scheduled_at: datetime) -> datetime | None:
@@ -57,16 +71,27 @@ def deadline_of(job: JobSpec, scheduled_at: datetime) -> datetime | None:
     return None if grace is None else scheduled_at + timedelta(seconds=grace)
 
 
+def jitter_of(job: JobSpec, scheduled_at: datetime) -> float:
+    """The fire's dispatch delay in 0..jitter s: pseudo-random per fire, the same on every replica."""
+    if not job.jitter:
+        return 0.0
+    digest = hashlib.blake2b(f"{job.id}|{scheduled_at.isoformat()}".encode(), digest_size=8).digest()
+    return job.jitter * int.from_bytes(digest) / 2**64
+
+
 @dataclass(slots=True)
 class Fire:
-    """One nominal fire of one job, waiting to be published."""
+    """One nominal fire of one job, waiting to be decided."""
 
     job: JobSpec
     scheduled_at: datetime
-
-    @property
-    def key(self) -> tuple[str, datetime]:
-        return (self.job.id, self.scheduled_at)
+    outcome: Outcome = Outcome.DISPATCHED
+    reason: str = ""
+    trigger: str = "schedule"
+    backup: bool = False
+    """Handled as a follower: the leader has probably decided it already."""
+    force: bool = False
+    """A manual trigger that ignores the overlap policy."""
 
     @property
     def task_id(self) -> str:
@@ -75,13 +100,15 @@ class Fire:
     def deadline(self) -> datetime | None:
         return deadline_of(self.job, self.scheduled_at)
 
-    def message(self, now: datetime) -> TaskMessage:
+    def expires_s(self, now: datetime) -> float | None:
+        # A message that sits in a backlog past this must not run: the job's own expiry, else
+        # its misfire grace, counted from the nominal fire time.
+        expires = self.job.expires if self.job.expires is not None else self.job.misfire_grace_time
+        return None if expires is None else max(1.0, (self.scheduled_at - now).total_seconds() + expires)
+
+    def message(self, now: datetime, limits: Limits) -> TaskMessage:
         scheduled_at = format_scheduled_at(self.scheduled_at)
         task_id = self.task_id
-        # A message that sits in a backlog past this must not run: the job's own expiry,
-        # else its misfire grace, counted from the nominal fire time.
-        expires = self.job.expires if self.job.expires is not None else self.job.misfire_grace_time
-        expires_s = None if expires is None else max(1.0, (self.scheduled_at - now).total_seconds() + expires)
         return TaskMessage(
             task_name=self.job.task,
             args=list(self.job.args),
@@ -90,33 +117,64 @@ class Fire:
             task_id=task_id,
             headers={HEADER_JOB_ID: self.job.id, HEADER_SCHEDULED_AT: scheduled_at, HEADER_TRACE_ID: task_id},
             priority=self.job.priority,
-            expires_s=expires_s,
+            expires_s=self.expires_s(now),
+            time_limit_s=self.job.time_limit or limits.time_limit_s,
+            soft_time_limit_s=self.job.soft_time_limit or limits.soft_time_limit_s,
+        )
+
+    def intent(self, now: datetime, limits: Limits, encoded: tuple[str, str] | None = None) -> FireIntent:
+        """The fire as the ledger decides it; ``encoded`` is its (list key, payload)."""
+        expires = self.expires_s(now)
+        wait_s = limits.max_queue_wait_s if expires is None else expires
+        lapse_s = wait_s + (self.job.time_limit or limits.time_limit_s) + limits.slot_margin_s
+        deadline = self.deadline()
+        list_key, payload = encoded or ("", "")
+        return FireIntent(
+            job_id=self.job.id,
+            scheduled_at=format_scheduled_at(self.scheduled_at),
+            task_id=self.task_id,
+            outcome=self.outcome,
+            reason=self.reason,
+            trigger=self.trigger,
+            max_instances=self.job.max_instances,
+            overlap=Overlap.ALLOW if self.force else Overlap(self.job.overlap),
+            slot_lapse_ms=int(lapse_s * 1000),
+            deadline_ms=0 if deadline is None else int(deadline.timestamp() * 1000),
+            list_key=list_key,
+            payload=payload,
         )
 
 
 class Dispatcher:
-    """Turns fires into published messages. Create it, ``start()`` it inside a running loop,
-    feed it with :meth:`submit`, and ``await drain()`` at shutdown."""
+    """Decides and publishes fires. Create it, ``start()`` it inside a running loop, feed it
+    with :meth:`submit`, and ``await drain()`` at shutdown."""
 
     def __init__(
         self,
-        state: StateStore,
-        publisher: Publisher,
+        ledger: FireLedger,
+        encoder: Encoder,
+        owner: str,
+        limits: Limits,
         *,
         batch_size: int = 500,
+        takeover_s: float = 2.0,
+        is_leader: Callable[[], bool] = lambda: True,
         clock: Callable[[], datetime] = utc_now,
         max_backoff_s: float = 2.0,
     ) -> None:
-        self.state = state
-        self.publisher = publisher
+        self.ledger = ledger
+        self.encoder = encoder
+        self.owner = owner
+        self.limits = limits
         self.batch_size = batch_size
+        self.takeover_s = takeover_s
+        self.is_leader = is_leader
         self.clock = clock
         self.max_backoff_s = max_backoff_s
-        self.outcomes: Counter[Outcome] = Counter()
-        # None in the queue only wakes the loop to write records that no fire carries.
-        self._queue: asyncio.Queue[Fire | None] = asyncio.Queue()
-        self._delayed: dict[asyncio.TimerHandle, Fire] = {}
-        self._unrecorded: list[FireRecord] = []
+        self.outcomes: Counter[str] = Counter()
+        """Outcomes this replica decided (the fleet's are in Redis)."""
+        self._queue: asyncio.Queue[Fire] = asyncio.Queue()
+        self._delayed: dict[int, tuple[asyncio.TimerHandle, Fire]] = {}
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -124,180 +182,170 @@ class Dispatcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="chronoq-dispatch")
 
+    # -- intake (on the event loop, never blocking) -------------------------------------------
+
     def submit(self, job: JobSpec, run_times: Sequence[datetime]) -> None:
-        """Take the nominal fire times that came due for ``job`` (called on the event loop;
-        never blocks)."""
+        """Take the nominal fire times that came due for ``job``."""
         now = self.clock()
         due: list[datetime] = []
         for at in run_times:
             deadline = deadline_of(job, at)
             if deadline is not None and now > deadline:
-                self._note(
-                    job.id,
-                    at,
-                    Outcome.MISSED,
-                    f"{(now - at).total_seconds():.1f}s late, grace {job.misfire_grace_time}s",
-                )
+                late = f"{(now - at).total_seconds():.1f}s late, grace {job.misfire_grace_time}s"
+                self._enqueue(Fire(job, at, Outcome.MISSED, late))
             else:
                 due.append(at)
         if job.coalesce and len(due) > 1:
             for at in due[:-1]:
-                self._note(job.id, at, Outcome.COALESCED, f"coalesced into {format_scheduled_at(due[-1])}")
+                self._enqueue(Fire(job, at, Outcome.COALESCED, f"coalesced into {format_scheduled_at(due[-1])}"))
             due = due[-1:]
-        loop = asyncio.get_running_loop()
+        backup = not self.is_leader()
         for at in due:
-            fire = Fire(job, at)
-            self._idle.clear()
-            if job.jitter:
-                handle = loop.call_later(random.uniform(0, job.jitter), self._release_delayed, fire)
-                self._delayed[handle] = fire
-            else:
-                self._queue.put_nowait(fire)
+            fire = Fire(job, at, backup=backup)
+            delay = jitter_of(job, at) + (self.takeover_s if backup else 0.0)
+            self._enqueue(fire, delay - max(0.0, (now - at).total_seconds()))
 
-    def record_missed(self, job_id: str, times: Sequence[datetime], reason: str) -> None:
-        """Record fires that came due while no scheduler was running and are past their grace."""
-        self._record_all(job_id, times, Outcome.MISSED, reason)
+    def record_missed(self, job: JobSpec, times: Sequence[datetime], reason: str) -> None:
+        """Fires that came due while no scheduler ran and are past their grace."""
+        for at in times:
+            self._enqueue(Fire(job, at, Outcome.MISSED, reason))
 
     def record_skipped(self, job: JobSpec, run_times: Sequence[datetime], reason: str) -> None:
-        """Record fires that came due but are not to run (the job is paused)."""
-        self._record_all(job.id, run_times, Outcome.SKIPPED, reason)
+        """Fires that came due but are not to run (the job is paused)."""
+        backup = not self.is_leader()
+        for at in run_times:
+            self._enqueue(Fire(job, at, Outcome.SKIPPED, reason, backup=backup), self.takeover_s if backup else 0.0)
 
-    def _record_all(self, job_id: str, times: Sequence[datetime], outcome: Outcome, reason: str) -> None:
-        for at in times:
-            self._note(job_id, at, outcome, reason)
-        if times:
-            self._idle.clear()
-            self._queue.put_nowait(None)
+    def _enqueue(self, fire: Fire, delay_s: float = 0.0) -> None:
+        self._idle.clear()
+        if delay_s <= 0:
+            self._queue.put_nowait(fire)
+            return
+        handle = asyncio.get_running_loop().call_later(delay_s, self._release, fire)
+        self._delayed[id(fire)] = (handle, fire)
 
-    def _release_delayed(self, fire: Fire) -> None:
-        for handle, waiting in list(self._delayed.items()):
-            if waiting is fire:
-                del self._delayed[handle]
+    def _release(self, fire: Fire) -> None:
+        self._delayed.pop(id(fire), None)
         self._queue.put_nowait(fire)
 
-    def _note(
-        self,
-        job_id: str,
-        at: datetime,
-        outcome: Outcome,
-        reason: str | None = None,
-        task_id: str | None = None,
-        *,
-        quiet: bool = False,
-    ) -> None:
-        now = self.clock()
-        record = FireRecord(job_id, format_scheduled_at(at), outcome, now.isoformat(), task_id, reason)
-        self.outcomes[outcome] += 1
-        self._unrecorded.append(record)
-        log = logger.bind(job_id=job_id, scheduled_at=record.scheduled_at, task_id=task_id)
-        if outcome is not Outcome.DISPATCHED:
-            log.warning("fire {} ({})", outcome.value, reason)
-        elif quiet:
-            log.debug("fire dispatched lag_ms={:.1f}", (now - at).total_seconds() * 1000)
-        else:
-            log.info("fire dispatched lag_ms={:.1f}", (now - at).total_seconds() * 1000)
+    # -- deciding ------------------------------------------------------------------------------
 
     async def _run(self) -> None:
         while True:
-            first = await self._queue.get()
-            batch = [first]
+            raise_if_cancelling()
+            batch = [await self._queue.get()]
             while len(batch) < self.batch_size and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            await self._process([f for f in batch if f is not None])
+            await self._process(batch)
             if self._queue.empty() and not self._delayed:
                 self._idle.set()
 
     async def _process(self, fires: list[Fire]) -> None:
         attempt = 0
-        published: set[tuple[str, datetime]] = set()
-        while True:
-            fires = self._drop_expired(fires)
+        while fires:
             try:
-                if fires:
-                    await self._publish_claimed(fires, published)
-                    fires = [f for f in fires if f.key not in published]
-                await self._flush_records()
-                if not fires:
-                    return
-                # Left over: fires another owner is publishing right now; wait for them.
-                await asyncio.sleep(0.1)
+                await self._decide(fires)
+                return
             except _RETRYABLE as exc:
+                raise_if_cancelling()
                 attempt += 1
                 delay = min(self.max_backoff_s, 0.05 * 2**attempt)
                 logger.warning("dispatch failed (attempt {}), retrying in {:.2f}s: {}", attempt, delay, exc)
                 await asyncio.sleep(delay)
+                fires = [self._past_grace(f) for f in fires]
 
-    async def _publish_claimed(self, fires: list[Fire], published: set[tuple[str, datetime]]) -> None:
-        fresh = [f for f in fires if f.key not in published]
-        claims = await self.state.claim([f.key for f in fresh])
-        mine = [f for f, claim in zip(fresh, claims, strict=True) if claim is ClaimResult.CLAIMED]
-        for fire, claim in zip(fresh, claims, strict=True):
-            if claim is ClaimResult.DONE:
-                # Published before (by us before a restart, or by another replica): not again.
-                published.add(fire.key)
-                logger.bind(job_id=fire.job.id, task_id=fire.task_id).debug("fire already dispatched")
-        if mine:
-            now = self.clock()
-            messages = [f.message(now) for f in mine]
-            task_ids = [m.task_id for m in messages]
-            try:
-                await anyio.to_thread.run_sync(self.publisher.publish, messages)
-            except BaseException:
-                await _best_effort(self.state.release([f.key for f in mine]))
-                raise
-            # A burst logs one summary line at INFO and each fire at DEBUG: a line per fire would
-            # cost more than publishing it.
-            quiet = len(mine) > QUIET_BATCH
-            for fire, task_id in zip(mine, task_ids, strict=True):
-                published.add(fire.key)
-                self._note(fire.job.id, fire.scheduled_at, Outcome.DISPATCHED, task_id=task_id, quiet=quiet)
-            if quiet:
-                lags = sorted((now - f.scheduled_at).total_seconds() * 1000 for f in mine)
-                logger.info(
-                    "dispatched {} fires lag_ms p50={:.1f} max={:.1f}", len(mine), lags[len(lags) // 2], lags[-1]
-                )
+    def _past_grace(self, fire: Fire) -> Fire:
+        deadline = fire.deadline()
+        if fire.outcome is Outcome.DISPATCHED and deadline is not None and self.clock() > deadline:
+            return Fire(
+                fire.job,
+                fire.scheduled_at,
+                Outcome.MISSED,
+                "Redis unavailable until past its grace",
+                fire.trigger,
+                fire.backup,
+            )
+        return fire
 
-    def _drop_expired(self, fires: list[Fire]) -> list[Fire]:
+    async def _decide(self, fires: list[Fire]) -> None:
+        backups = [f for f in fires if f.backup]
+        if backups:
+            # A follower's fires: most were decided by the leader already; skip encoding those.
+            flags = await self.ledger.decided([(f.job.id, format_scheduled_at(f.scheduled_at)) for f in backups])
+            decided = {id(f) for f, flag in zip(backups, flags, strict=True) if int(flag)}
+            fires = [f for f in fires if id(f) not in decided]
+            if not fires:
+                return
         now = self.clock()
-        alive = []
-        for fire in fires:
-            deadline = fire.deadline()
-            if deadline is not None and now > deadline:
-                self._note(fire.job.id, fire.scheduled_at, Outcome.MISSED, "could not be published within its grace")
-            else:
-                alive.append(fire)
-        return alive
+        to_send = [f for f in fires if f.outcome is Outcome.DISPATCHED]
+        encoded: dict[int, tuple[str, str]] = {}
+        if to_send:
+            messages = [f.message(now, self.limits) for f in to_send]
+            payloads = await anyio.to_thread.run_sync(self.encoder.encode, messages)
+            encoded = {id(f): p for f, p in zip(to_send, payloads, strict=True)}
+        intents = [f.intent(now, self.limits, encoded.get(id(f))) for f in fires]
+        results = await self.ledger.decide(intents, self.owner)
+        self._log(fires, [str(r) for r in results], now)
 
-    async def _flush_records(self) -> None:
-        records, self._unrecorded = self._unrecorded, []
-        try:
-            await self.state.record(records)
-        except BaseException:
-            self._unrecorded[:0] = records
-            raise
+    def _log(self, fires: list[Fire], results: list[str], now: datetime) -> None:
+        quiet = len(fires) > QUIET_BATCH
+        lags: list[float] = []
+        for fire, result in zip(fires, results, strict=True):
+            log = logger.bind(
+                job_id=fire.job.id, scheduled_at=format_scheduled_at(fire.scheduled_at), task_id=fire.task_id
+            )
+            if result == "decided":
+                log.debug("fire already decided by another replica")
+                continue
+            self.outcomes[result] += 1
+            lag_ms = (now - fire.scheduled_at).total_seconds() * 1000
+            if result == Outcome.DISPATCHED:
+                lags.append(lag_ms)
+                (log.debug if quiet else log.info)(
+                    "fire dispatched lag_ms={:.1f}{}", lag_ms, " (as backup)" if fire.backup else ""
+                )
+            elif result == Outcome.BUFFERED:
+                log.info("fire waiting for a free slot")
+            else:
+                reason = fire.reason or "overlap: max_instances in flight"
+                log.warning("fire {} ({})", result, reason)
+        if quiet and lags:
+            lags.sort()
+            logger.info("dispatched {} fires lag_ms p50={:.1f} max={:.1f}", len(lags), lags[len(lags) // 2], lags[-1])
 
     async def drain(self, timeout_s: float = 5.0) -> bool:
-        """Publish everything submitted so far (delayed fires at once), record every outcome,
-        then stop. Returns False if it could not finish within ``timeout_s``."""
-        for handle, fire in list(self._delayed.items()):
+        """Decide everything submitted so far (delayed fires at once), then stop. Returns False
+        if it could not finish within ``timeout_s``."""
+        for handle, fire in list(self._delayed.values()):
             handle.cancel()
-            self._queue.put_nowait(fire)
-        self._delayed.clear()
-        if self._unrecorded:
-            self._idle.clear()
-            self._queue.put_nowait(None)
+            self._release(fire)
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
             finished = True
         except TimeoutError:
             finished = False
-            logger.error("shutdown: {} fires still unpublished after {}s", self._queue.qsize(), timeout_s)
+            logger.error("shutdown: {} fires still undecided after {}s", self._queue.qsize(), timeout_s)
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait([self._task], timeout=2.0)
         return finished
 
 
-async def _best_effort(awaitable: Awaitable[None]) -> None:
-    with contextlib.suppress(*_RETRYABLE):
-        await awaitable
+async def trigger_now(
+    ledger: FireLedger,
+    encoder: Encoder,
+    job: JobSpec,
+    limits: Limits,
+    owner: str,
+    *,
+    force: bool = False,
+    clock: Callable[[], datetime] = utc_now,
+) -> tuple[str, Fire]:
+    """Run ``job`` now, once, outside its schedule (``chronoq jobs trigger``): a fire at the
+    current instant, decided like any other, respecting the overlap policy unless ``force``.
+    Returns the outcome and the fire."""
+    now = clock()
+    fire = Fire(job, now, trigger="manual", force=force)
+    (encoded,) = await anyio.to_thread.run_sync(encoder.encode, [fire.message(now, limits)])
+    (result,) = await ledger.decide([fire.intent(now, limits, encoded)], owner)
+    return str(result), fire

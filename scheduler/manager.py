@@ -44,7 +44,7 @@ class FireSink(Protocol):
 
     def submit(self, job: JobSpec, run_times: Sequence[datetime]) -> None: ...
 
-    def record_missed(self, job_id: str, times: Sequence[datetime], reason: str) -> None: ...
+    def record_missed(self, job: JobSpec, times: Sequence[datetime], reason: str) -> None: ...
 
     def record_skipped(self, job: JobSpec, run_times: Sequence[datetime], reason: str) -> None: ...
 
@@ -325,7 +325,8 @@ class SchedulerManager:
                 MAX_CATCH_UP_RECORDS,
             )
             fire = trigger.get_next_fire_time(None, horizon)
-        self.sink.record_missed(spec.id, missed, reason)
+        if missed:
+            self.sink.record_missed(spec, missed, reason)
         return fire  # type: ignore[no-any-return]
 
     def _on_due(self, job_id: str, run_times: builtins.list[datetime]) -> None:

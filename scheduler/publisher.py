@@ -173,9 +173,7 @@ class BatchPublisher:
         batch in flight may have partly landed, so publish *all* ``messages`` again: duplicates
         carry the same task id. The message says how many were confirmed before the failure.
         """
-        reply_to = self._app.thread_oid  # what send_task puts in reply_to: per thread, per app
-        origin = anon_nodename()  # what as_task_v2 would compute per message: pid and host
-        encoded = [self._encode(message, reply_to, origin) for message in messages]
+        encoded = self.encode(messages)
         done = 0
         for start in range(0, len(encoded), self._batch_size):
             batch = encoded[start : start + self._batch_size]
@@ -196,6 +194,15 @@ class BatchPublisher:
                     f"task ids, duplicates are harmless). Redis said: {exc}"
                 ) from exc
             done += len(batch)
+
+    def encode(self, messages: Sequence[TaskMessage]) -> list[tuple[str, str]]:
+        """Each message as the Redis list key and the JSON payload kombu would LPUSH there:
+        what :meth:`publish` sends, for callers that push it themselves (the scheduler pushes
+        inside the script that decides a fire, so deciding and publishing are one step).
+        Pure CPU; raises like :meth:`publish` for a bad message."""
+        reply_to = self._app.thread_oid  # what send_task puts in reply_to: per thread, per app
+        origin = anon_nodename()  # what as_task_v2 would compute per message: pid and host
+        return [self._encode(message, reply_to, origin) for message in messages]
 
     def _encode(self, message: TaskMessage, reply_to: str, origin: str) -> tuple[str, str]:
         """The list key and the JSON payload kombu's Redis transport would LPUSH for ``message``."""

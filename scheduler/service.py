@@ -17,23 +17,29 @@ import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import redis
 from loguru import logger
 
-from scheduler.dispatch import Dispatcher
+from scheduler.control import ControlStore, file_hashes, source_hash
+from scheduler.dispatch import Dispatcher, Limits
+from scheduler.leadership import Leadership
 from scheduler.manager import SchedulerManager
 from scheduler.publisher import BatchPublisher
 from scheduler.specs import JobDefaults, JobSpec, load_job_specs
 from scheduler.state import StateStore
 from shared.celery_app import create_celery_app
 from shared.errors import EX_CONFIG, ConfigError, RedisUnavailableError
+from shared.fleet import FireLedger
 from shared.names import RedisKeys
-from shared.redis import create_async_redis, create_redis, resolve_redis
+from shared.redis import create_async_redis, create_redis, raise_if_cancelling, resolve_redis
 from shared.schedules import declared_schedules
 from shared.settings import AppSettings
 
 DEFAULT_JOB_FILES = (Path("configs/jobs.yaml"),)
 SHUTDOWN_BUDGET_S = 10.0
+CONTROL_POLL_S = 0.5
 
 
 @dataclass
@@ -67,7 +73,8 @@ def load_specs(settings: AppSettings, options: ServiceOptions) -> list[JobSpec]:
 
 
 class SchedulerService:
-    """Redis state, the dispatcher and the manager, started and stopped together."""
+    """One replica: Redis state, leadership, the dispatcher and the manager, started and stopped
+    together. Any number of them may run against one Redis."""
 
     def __init__(self, settings: AppSettings, options: ServiceOptions, specs: list[JobSpec]) -> None:
         self.settings = settings
@@ -75,51 +82,104 @@ class SchedulerService:
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._initial_specs = specs
         self._stack = AsyncExitStack()
+        self._tasks: list[asyncio.Task[None]] = []
         self.manager: SchedulerManager
         self.dispatcher: Dispatcher
         self.state: StateStore
+        self.ledger: FireLedger
+        self.control: ControlStore
+        self.leadership: Leadership
 
     async def __aenter__(self) -> SchedulerService:
         settings = self.settings
         try:
+            _check_one_redis(settings)
             client = create_async_redis(settings.redis)
             self._stack.push_async_callback(client.aclose)
             await _wait_for_redis(client, settings)
             app = create_celery_app(settings, name="chronoq-scheduler")
             self._stack.callback(app.close)
-            publisher = BatchPublisher(
-                app,
-                lambda: create_redis(settings.redis, settings.broker_url()),
-                batch_size=settings.scheduler.publish_batch_size,
+            encoder = BatchPublisher(app, lambda: create_redis(settings.redis, settings.broker_url()))
+            self._stack.callback(encoder.close)
+            keys = RedisKeys(settings.redis.key_prefix)
+            sched = settings.scheduler
+            self.ledger = FireLedger(client, keys, history_limit=sched.history_limit)
+            self.state = StateStore(client, keys)
+            self.control = ControlStore(client, keys)
+            self.leadership = Leadership(client, keys, self.owner, lease_ms=int(sched.takeover_s * 1000))
+            await self.leadership.tick()
+            self._stack.push_async_callback(self.leadership.release)
+            limits = Limits(
+                time_limit_s=settings.celery.task_time_limit_s or 1800,
+                soft_time_limit_s=settings.celery.task_soft_time_limit_s,
+                slot_margin_s=sched.slot_margin_s,
+                max_queue_wait_s=settings.celery.visibility_timeout_s,
             )
-            self._stack.callback(publisher.close)
-            self.state = StateStore(
-                client, RedisKeys(settings.redis.key_prefix), self.owner, history_limit=settings.scheduler.history_limit
+            self.dispatcher = Dispatcher(
+                self.ledger,
+                encoder,
+                self.owner,
+                limits,
+                batch_size=sched.publish_batch_size,
+                takeover_s=sched.takeover_s,
+                is_leader=self.leadership.is_leader,
             )
-            self.dispatcher = Dispatcher(self.state, publisher, batch_size=settings.scheduler.publish_batch_size)
             self.dispatcher.start()
             self._stack.push_async_callback(self._drain)
-            defaults = JobDefaults.from_settings(settings.scheduler, settings.celery.cron_queue)
+            defaults = JobDefaults.from_settings(sched, settings.celery.cron_queue)
             self.manager = SchedulerManager(defaults, self.dispatcher, last_fires=self.state.load_last_fires)
-            for spec in self._initial_specs:
+            self._hashes = file_hashes(self.options.job_files)
+            for spec in await self._without_removed(self._initial_specs):
                 self.manager.register(spec)
+            self.manager.set_paused(await self.control.paused())
             await self.manager.start()
             self._stack.push_async_callback(self.manager.shutdown)
+            await self.control.publish_jobs(self.manager.list(), self._hashes)
+            self.leadership.jobs = len(self.manager.list())
+            self.leadership.outcomes = self.dispatcher.outcomes
+            for loop_fn in (self.leadership.run, self._follow_control, self._sweep_buffers):
+                self._tasks.append(asyncio.get_running_loop().create_task(loop_fn()))
+            self._stack.push_async_callback(self._stop_tasks)
         except BaseException:
             await self._stack.aclose()
             raise
-        logger.info("scheduler {} running {} jobs", self.owner, len(self.manager.list()))
+        role = "leader" if self.leadership.is_leader() else "follower"
+        logger.info("scheduler {} running {} jobs as {}", self.owner, len(self.manager.list()), role)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
 
+    async def _stop_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        _, stuck = await asyncio.wait(self._tasks, timeout=2.0)
+        for task in stuck:
+            logger.error("background task {} did not stop when cancelled", task.get_name())
+
     async def _drain(self) -> None:
         if not await self.dispatcher.drain(timeout_s=SHUTDOWN_BUDGET_S / 2):
-            logger.error("shutdown: not every fire could be published or recorded")
+            logger.error("shutdown: not every fire could be decided")
         logger.info("scheduler stopped; outcomes {}", dict(self.dispatcher.outcomes))
 
-    def reload(self) -> bool:
+    async def _without_removed(self, specs: list[JobSpec]) -> list[JobSpec]:
+        """Drop jobs removed at runtime whose definition has not changed since; forget the
+        removal of those whose definition changed (they come back)."""
+        removed = await self.control.removed()
+        kept = []
+        for spec in specs:
+            entry = removed.get(spec.id)
+            if entry is None:
+                kept.append(spec)
+            elif entry.get("source_hash") == source_hash(spec, self._hashes):
+                logger.bind(job_id=spec.id).info("job stays removed (its definition has not changed since)")
+            else:
+                await self.control.restore(spec.id, note="its definition changed", by=self.owner)
+                logger.bind(job_id=spec.id).info("removed job comes back: its definition changed")
+                kept.append(spec)
+        return kept
+
+    async def reload(self) -> bool:
         """Re-read the job files and apply the difference; on invalid files change nothing."""
         try:
             specs = load_specs(self.settings, self.options)
@@ -127,9 +187,65 @@ class SchedulerService:
             for line in exc.problems:
                 logger.error("reload rejected: {}", line)
             return False
-        report = self.manager.reconcile(specs)
+        before = {spec.id for spec in self.manager.list()}
+        self._hashes = file_hashes(self.options.job_files)
+        report = self.manager.reconcile(await self._without_removed(specs))
+        await self.control.publish_jobs(
+            self.manager.list(), self._hashes, dropped=before - {s.id for s in self.manager.list()}
+        )
+        self.leadership.jobs = len(self.manager.list())
         logger.info("reloaded job files: {}", report)
         return True
+
+    async def _follow_control(self) -> None:
+        """Apply operators' changes (pause, resume, remove) within CONTROL_POLL_S.
+
+        Polled rather than subscribed: two small reads a tick, and unlike a redis-py pub/sub
+        read it always stops when cancelled (a cancelled ``get_message`` can hang shutdown).
+        """
+        while True:
+            raise_if_cancelling()
+            try:
+                self.manager.set_paused(await self.control.paused())
+                running = {spec.id for spec in self.manager.list()}
+                for job_id in await self.control.removed():
+                    if job_id in running:
+                        self.manager.remove(job_id)
+                        self.leadership.jobs = len(self.manager.list())
+            except (redis.RedisError, OSError) as exc:
+                raise_if_cancelling()
+                logger.warning("reading operator changes failed: {}; retrying", exc)
+            await asyncio.sleep(CONTROL_POLL_S)
+
+    async def _sweep_buffers(self) -> None:
+        """Dispatch waiting buffer_one fires whose slot lapsed (a worker died holding it)."""
+        while True:
+            raise_if_cancelling()
+            await asyncio.sleep(1.0)
+            if not self.leadership.is_leader():
+                continue
+            try:
+                waiting = await self.control.client.smembers(self.control.keys.buffered)
+                if waiting:
+                    await self.ledger.release(sorted(str(job_id) for job_id in waiting))
+            except (redis.RedisError, OSError) as exc:
+                raise_if_cancelling()
+                logger.warning("buffer sweep: {}", exc)
+
+
+def _check_one_redis(settings: AppSettings) -> None:
+    """Deciding a fire and publishing it are one Lua script, so the broker must be the Redis
+    server and database that holds chronoq's state."""
+
+    def where(url: str) -> tuple[str | None, int | None, str]:
+        parts = urlsplit(url)
+        return parts.hostname, parts.port or 6379, (parts.path.strip("/") or "0")
+
+    if where(settings.broker_url()) != where(settings.redis.connection_url()):
+        raise ConfigError(
+            "CELERY_BROKER_URL must name the same Redis server and database as REDIS_URL: chronoq decides and "
+            "publishes each fire in one atomic step, so its state lives next to the queues"
+        )
 
 
 async def _wait_for_redis(client: object, settings: AppSettings) -> None:
@@ -144,6 +260,7 @@ async def _wait_for_redis(client: object, settings: AppSettings) -> None:
         except redis.AuthenticationError as exc:
             raise RedisUnavailableError(f"redis rejected our credentials: {exc}") from None
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise_if_cancelling()
             logger.warning("redis unavailable ({}); retrying in {:.1f}s", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
@@ -169,7 +286,7 @@ async def _watch(service: SchedulerService) -> None:
         if now != seen:
             seen = now
             logger.info("job files changed; reloading")
-            service.reload()
+            await service.reload()
 
 
 async def run_service(
@@ -184,7 +301,7 @@ async def run_service(
     async with SchedulerService(settings, options, specs) as service:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, service.reload)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(service.reload()))
         watcher = loop.create_task(_watch(service)) if options.watch else None
         try:
             await stop.wait()

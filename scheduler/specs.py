@@ -78,6 +78,8 @@ class _JobOptions(BaseModel):
     max_instances: StrictInt = Field(1, ge=1)
     misfire_grace_time: StrictInt | None = Field(60, gt=0)
     """Seconds a fire may be late and still run; None: no limit."""
+    overlap: Literal["skip", "buffer_one", "allow"] = "skip"
+    """With max_instances queued or running fleet-wide: skip the fire, let one wait, or run anyway."""
 
     _timezone = field_validator("timezone")(_check_timezone)
 
@@ -88,7 +90,7 @@ class JobDefaults(_JobOptions):
     @classmethod
     def from_settings(cls, settings: SchedulerSettings, cron_queue: str) -> JobDefaults:
         """The defaults every job starts from. Raises ConfigError for an invalid ``cron_queue``."""
-        fields = settings.model_dump(include={"timezone", "coalesce", "max_instances", "misfire_grace_time"})
+        fields = settings.model_dump(include={"timezone", "coalesce", "max_instances", "misfire_grace_time", "overlap"})
         try:
             return cls(**fields, jitter=float(settings.jitter), queue=cron_queue)
         except ValidationError as exc:
@@ -123,6 +125,10 @@ class JobSpec(_JobOptions):
     priority: StrictInt | None = Field(None, ge=0, le=9)
     expires: float | None = Field(None, gt=0, strict=True)
     """Seconds after the nominal fire time after which a worker discards the message."""
+    time_limit: StrictInt | None = Field(None, gt=0)
+    """Hard time limit of the task, seconds (default: CELERY_TASK_TIME_LIMIT_S)."""
+    soft_time_limit: StrictInt | None = Field(None, gt=0)
+    """Soft time limit of the task, seconds (default: CELERY_TASK_SOFT_TIME_LIMIT_S)."""
     start_date: datetime | None = None
     end_date: datetime | None = None
     enabled: StrictBool = True

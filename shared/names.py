@@ -54,27 +54,92 @@ class RedisKeys:
         """``prefix`` followed by ``parts`` joined with ``:``."""
         return self.prefix + ":".join(parts)
 
+    # -- one fire -----------------------------------------------------------------------
+    def fire(self, job_id: str, scheduled_at: str) -> str:
+        """Hash: one fire's whole story, created atomically by whoever decides its outcome.
+
+        Scheduler fields: ``outcome`` (dispatched | coalesced | skipped | missed), ``reason``,
+        ``task_id``, ``scheduled_at``, ``decided_at``, ``owner`` (replica), ``trigger``
+        (schedule | manual). Worker fields: ``run`` (running | succeeded | failed | retried |
+        expired), ``worker``, ``started_at``, ``finished_at``, ``duration_ms``, ``error``,
+        ``run_lease_ms`` (epoch ms until which the running attempt holds the fire).
+        """
+        return self.key("fire", job_id, scheduled_at)
+
+    def history(self, job_id: str) -> str:
+        """List: the job's last fires' ``scheduled_at``, newest first, trimmed to the limit."""
+        return self.key("history", job_id)
+
     @property
     def last_fire(self) -> str:
-        """Hash: job id -> JSON of the last fire dispatched (scheduled_at, dispatched_at, task_id)."""
+        """Hash: job id -> JSON of its last dispatched fire (scheduled_at, dispatched_at, task_id)."""
         return self.key("last_fire")
-
-    def fire_claim(self, job_id: str, scheduled_at: str) -> str:
-        """String: who holds one (job, nominal time) fire: ``pending:<owner>`` or ``done:<task id>``."""
-        return self.key("fire", job_id, scheduled_at)
 
     @property
     def counters(self) -> str:
-        """Hash: outcome -> count, over every job, since the keys were created."""
+        """Hash: outcome -> count over every job (scheduler and worker outcomes)."""
         return self.key("counters")
 
     def job_counters(self, job_id: str) -> str:
         """Hash: outcome -> count for one job."""
         return self.key("counters", "job", job_id)
 
-    def history(self, job_id: str) -> str:
-        """List: the job's last fires, newest first, JSON each, trimmed to the history limit."""
-        return self.key("history", job_id)
+    # -- the fleet-wide max_instances ----------------------------------------------------
+    def inflight(self, job_id: str) -> str:
+        """Sorted set: task ids of the job queued or running anywhere -> epoch ms when the slot
+        lapses (a worker that died never gives it back)."""
+        return self.key("inflight", job_id)
+
+    def buffer(self, job_id: str) -> str:
+        """Hash: the one fire of a ``buffer_one`` job waiting for a slot (task_id, scheduled_at,
+        list, payload, lapse_ms)."""
+        return self.key("buffer", job_id)
+
+    @property
+    def buffered(self) -> str:
+        """Set: job ids that have a waiting fire."""
+        return self.key("buffered")
+
+    # -- replicas, operators -------------------------------------------------------------
+    @property
+    def leader(self) -> str:
+        """String: the replica holding the leader lease (PX ttl)."""
+        return self.key("leader")
+
+    @property
+    def replicas(self) -> str:
+        """Hash: replica id -> JSON (host, pid, started_at, heartbeat_ms, role, jobs)."""
+        return self.key("replicas")
+
+    @property
+    def workers(self) -> str:
+        """Hash: worker hostname -> JSON (last_seen_ms, pid, queues)."""
+        return self.key("workers")
+
+    @property
+    def jobs(self) -> str:
+        """Hash: job id -> JSON of its spec, as the replicas last loaded it."""
+        return self.key("jobs")
+
+    @property
+    def paused(self) -> str:
+        """Hash: job id -> JSON (at, note, by) for paused jobs."""
+        return self.key("paused")
+
+    @property
+    def removed(self) -> str:
+        """Hash: job id -> JSON (at, note, by, source, source_hash) for jobs removed at runtime."""
+        return self.key("removed")
+
+    @property
+    def audit(self) -> str:
+        """List: operator actions, JSON (at, action, job, note, by), newest first."""
+        return self.key("audit")
+
+    @property
+    def control(self) -> str:
+        """Pub/sub channel: operator changes, so replicas apply them at once."""
+        return self.key("control")
 
     @property
     def pattern(self) -> str:

@@ -74,6 +74,23 @@ def check_redis(settings: RedisSettings, url: str | None = None) -> float:
         client.close()
 
 
+def raise_if_cancelling() -> None:
+    """Raise the cancellation of the current task if one is pending but was swallowed.
+
+    redis-py swallows a task's cancellation that lands inside a command: its connection-error
+    retry catches what the cancelled read turns into and runs the command again, which then
+    succeeds. The task goes on as if nothing happened, and on Python 3.11 every later
+    ``cancel()`` is ignored because one is already counted as pending: shutdown hangs. So every
+    long-running loop that talks to Redis calls this once per iteration, and every handler of
+    Redis errors calls it first.
+    """
+    import asyncio
+
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 @contextmanager
 def resolve_redis(settings: AppSettings) -> Iterator[AppSettings]:
     """Yield settings that name a reachable Redis.

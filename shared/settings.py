@@ -169,6 +169,13 @@ class SchedulerSettings(_Group):
     max_instances: int = Field(1, ge=1)
     misfire_grace_time: int | None = Field(60, gt=0)
     """Seconds a fire may be late and still run; None: no limit."""
+    overlap: Literal["skip", "buffer_one", "allow"] = "skip"
+    """What a fire does while max_instances of its job are queued or running fleet-wide."""
+    takeover_s: float = Field(2.0, gt=0)
+    """A replica that is not the leader dispatches a fire this long after it is due, if no
+    replica has yet: the fail-over time when a replica dies."""
+    slot_margin_s: int = Field(30, ge=0)
+    """A slot of a task whose worker died lapses this long after the task's time limit."""
     history_limit: int = Field(100, ge=1)
     """Fires kept per job in the run history."""
     publish_batch_size: int = Field(500, ge=1, le=10000)

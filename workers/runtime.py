@@ -5,6 +5,10 @@ and cost a loop start-up per task. Instead each process gets one anyio blocking 
 event loop in a daemon thread), created lazily after the pool forks and stopped at process
 shutdown. Every pool kind works: prefork (one loop per child), threads (one loop shared by the
 threads), solo.
+
+Before any body runs, sync or async, :class:`ChronoqTask` asks its :class:`RunGuard` (the
+worker's fire ledger, installed by :func:`workers.hooks.install_worker_hooks`) whether this
+delivery may run at all.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import ExitStack
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from celery import Task
@@ -66,6 +70,14 @@ class AsyncRuntime:
 runtime = AsyncRuntime()
 
 
+class RunGuard(Protocol):
+    """Decides whether one delivery of a task may run its body."""
+
+    def admit(self, task: Task, request: Any) -> None:
+        """Return to let the body run; raise ``celery.exceptions.Ignore`` (drop the delivery,
+        ack it, store nothing) or ``Reject`` to keep it from running."""
+
+
 class ChronoqTask(Task):  # type: ignore[misc]
     """Task base class of chronoq's workers: runs ``async def`` bodies on the process loop.
 
@@ -74,12 +86,21 @@ class ChronoqTask(Task):  # type: ignore[misc]
     and the log context (task_id, job_id, trace_id).
     """
 
+    run_guard: ClassVar[RunGuard | None] = None
+    """Asked before every body runs in a worker (never for a direct call); None: all run."""
+
     @property
     def request(self) -> Any:
         carried = _async_request.get()
         return carried if carried is not None else self._get_request()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self._get_request()
+        guard = self.run_guard
+        if guard is not None and not request.called_directly:
+            # Here rather than in a prerun signal: an exception raised here is the task's own,
+            # so Celery handles Ignore/Reject as it would from the body, in every pool.
+            guard.admit(self, request)
         result = super().__call__(*args, **kwargs)
         if not inspect.iscoroutine(result):
             return result

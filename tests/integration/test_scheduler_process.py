@@ -34,7 +34,11 @@ def start_scheduler(settings: AppSettings, jobs: Path, log: Path, *extra: str) -
 
 
 def test_sigterm_exits_zero_in_time(settings: AppSettings, tmp_path: Path, redis_server: RedisServer) -> None:
-    jobs = write_jobs(tmp_path / "jobs.yaml", [{"id": "tick", "task": "demo.sleep", "interval": 0.5, "args": [0]}])
+    jobs = write_jobs(
+        tmp_path / "jobs.yaml",
+        [{"id": "tick", "task": "demo.sleep", "interval": 0.5, "args": [0]}],
+        {"overlap": "allow"},
+    )
     log = tmp_path / "scheduler.log"
     process = start_scheduler(settings, jobs, log)
     try:
@@ -92,14 +96,18 @@ def test_bad_job_file_exits_78_and_writes_nothing(
 
 
 def test_sighup_reloads_job_files(settings: AppSettings, tmp_path: Path, redis_server: RedisServer) -> None:
-    jobs = write_jobs(tmp_path / "jobs.yaml", [{"id": "first", "task": "demo.sleep", "interval": 0.5, "args": [0]}])
+    jobs = write_jobs(
+        tmp_path / "jobs.yaml",
+        [{"id": "first", "task": "demo.sleep", "interval": 0.5, "args": [0]}],
+        {"overlap": "allow"},
+    )
     log = tmp_path / "scheduler.log"
     process = start_scheduler(settings, jobs, log)
     client = redis_server.client()
     queue = settings.celery.cron_queue
     try:
         wait_for(lambda: any(f["job_id"] == "first" for f in queued_fires(client, queue)), 20, "the first job")
-        write_jobs(jobs, [{"id": "second", "task": "demo.sleep", "interval": 0.5, "args": [0]}])
+        write_jobs(jobs, [{"id": "second", "task": "demo.sleep", "interval": 0.5, "args": [0]}], {"overlap": "allow"})
         process.send_signal(signal.SIGHUP)
         wait_for(lambda: "reloaded job files: added=1 changed=0 removed=1" in log.read_text(), 10, "the reload")
         wait_for(lambda: any(f["job_id"] == "second" for f in queued_fires(client, queue)), 10, "the second job")
@@ -155,6 +163,7 @@ async def test_redis_outage_loses_nothing_within_grace(namespace: str, tmp_path:
                 "misfire_grace_time": 30,
             }
         ],
+        {"overlap": "allow"},
     )
     options = ServiceOptions(job_files=[jobs], local_worker=False)
     queue = settings.celery.cron_queue

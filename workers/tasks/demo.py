@@ -8,12 +8,19 @@ name without importing this module.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from typing import Any
 
 from celery import shared_task
 from loguru import logger
+
+from shared.names import HEADER_JOB_ID, HEADER_SCHEDULED_AT
+from workers.hooks import header, worker_fleet
+
+EXECUTIONS_KEY = "executions"
+"""``<prefix>executions``: the list :func:`record_fire` appends to, one JSON line per run."""
 
 
 class TransientError(Exception):
@@ -58,3 +65,26 @@ async def async_sleep(self: Any, seconds: float) -> dict[str, Any]:
     await asyncio.sleep(seconds)
     logger.info("async_sleep slept {}s", seconds)
     return {"slept": seconds, "pid": os.getpid(), "loop_id": id(asyncio.get_running_loop()), "task_id": self.request.id}
+
+
+@shared_task(name="demo.record_fire", bind=True)
+def record_fire(self: Any, seconds: float = 0.0) -> dict[str, Any]:
+    """Append which fire ran where to the Redis list ``<prefix>executions``, sleep ``seconds``
+    (blocking), return the entry: what fleet tests count to see what the workers executed.
+
+    The entry is ``{"job_id", "scheduled_at", "task_id", "worker", "pid", "started_ms"}``;
+    ``job_id``/``scheduled_at`` are None for an ad-hoc call.
+    """
+    fleet = worker_fleet()
+    request = self.request
+    entry = {
+        "job_id": header(request, HEADER_JOB_ID),
+        "scheduled_at": header(request, HEADER_SCHEDULED_AT),
+        "task_id": request.id,
+        "worker": fleet.hostname,
+        "pid": os.getpid(),
+        "started_ms": int(time.time() * 1000),
+    }
+    fleet.client.rpush(fleet.keys.key(EXECUTIONS_KEY), json.dumps(entry))
+    time.sleep(seconds)
+    return entry

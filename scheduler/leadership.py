@@ -1,0 +1,109 @@
+"""How replicas share the work: a leader lease, a heartbeat per replica.
+
+Every replica runs every job and may decide any fire: the decision itself is atomic in Redis
+(:mod:`shared.fleet`), so correctness never depends on who leads. The lease only decides *when*
+a replica acts: the leader when a fire is due, the others ``takeover_s`` later, as a backup.
+
+The lease is a key holding the leader's id with a TTL of ``lease_ms``, renewed every third of
+it. A leader that dies (SIGKILL) loses it within ``lease_ms``; one that stops cleanly (SIGTERM)
+deletes it at once, and a follower takes it within a third of the TTL. A leader that stalls
+(SIGSTOP, a long pause, cut off from Redis) loses it too, and when it comes back it finds every
+fire it would have published already decided by the backups: it cannot publish them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+import redis.asyncio
+from loguru import logger
+
+from shared.names import RedisKeys
+from shared.redis import raise_if_cancelling
+
+# Acquire or renew: 1 if ARGV[1] holds the lease afterwards.
+_HOLD = """
+local current = redis.call('GET', KEYS[1])
+if not current then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Leadership:
+    """This replica's view of the lease, renewed by :meth:`run`; and its heartbeat."""
+
+    def __init__(self, client: redis.asyncio.Redis, keys: RedisKeys, owner: str, lease_ms: int) -> None:
+        self.client = client
+        self.keys = keys
+        self.owner = owner
+        self.lease_ms = lease_ms
+        self.started_at = datetime.now(UTC).isoformat()
+        self.jobs = 0
+        self.outcomes: Any = {}
+        self._leader = False
+        self._hold = client.register_script(_HOLD)
+        self._release = client.register_script(_RELEASE)
+
+    def is_leader(self) -> bool:
+        return self._leader
+
+    async def tick(self) -> bool:
+        """Acquire or renew the lease and beat the heart once; False on a Redis error (a
+        replica that cannot prove its lease acts as a follower)."""
+        was = self._leader
+        try:
+            self._leader = bool(await self._hold(keys=[self.keys.leader], args=[self.owner, self.lease_ms]))
+            await self.client.hset(self.keys.replicas, self.owner, json.dumps(self._describe()))
+        except (redis.RedisError, OSError) as exc:
+            raise_if_cancelling()
+            self._leader = False
+            logger.warning("leader lease not renewed: {}", exc)
+        if self._leader != was:
+            logger.info("replica {} is now {}", self.owner, "the leader" if self._leader else "a follower")
+        return self._leader
+
+    def _describe(self) -> dict[str, Any]:
+        return {
+            "host": os.uname().nodename,
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "heartbeat_ms": int(time.time() * 1000),
+            "role": "leader" if self._leader else "follower",
+            "jobs": self.jobs,
+            "outcomes": dict(self.outcomes),
+        }
+
+    async def run(self) -> None:
+        """Renew every third of the lease, forever (cancel to stop)."""
+        while True:
+            raise_if_cancelling()
+            await self.tick()
+            await asyncio.sleep(self.lease_ms / 3000)
+
+    async def release(self) -> None:
+        """Give up the lease (a follower takes it at its next renewal) and leave the replica list."""
+        try:
+            await self._release(keys=[self.keys.leader], args=[self.owner])
+            await self.client.hdel(self.keys.replicas, self.owner)
+        except (redis.RedisError, OSError) as exc:
+            raise_if_cancelling()
+            logger.warning("could not release the leader lease: {}", exc)
+        self._leader = False

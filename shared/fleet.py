@@ -1,0 +1,348 @@
+"""The state of every fire, shared by scheduler replicas and workers: atomic steps in Redis.
+
+Each step is one Lua script, so what it decides cannot be interleaved with another process:
+
+- **decide** (scheduler replicas, one call per batch): for each fire, the first caller creates
+  its ``fire`` hash and so decides its outcome. A fire to dispatch also takes a slot of the
+  job's fleet-wide ``max_instances`` and pushes its pre-encoded message onto the broker list
+  *in the same script*. That is the fence: a replica that stalled and comes back finds every
+  fire it would publish already decided, and cannot publish it again, whatever the clocks say.
+- **release** (scheduler sweep): frees lapsed slots and dispatches a waiting ``buffer_one``
+  fire when a slot is free.
+- **start** / **finish** (workers): a run lease on the fire, so a duplicate delivery of a fire
+  that is running or has succeeded is not executed, and the slot and outcome bookkeeping.
+
+Times are Redis's own clock (``TIME``), so hosts with skewed clocks still agree. The scripts
+name keys outside ``KEYS`` only for a buffered fire's hash, built from the prefix: chronoq's
+state and the broker lists must live on one Redis server and database (not a Redis Cluster).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import redis
+import redis.asyncio
+
+from shared.names import RedisKeys
+
+
+class Outcome(StrEnum):
+    """How a fire ended. The scheduler decides the first four; workers add the rest."""
+
+    DISPATCHED = "dispatched"
+    COALESCED = "coalesced"
+    SKIPPED = "skipped"
+    MISSED = "missed"
+    BUFFERED = "buffered"  # waiting for a slot; becomes dispatched or missed
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    RETRIED = "retried"
+    EXPIRED = "expired"
+
+
+class Overlap(StrEnum):
+    """What a fire does when its job already has ``max_instances`` in flight."""
+
+    SKIP = "skip"
+    BUFFER_ONE = "buffer_one"
+    ALLOW = "allow"
+
+
+@dataclass(frozen=True, slots=True)
+class FireIntent:
+    """One fire as a replica wants it decided. ``payload`` is the encoded broker message
+    (empty unless ``outcome`` is dispatched)."""
+
+    job_id: str
+    scheduled_at: str
+    task_id: str
+    outcome: Outcome
+    reason: str = ""
+    trigger: str = "schedule"
+    max_instances: int = 1
+    overlap: Overlap = Overlap.SKIP
+    slot_lapse_ms: int = 0
+    """How long a slot is held if no worker reports back (queue wait + time limit + margin)."""
+    deadline_ms: int = 0
+    """Epoch ms after which a buffered fire is too late (0: no limit)."""
+    list_key: str = ""
+    payload: str = ""
+
+
+# Shared Lua: dispatch the job's buffered fire if a slot is free (or record it missed if it
+# waited past its grace). Expects locals: prefix, job_id, inflight, buffer, buffered, counters,
+# job_counters, last_fire, now_ms, fire_ttl.
+_RELEASE_BUFFER = """
+local function release_buffer(prefix, job_id, inflight, buffer, buffered, counters, job_counters, last_fire, now_ms, fire_ttl)
+  redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now_ms)
+  if redis.call('EXISTS', buffer) == 0 then
+    redis.call('SREM', buffered, job_id)
+    return 0
+  end
+  local b = redis.call('HGETALL', buffer)
+  local f = {}
+  for i = 1, #b, 2 do f[b[i]] = b[i + 1] end
+  local fire = prefix .. 'fire:' .. job_id .. ':' .. f['scheduled_at']
+  local deadline = tonumber(f['deadline_ms'])
+  if deadline > 0 and now_ms > deadline then
+    redis.call('DEL', buffer)
+    redis.call('SREM', buffered, job_id)
+    redis.call('HSET', fire, 'outcome', 'missed', 'reason', 'waited past its grace for a free slot', 'decided_ms', now_ms)
+    redis.call('HINCRBY', counters, 'missed', 1)
+    redis.call('HINCRBY', job_counters, 'missed', 1)
+    return -1
+  end
+  if redis.call('ZCARD', inflight) >= tonumber(f['max_instances']) then return 0 end
+  redis.call('DEL', buffer)
+  redis.call('SREM', buffered, job_id)
+  redis.call('ZADD', inflight, now_ms + tonumber(f['slot_lapse_ms']), f['task_id'])
+  redis.call('LPUSH', f['list_key'], f['payload'])
+  redis.call('HSET', fire, 'outcome', 'dispatched', 'reason', 'buffered until a slot freed', 'dispatched_ms', now_ms)
+  redis.call('EXPIRE', fire, fire_ttl)
+  redis.call('HSET', last_fire, job_id, cjson.encode({scheduled_at = f['scheduled_at'], dispatched_ms = now_ms, task_id = f['task_id']}))
+  redis.call('HINCRBY', counters, 'dispatched', 1)
+  redis.call('HINCRBY', job_counters, 'dispatched', 1)
+  return 1
+end
+"""
+
+_NOW = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: counters, last_fire, buffered, then per fire: fire, history, job_counters, inflight, buffer.
+# ARGV: prefix, history_limit, fire_ttl_s, owner, then per fire the 12 FireIntent fields below.
+_DECIDE = (
+    _RELEASE_BUFFER
+    + _NOW
+    + """
+local prefix, limit, fire_ttl, owner = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local counters, last_fire, buffered = KEYS[1], KEYS[2], KEYS[3]
+local out = {}
+local n = (#KEYS - 3) / 5
+for i = 0, n - 1 do
+  local fire, history, job_counters, inflight, buffer = KEYS[4 + 5*i], KEYS[5 + 5*i], KEYS[6 + 5*i], KEYS[7 + 5*i], KEYS[8 + 5*i]
+  local a = 5 + 12 * i
+  local scheduled_at, job_id, task_id, outcome, reason = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4]
+  local trigger, max_instances, overlap = ARGV[a+5], tonumber(ARGV[a+6]), ARGV[a+7]
+  local lapse, deadline, list_key, payload = tonumber(ARGV[a+8]), ARGV[a+9], ARGV[a+10], ARGV[a+11]
+  if redis.call('EXISTS', fire) == 1 then
+    out[i + 1] = 'decided'
+  else
+    if outcome == 'dispatched' then
+      redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now_ms)
+      if overlap ~= 'allow' and redis.call('ZCARD', inflight) >= max_instances then
+        if overlap == 'buffer_one' and redis.call('EXISTS', buffer) == 0 then
+          redis.call('HSET', buffer, 'task_id', task_id, 'scheduled_at', scheduled_at, 'list_key', list_key,
+                     'payload', payload, 'slot_lapse_ms', lapse, 'deadline_ms', deadline, 'max_instances', max_instances)
+          redis.call('SADD', buffered, job_id)
+          outcome, reason = 'buffered', 'waiting for one of ' .. max_instances .. ' slots'
+        else
+          outcome = 'skipped'
+          reason = 'overlap: ' .. max_instances .. ' already queued or running'
+          if overlap == 'buffer_one' then reason = reason .. ', one already waiting' end
+        end
+      end
+    end
+    if outcome == 'dispatched' then
+      redis.call('ZADD', inflight, now_ms + lapse, task_id)
+      redis.call('LPUSH', list_key, payload)
+      redis.call('HSET', last_fire, job_id, cjson.encode({scheduled_at = scheduled_at, dispatched_ms = now_ms, task_id = task_id}))
+      redis.call('HSET', fire, 'dispatched_ms', now_ms)
+    end
+    redis.call('HSET', fire, 'outcome', outcome, 'reason', reason, 'task_id', task_id, 'scheduled_at', scheduled_at,
+               'job_id', job_id, 'decided_ms', now_ms, 'owner', owner, 'trigger', trigger)
+    redis.call('EXPIRE', fire, fire_ttl)
+    redis.call('LPUSH', history, scheduled_at)
+    redis.call('LTRIM', history, 0, limit - 1)
+    if outcome ~= 'buffered' then
+      redis.call('HINCRBY', counters, outcome, 1)
+      redis.call('HINCRBY', job_counters, outcome, 1)
+    end
+    out[i + 1] = outcome
+  end
+end
+return out
+"""
+)
+
+# KEYS: counters, last_fire, buffered, then per job: inflight, buffer, job_counters. ARGV: prefix,
+# fire_ttl_s, then the job ids.
+_RELEASE = (
+    _RELEASE_BUFFER
+    + _NOW
+    + """
+local out = {}
+for i = 1, #ARGV - 2 do
+  local job_id = ARGV[i + 2]
+  out[i] = release_buffer(ARGV[1], job_id, KEYS[3 + 3*(i-1) + 1], KEYS[3 + 3*(i-1) + 2], KEYS[3], KEYS[1],
+                          KEYS[3 + 3*(i-1) + 3], KEYS[2], now_ms, tonumber(ARGV[2]))
+end
+return out
+"""
+)
+
+# KEYS: fire, inflight. ARGV: task_id, runner (host:pid), lease_ms, force (1 = take over).
+# Returns {'run'} or {'done'} or {'busy', holder}.
+_START = (
+    _NOW
+    + """
+local run = redis.call('HGET', KEYS[1], 'run')
+if run == 'succeeded' then return {'done', ''} end
+local lease = tonumber(redis.call('HGET', KEYS[1], 'run_lease_ms') or '0')
+if run == 'running' and lease > now_ms and ARGV[4] ~= '1' then
+  return {'busy', redis.call('HGET', KEYS[1], 'runner') or ''}
+end
+redis.call('HSET', KEYS[1], 'run', 'running', 'runner', ARGV[2], 'started_ms', now_ms, 'run_lease_ms', now_ms + tonumber(ARGV[3]))
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[3]), ARGV[1])
+return {'run', ''}
+"""
+)
+
+# KEYS: fire, inflight, buffer, buffered, counters, job_counters, last_fire.
+# ARGV: task_id, outcome, error, runner, prefix, job_id, fire_ttl_s.
+_FINISH = (
+    _RELEASE_BUFFER
+    + _NOW
+    + """
+local fire, inflight = KEYS[1], KEYS[2]
+local outcome = ARGV[2]
+local started = tonumber(redis.call('HGET', fire, 'started_ms') or now_ms)
+redis.call('HSET', fire, 'run', outcome, 'finished_ms', now_ms, 'duration_ms', now_ms - started, 'error', ARGV[3])
+if ARGV[4] ~= '' then redis.call('HSET', fire, 'worker', ARGV[4]) end
+redis.call('HDEL', fire, 'run_lease_ms')
+redis.call('HINCRBY', KEYS[5], outcome, 1)
+redis.call('HINCRBY', KEYS[6], outcome, 1)
+if outcome ~= 'retried' then
+  redis.call('ZREM', inflight, ARGV[1])
+  release_buffer(ARGV[5], ARGV[6], inflight, KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], now_ms, tonumber(ARGV[7]))
+end
+return 1
+"""
+)
+
+
+# KEYS: fire hashes. Returns 1 for each that exists (the fire is decided), else 0.
+_DECIDED = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('EXISTS', key) end
+return out
+"""
+
+
+class FireLedger:
+    """The scripts above, bound to one key prefix. ``client`` may be sync or asyncio redis;
+    each method returns what the client returns (a value or an awaitable)."""
+
+    def __init__(
+        self,
+        client: redis.Redis | redis.asyncio.Redis,
+        keys: RedisKeys,
+        *,
+        fire_ttl_s: int = 7 * 86400,
+        history_limit: int = 100,
+    ) -> None:
+        self.keys = keys
+        self.fire_ttl_s = fire_ttl_s
+        self.history_limit = history_limit
+        self._decide = client.register_script(_DECIDE)
+        self._release = client.register_script(_RELEASE)
+        self._start = client.register_script(_START)
+        self._finish = client.register_script(_FINISH)
+        self._decided = client.register_script(_DECIDED)
+
+    def decide(self, fires: Sequence[FireIntent], owner: str) -> Any:
+        """Decide each fire once, fleet-wide; returns, per fire, the outcome this call decided
+        (dispatched, coalesced, skipped, missed, buffered) or ``decided`` if another call had."""
+        k = self.keys
+        keys = [k.counters, k.last_fire, k.buffered]
+        args: list[str | int] = [k.prefix, self.history_limit, self.fire_ttl_s, owner]
+        for f in fires:
+            keys += [
+                k.fire(f.job_id, f.scheduled_at),
+                k.history(f.job_id),
+                k.job_counters(f.job_id),
+                k.inflight(f.job_id),
+                k.buffer(f.job_id),
+            ]
+            args += [
+                f.scheduled_at,
+                f.job_id,
+                f.task_id,
+                f.outcome.value,
+                f.reason,
+                f.trigger,
+                f.max_instances,
+                f.overlap.value,
+                f.slot_lapse_ms,
+                f.deadline_ms,
+                f.list_key,
+                f.payload,
+            ]
+        return self._decide(keys=keys, args=args)
+
+    def decided(self, fires: Sequence[tuple[str, str]]) -> Any:
+        """For each (job id, scheduled_at): 1 if the fire is decided already, else 0."""
+        return self._decided(keys=[self.keys.fire(job_id, at) for job_id, at in fires])
+
+    def release(self, job_ids: Sequence[str]) -> Any:
+        """Free lapsed slots and dispatch waiting fires where a slot is free."""
+        k = self.keys
+        keys = [k.counters, k.last_fire, k.buffered]
+        for job_id in job_ids:
+            keys += [k.inflight(job_id), k.buffer(job_id), k.job_counters(job_id)]
+        return self._release(keys=keys, args=[k.prefix, self.fire_ttl_s, *job_ids])
+
+    def start(
+        self, job_id: str, scheduled_at: str, task_id: str, runner: str, lease_ms: int, *, force: bool = False
+    ) -> Any:
+        """Take the run lease of a fire: ``['run', '']``, ``['done', '']`` (it succeeded
+        already) or ``['busy', runner]`` (another attempt holds a live lease)."""
+        return self._start(
+            keys=[self.keys.fire(job_id, scheduled_at), self.keys.inflight(job_id)],
+            args=[task_id, runner, lease_ms, "1" if force else "0"],
+        )
+
+    def finish(
+        self, job_id: str, scheduled_at: str, task_id: str, outcome: Outcome, error: str = "", worker: str = ""
+    ) -> Any:
+        """Record how an attempt ended; unless it will be retried, free its slot (and dispatch a
+        waiting fire)."""
+        k = self.keys
+        keys = [
+            k.fire(job_id, scheduled_at),
+            k.inflight(job_id),
+            k.buffer(job_id),
+            k.buffered,
+            k.counters,
+            k.job_counters(job_id),
+            k.last_fire,
+        ]
+        return self._finish(
+            keys=keys, args=[task_id, outcome.value, error[:500], worker, k.prefix, job_id, self.fire_ttl_s]
+        )
+
+
+def fire_view(raw: dict[str, str]) -> dict[str, Any]:
+    """A fire hash as shown to operators: the final outcome first, times as epoch ms."""
+    view: dict[str, Any] = dict(raw)
+    view["final"] = raw.get("run") if raw.get("run") not in (None, "running") else raw.get("outcome")
+    if raw.get("run") == "running":
+        view["final"] = "running"
+    for key in ("decided_ms", "dispatched_ms", "started_ms", "finished_ms", "duration_ms", "attempts"):
+        if key in view:
+            view[key] = int(view[key])
+    return view
+
+
+def encode_last_fire(raw: str) -> dict[str, Any]:
+    """Parse a ``last_fire`` hash value."""
+    value: dict[str, Any] = json.loads(raw)
+    return value
