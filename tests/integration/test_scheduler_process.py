@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import signal
 import subprocess
 import sys
@@ -205,3 +206,53 @@ def _pings(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.ConnectionError:
         return False
+
+
+def test_watch_reloads_a_changed_file(settings: AppSettings, tmp_path: Path, redis_server: RedisServer) -> None:
+    jobs = write_jobs(
+        tmp_path / "jobs.yaml", [{"id": "a", "task": "demo.sleep", "interval": 0.5, "args": [0]}], {"overlap": "allow"}
+    )
+    log = tmp_path / "scheduler.log"
+    process = start_scheduler(settings, jobs, log, "--watch")
+    client = redis_server.client()
+    try:
+        wait_for(lambda: any(f["job_id"] == "a" for f in queued_fires(client, settings.celery.cron_queue)), 20, "job a")
+        write_jobs(jobs, [{"id": "b", "task": "demo.sleep", "interval": 0.5, "args": [0]}], {"overlap": "allow"})
+        wait_for(lambda: any(f["job_id"] == "b" for f in queued_fires(client, settings.celery.cron_queue)), 10, "job b")
+        assert "job files changed; reloading" in log.read_text()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_quickstart_embedded_redis_and_local_worker(tmp_path: Path) -> None:
+    """What `make run` does: no REDIS_URL, so embedded Redis and a local worker; the demo task
+    runs and its result shows in the log; Ctrl-C stops everything cleanly."""
+    jobs = write_jobs(
+        tmp_path / "jobs.yaml", [{"id": "demo", "task": "demo.number_sum", "interval": 1, "args": [20, 22]}]
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "CELERY_", "WORKER_", "SCHEDULER_"))}
+    env |= {"APP_ENV": "test", "PYTHONUNBUFFERED": "1", "REDIS_EMBEDDED_DIR": str(tmp_path / "redis")}
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "run_scheduler.py"), "--jobs", str(jobs)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: "succeeded in" in log.read_text() and "42" in log.read_text(), 60, "the demo task's result")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text()
+    assert "embedded redis started" in text
+    assert "started a local worker" in text
+    assert "embedded redis stopped" in text
+    assert not (tmp_path / "redis" / "server.json").exists()
