@@ -329,23 +329,3 @@ class Dispatcher:
             self._task.cancel()
             await asyncio.wait([self._task], timeout=2.0)
         return finished
-
-
-async def trigger_now(
-    ledger: FireLedger,
-    encoder: Encoder,
-    job: JobSpec,
-    limits: Limits,
-    owner: str,
-    *,
-    force: bool = False,
-    clock: Callable[[], datetime] = utc_now,
-) -> tuple[str, Fire]:
-    """Run ``job`` now, once, outside its schedule (``chronoq jobs trigger``): a fire at the
-    current instant, decided like any other, respecting the overlap policy unless ``force``.
-    Returns the outcome and the fire."""
-    now = clock()
-    fire = Fire(job, now, trigger="manual", force=force)
-    (encoded,) = await anyio.to_thread.run_sync(encoder.encode, [fire.message(now, limits)])
-    (result,) = await ledger.decide([fire.intent(now, limits, encoded)], owner)
-    return str(result), fire

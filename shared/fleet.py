@@ -19,7 +19,6 @@ state and the broker lists must live on one Redis server and database (not a Red
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -340,9 +339,3 @@ def fire_view(raw: dict[str, str]) -> dict[str, Any]:
         if key in view:
             view[key] = int(view[key])
     return view
-
-
-def encode_last_fire(raw: str) -> dict[str, Any]:
-    """Parse a ``last_fire`` hash value."""
-    value: dict[str, Any] = json.loads(raw)
-    return value
