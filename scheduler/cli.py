@@ -7,6 +7,13 @@
     chronoq task status TASK_ID            PENDING, STARTED, RETRY, SUCCESS, FAILURE, REVOKED
     chronoq task result TASK_ID [--timeout S]
     chronoq task revoke TASK_ID [--terminate]
+    chronoq status                         replicas and roles, queue depths, workers seen, outcomes
+    chronoq jobs list                      id, trigger, next fire, last outcome, paused
+    chronoq jobs show ID                   spec, next 5 fires, history, counters, audit trail
+    chronoq jobs pause ID [--note TEXT]    its fires are recorded as skipped on every replica
+    chronoq jobs resume ID [--note TEXT]
+    chronoq jobs trigger ID [--force]      run it now, once (--force ignores the overlap policy)
+    chronoq jobs remove ID [--note TEXT]   until its job file (or declaration) changes
     chronoq jobs outcomes [--job ID]       fires per outcome (dispatched, coalesced, skipped, missed)
     chronoq jobs history ID [--limit N]    a job's last fires, newest first
 
@@ -39,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     command(commands, "health", "check that the broker answers")
+    command(commands, "status", "replicas, queues, workers and outcome counters")
     task = commands.add_parser("task", help="ad-hoc tasks").add_subparsers(dest="action", required=True)
     submit = command(task, "submit", "send a task by name to the ad-hoc queue")
     submit.add_argument("name")
@@ -60,6 +68,21 @@ def _parser() -> argparse.ArgumentParser:
         if name == "revoke":
             sub.add_argument("--terminate", action="store_true", help="also kill it if running")
     jobs = commands.add_parser("jobs", help="scheduled jobs").add_subparsers(dest="action", required=True)
+    command(jobs, "list", "every registered job")
+    show = command(jobs, "show", "one job in detail")
+    show.add_argument("job_id")
+    show.add_argument("--limit", type=int, default=10, help="history entries (default 10)")
+    for name, text in (
+        ("pause", "stop dispatching a job on every replica"),
+        ("resume", "dispatch a paused job again"),
+        ("trigger", "run a job now, once"),
+        ("remove", "remove a job at runtime"),
+    ):
+        sub = command(jobs, name, text)
+        sub.add_argument("job_id")
+        sub.add_argument("--note", default="", help="recorded in the audit trail")
+        if name == "trigger":
+            sub.add_argument("--force", action="store_true", help="ignore max_instances and the overlap policy")
     outcomes = command(jobs, "outcomes", "fires per outcome")
     outcomes.add_argument("--job")
     history = command(jobs, "history", "a job's last fires")
@@ -80,8 +103,12 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(settings, int):
         return settings
     with resolve_redis(settings) as settings:
-        if args.command == "jobs":
+        if args.command == "status":
+            return asyncio.run(_status(args, settings))
+        if args.command == "jobs" and args.action in ("outcomes", "history"):
             return asyncio.run(_jobs(args, settings))
+        if args.command == "jobs":
+            return asyncio.run(_steer(args, settings))
         from shared.client import Client
 
         with Client(settings) as client:
@@ -140,6 +167,88 @@ async def _jobs(args: argparse.Namespace, settings: Any) -> int:
     finally:
         await client.aclose()
     return 0
+
+
+async def _status(args: argparse.Namespace, settings: Any) -> int:
+    from scheduler.operator import Operator, with_operator
+
+    async def action(operator: Operator) -> dict[str, Any]:
+        return await operator.status()
+
+    status = await with_operator(settings, action)
+    lines = [f"leader      {status['leader'] or 'none'}", "replicas"]
+    for r in status["replicas"]:
+        state = "" if r["alive"] else "  NOT SEEN"
+        lines.append(f"  {r['id']:<40} {r['role']:<8} heartbeat {r['heartbeat_age_s']}s ago, {r['jobs']} jobs{state}")
+    lines.append("queues")
+    lines += [f"  {name:<30} {depth} waiting" for name, depth in status["queues"].items()]
+    lines.append(f"  (delivered, not yet acked: {status['unacked']})")
+    lines.append("workers")
+    for w in status["workers"]:
+        state = "" if w["seen"] else "  NOT SEEN"
+        lines.append(f"  {w['hostname']:<40} {','.join(w['queues'])} seen {w['last_seen_age_s']}s ago{state}")
+    lines.append(
+        f"jobs        {status['jobs']} registered, {status['paused']} paused, {status['buffered']} waiting for a slot"
+    )
+    lines.append("outcomes    " + (", ".join(f"{k} {v}" for k, v in sorted(status["counters"].items())) or "none yet"))
+    _emit(args, status, "\n".join(lines))
+    healthy = any(r["alive"] for r in status["replicas"])
+    return 0 if healthy else 1
+
+
+async def _steer(args: argparse.Namespace, settings: Any) -> int:
+    from scheduler.operator import Operator, UnknownJobError, with_operator
+
+    async def action(operator: Operator) -> Any:
+        if args.action == "list":
+            return await operator.list_jobs()
+        if args.action == "show":
+            return await operator.show(args.job_id, history=args.limit)
+        if args.action == "trigger":
+            return await operator.trigger(args.job_id, force=args.force, note=args.note)
+        method = {"pause": operator.pause, "resume": operator.resume, "remove": operator.remove}[args.action]
+        return await method(args.job_id, note=args.note)
+
+    try:
+        result = await with_operator(settings, action)
+    except UnknownJobError as exc:
+        _emit(args, {"error": str(exc)}, f"chronoq: {exc}")
+        return 1
+    _emit(args, result, _describe_steer(args.action, result))
+    if args.action == "trigger":
+        return 0 if result["outcome"] in ("dispatched", "buffered") else 1
+    return 0
+
+
+def _describe_steer(action: str, result: Any) -> str:
+    if action == "list":
+        rows = [
+            f"{r['id']:<30} {r['trigger']:<34} next {r['next_fire'] or '-':<32} "
+            f"last {r['last_outcome'] or '-':<10}{'  PAUSED' if r['paused'] else ''}{'' if r['enabled'] else '  disabled'}"
+            for r in result
+        ]
+        return "\n".join(rows) or "no jobs registered (is a scheduler running?)"
+    if action == "show":
+        lines = [
+            f"{result['id']}: {result['task']} -> {result['queue']}, {result['trigger']}",
+            f"paused: {'yes (' + result['paused_note'] + ')' if result['paused'] else 'no'}; "
+            f"in flight: {result['inflight']}",
+            "next fires: " + (", ".join(result["next_fires"]) or "none"),
+            "outcomes: " + (", ".join(f"{k} {v}" for k, v in sorted(result["counters"].items())) or "none yet"),
+            "history (newest first):",
+        ]
+        for e in result["history"]:
+            took = f" {e['duration_ms']} ms" if "duration_ms" in e else ""
+            host = f" on {e['worker']}" if e.get("worker") else ""
+            error = f" {e['error']}" if e.get("error") else ""
+            lines.append(f"  {e.get('scheduled_at', '?')}  {e.get('final') or '?':<10}{took}{host}{error}")
+        lines.append("audit:")
+        lines += [f"  {a['at_ms']} {a['action']} by {a['by']} {a['note']}".rstrip() for a in result["audit"]]
+        return "\n".join(lines)
+    if action == "trigger":
+        reason = f" ({result['reason']})" if result["reason"] and not result["dispatched"] else ""
+        return f"{result['job']}: {result['outcome']}{reason} task {result['task_id']}"
+    return f"{result['job']}: {action}d" + (f" ({result['note']})" if result.get("note") else "")
 
 
 def main(argv: list[str] | None = None) -> int:

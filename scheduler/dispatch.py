@@ -39,6 +39,7 @@ from shared.redis import raise_if_cancelling
 
 if TYPE_CHECKING:
     from scheduler.specs import JobSpec
+    from shared.settings import AppSettings
 
 _RETRYABLE = (redis.RedisError, OSError, DispatchError)
 QUIET_BATCH = 20
@@ -63,6 +64,15 @@ class Limits:
     slot_margin_s: int = 30
     max_queue_wait_s: int = 3600
     """A slot of a message without ``expires`` lapses after this wait plus the time limit."""
+
+    @classmethod
+    def from_settings(cls, settings: AppSettings) -> Limits:
+        return cls(
+            time_limit_s=settings.celery.task_time_limit_s or 1800,
+            soft_time_limit_s=settings.celery.task_soft_time_limit_s,
+            slot_margin_s=settings.scheduler.slot_margin_s,
+            max_queue_wait_s=settings.celery.visibility_timeout_s,
+        )
 
 
 def deadline_of(job: JobSpec, scheduled_at: datetime) -> datetime | None:

@@ -27,6 +27,10 @@ from loguru import logger
 from shared.names import RedisKeys
 from shared.redis import raise_if_cancelling
 
+STALE_REPLICA_S = 60
+"""A replica whose heartbeat is older than this is dropped from the list by the leader."""
+PRUNE_EVERY_TICKS = 15
+
 # Acquire or renew: 1 if ARGV[1] holds the lease afterwards.
 _HOLD = """
 local current = redis.call('GET', KEYS[1])
@@ -59,6 +63,7 @@ class Leadership:
         self.jobs = 0
         self.outcomes: Any = {}
         self._leader = False
+        self._ticks = 0
         self._hold = client.register_script(_HOLD)
         self._release = client.register_script(_RELEASE)
 
@@ -78,7 +83,22 @@ class Leadership:
             logger.warning("leader lease not renewed: {}", exc)
         if self._leader != was:
             logger.info("replica {} is now {}", self.owner, "the leader" if self._leader else "a follower")
+        self._ticks += 1
+        if self._leader and self._ticks % PRUNE_EVERY_TICKS == 0:
+            await self._prune()
         return self._leader
+
+    async def _prune(self) -> None:
+        """Forget replicas that stopped beating (killed ones never say goodbye)."""
+        try:
+            now_ms = int(time.time() * 1000)
+            for owner, raw in (await self.client.hgetall(self.keys.replicas)).items():
+                if now_ms - int(json.loads(raw).get("heartbeat_ms", 0)) > STALE_REPLICA_S * 1000:
+                    await self.client.hdel(self.keys.replicas, owner)
+                    logger.info("replica {} stopped beating; removed from the replica list", owner)
+        except (redis.RedisError, OSError, ValueError) as exc:
+            raise_if_cancelling()
+            logger.warning("pruning the replica list failed: {}", exc)
 
     def _describe(self) -> dict[str, Any]:
         return {

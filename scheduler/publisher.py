@@ -257,6 +257,10 @@ class BatchPublisher:
         result: str = saferepr(value, maxsize, maxlevels=self._repr_maxlevels)
         return result
 
+    def queue_keys(self, queue_name: str) -> list[str]:
+        """The broker lists holding ``queue_name``'s messages, one per priority step."""
+        return list(dict.fromkeys(self._route(queue_name).keys_by_step.values()))
+
     def _route(self, queue_name: str) -> _Route:
         route = self._routes.get(queue_name)
         if route is not None:

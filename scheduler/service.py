@@ -109,17 +109,11 @@ class SchedulerService:
             self.leadership = Leadership(client, keys, self.owner, lease_ms=int(sched.takeover_s * 1000))
             await self.leadership.tick()
             self._stack.push_async_callback(self.leadership.release)
-            limits = Limits(
-                time_limit_s=settings.celery.task_time_limit_s or 1800,
-                soft_time_limit_s=settings.celery.task_soft_time_limit_s,
-                slot_margin_s=sched.slot_margin_s,
-                max_queue_wait_s=settings.celery.visibility_timeout_s,
-            )
             self.dispatcher = Dispatcher(
                 self.ledger,
                 encoder,
                 self.owner,
-                limits,
+                Limits.from_settings(settings),
                 batch_size=sched.publish_batch_size,
                 takeover_s=sched.takeover_s,
                 is_leader=self.leadership.is_leader,

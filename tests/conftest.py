@@ -223,3 +223,102 @@ def write_jobs(path: Path, jobs: list[dict[str, Any]], defaults: dict[str, Any] 
         document["defaults"] = defaults
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
+
+
+@dataclass
+class SchedulerProcess:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    @property
+    def owner(self) -> str:
+        """The replica id (``host:pid:suffix``) it announced when it started."""
+        import re
+
+        found = re.search(r"scheduler (\S+) running \d+ jobs as", self.log())
+        if found:
+            return found.group(1)
+        raise AssertionError(f"scheduler pid={self.process.pid} has not announced itself")
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.process.send_signal(sig)
+
+    def stop(self, timeout_s: float = 15) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_scheduler(tmp_path: Path) -> Iterator[Callable[..., SchedulerProcess]]:
+    """Start ``run_scheduler.py --no-worker`` replicas; each is stopped at teardown.
+
+    ``start(settings, jobs, count=1)`` launches ``count`` replicas at once and waits until every
+    one has announced itself."""
+    started: list[SchedulerProcess] = []
+
+    def start(
+        settings: AppSettings,
+        jobs: Path,
+        *args: str,
+        count: int = 1,
+        extra_env: dict[str, str] | None = None,
+    ) -> list[SchedulerProcess]:
+        batch = []
+        for _ in range(count):
+            log_path = tmp_path / f"scheduler-{len(started)}.log"
+            with log_path.open("wb") as out:
+                process = subprocess.Popen(
+                    [sys.executable, str(ROOT / "run_scheduler.py"), "--jobs", str(jobs), "--no-worker", *args],
+                    cwd=ROOT,
+                    env={**settings_env(settings), **(extra_env or {})},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            replica = SchedulerProcess(process, log_path)
+            started.append(replica)
+            batch.append(replica)
+        for replica in batch:
+            wait_for(
+                lambda r=replica: " jobs as " in r.log() or r.process.poll() is not None,  # type: ignore[misc]
+                30,
+                "a scheduler replica to start",
+            )
+            if replica.process.poll() is not None:
+                pytest.fail(f"scheduler exited with {replica.process.returncode}:\n{replica.log()[-3000:]}")
+        return batch
+
+    yield start
+    for replica in started:
+        replica.stop()
+
+
+def chronoq(settings: AppSettings, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the ``chronoq`` operator command as its own process."""
+    result = subprocess.run(
+        [sys.executable, "-m", "scheduler.cli", *args],
+        cwd=ROOT,
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"chronoq {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def executions(client: redis.Redis, settings: AppSettings) -> list[dict[str, Any]]:
+    """What ``demo.record_fire`` ran, in order: job_id, scheduled_at, task_id, worker, started_ms."""
+    import json
+
+    return [json.loads(item) for item in client.lrange(f"{settings.redis.key_prefix}executions", 0, -1)]

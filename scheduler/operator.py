@@ -1,0 +1,258 @@
+"""What ``chronoq jobs ...`` and ``chronoq status`` do: reads and changes in Redis only.
+
+No replica has to be reached: replicas publish the jobs they run into the ``jobs`` registry and
+re-read the ``paused`` and ``removed`` flags every half second, so a change made here reaches
+every replica within a second and outlives all of them. Every change is written to the audit
+list with when, by whom and a note.
+
+A manual ``trigger`` is decided and published here, by the same atomic script the replicas use
+(:class:`shared.fleet.FireLedger`): it is recorded in the job's history like any fire (trigger
+``manual``), respects the job's overlap policy unless forced, and runs even when the job is
+paused (a pause stops the schedule, not an operator's explicit request).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio
+from loguru import logger
+
+from scheduler.control import ControlStore
+from scheduler.dispatch import Fire, Limits
+from scheduler.specs import JobSpec
+from scheduler.state import StateStore
+from scheduler.triggers import describe_trigger, next_fire_times
+from shared.errors import ChronoqError
+from shared.fleet import FireLedger, Outcome
+from shared.names import RedisKeys, format_scheduled_at
+from shared.settings import AppSettings
+
+WORKER_SEEN_S = 10.0
+"""A worker whose heartbeat is older than this is listed as not seen."""
+
+
+class UnknownJobError(ChronoqError):
+    """The id is not in the job registry (no replica runs such a job)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job {job_id!r} is registered (`chronoq jobs list` shows the jobs replicas run)")
+
+
+def operator_name() -> str:
+    """Who made a change, for the audit list: user@host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{os.uname().nodename}"
+
+
+class Operator:
+    """The operator commands against one Redis and key prefix."""
+
+    def __init__(
+        self,
+        settings: AppSettings,
+        client: redis.asyncio.Redis,
+        *,
+        encode: Callable[[Fire, datetime], tuple[str, str]] | None = None,
+        queue_keys: Callable[[str], list[str]] | None = None,
+        by: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.keys = RedisKeys(settings.redis.key_prefix)
+        self.control = ControlStore(client, self.keys)
+        self.state = StateStore(client, self.keys)
+        self.ledger = FireLedger(client, self.keys, history_limit=settings.scheduler.history_limit)
+        self.limits = Limits.from_settings(settings)
+        self._encode = encode
+        self._queue_keys = queue_keys or (lambda queue: [queue])
+        self.by = by or operator_name()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def spec(self, job_id: str) -> tuple[JobSpec, dict[str, Any]]:
+        """The job as the replicas loaded it, and its registry entry."""
+        raw = await self.client.hget(self.keys.jobs, job_id)
+        if raw is None:
+            raise UnknownJobError(job_id)
+        entry: dict[str, Any] = json.loads(raw)
+        return JobSpec.model_validate(entry["spec"]), entry
+
+    async def list_jobs(self, now: datetime | None = None) -> list[dict[str, Any]]:
+        """Every registered job: id, task, trigger, next fire, last fire and outcome, paused."""
+        now = now or datetime.now(UTC)
+        registry = await self.control.jobs()
+        paused = await self.control.paused()
+        ids = sorted(registry)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.lindex(self.keys.history(job_id), 0)
+            latest = await pipe.execute()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for job_id, stamp in zip(ids, latest, strict=True):
+                pipe.hgetall(self.keys.fire(job_id, str(stamp)) if stamp is not None else self.keys.fire(job_id, "-"))
+            last_fires = await pipe.execute()
+        rows = []
+        for job_id, last in zip(ids, last_fires, strict=True):
+            spec = JobSpec.model_validate(registry[job_id]["spec"])
+            rows.append(self._summary(spec, now, last, paused.get(job_id)))
+        return rows
+
+    def _summary(
+        self, spec: JobSpec, now: datetime, last: dict[str, str], paused: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        upcoming = next_fire_times(spec, now, 1) if spec.enabled else []
+        final = None
+        if last:
+            final = last.get("run") if last.get("run") else last.get("outcome")
+        return {
+            "id": spec.id,
+            "task": spec.task,
+            "queue": spec.queue,
+            "trigger": describe_trigger(spec),
+            "enabled": spec.enabled,
+            "next_fire": upcoming[0].isoformat() if upcoming else None,
+            "last_fire": last.get("scheduled_at") if last else None,
+            "last_outcome": final,
+            "paused": paused is not None,
+            "paused_note": (paused or {}).get("note", ""),
+        }
+
+    async def show(self, job_id: str, *, history: int = 10, now: datetime | None = None) -> dict[str, Any]:
+        """One job: its spec, next 5 fires, history, counters, pause and the audit trail."""
+        now = now or datetime.now(UTC)
+        spec, entry = await self.spec(job_id)
+        paused = (await self.control.paused()).get(job_id)
+        fires = await self.state.history(job_id, history)
+        return {
+            **self._summary(spec, now, fires[0] if fires else {}, paused),
+            "spec": entry["spec"],
+            "next_fires": [t.isoformat() for t in next_fire_times(spec, now, 5)] if spec.enabled else [],
+            "history": fires,
+            "counters": await self.state.counters(job_id),
+            "audit": await self.control.audit(job_id, limit=10),
+            "inflight": await self.client.zcard(self.keys.inflight(job_id)),
+        }
+
+    async def status(self) -> dict[str, Any]:
+        """Replicas and their roles, queue depths, workers seen, outcome counters."""
+        now_ms = int(time.time() * 1000)
+        lease_s = self.settings.scheduler.takeover_s
+        leader = await self.client.get(self.keys.leader)
+        replicas = []
+        for replica_id, raw in sorted((await self.client.hgetall(self.keys.replicas)).items()):
+            info = json.loads(raw)
+            age_s = (now_ms - int(info.get("heartbeat_ms", 0))) / 1000
+            replicas.append(
+                {
+                    "id": str(replica_id),
+                    "role": "leader" if replica_id == leader else "follower",
+                    "alive": age_s <= max(3 * lease_s, 5.0),
+                    "heartbeat_age_s": round(age_s, 1),
+                    **{k: info.get(k) for k in ("host", "pid", "started_at", "jobs", "outcomes")},
+                }
+            )
+        workers = []
+        for hostname, raw in sorted((await self.client.hgetall(self.keys.workers)).items()):
+            info = json.loads(raw)
+            age_s = (now_ms - int(info.get("last_seen_ms", 0))) / 1000
+            workers.append(
+                {
+                    "hostname": str(hostname),
+                    "seen": age_s <= WORKER_SEEN_S,
+                    "last_seen_age_s": round(age_s, 1),
+                    "pid": info.get("pid"),
+                    "queues": info.get("queues", []),
+                }
+            )
+        queues = {}
+        for queue in dict.fromkeys((self.settings.celery.cron_queue, self.settings.celery.default_queue)):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in self._queue_keys(queue):
+                    pipe.llen(key)
+                queues[queue] = sum(await pipe.execute())
+        return {
+            "leader": leader,
+            "replicas": replicas,
+            "queues": queues,
+            "unacked": await self.client.hlen("unacked"),
+            "workers": workers,
+            "jobs": await self.client.hlen(self.keys.jobs),
+            "paused": await self.client.hlen(self.keys.paused),
+            "buffered": await self.client.scard(self.keys.buffered),
+            "counters": await self.state.counters(),
+        }
+
+    # -- changing ------------------------------------------------------------------------------
+
+    async def pause(self, job_id: str, note: str = "") -> dict[str, Any]:
+        await self.spec(job_id)
+        await self.control.pause(job_id, note=note, by=self.by)
+        return {"job": job_id, "paused": True, "note": note}
+
+    async def resume(self, job_id: str, note: str = "") -> dict[str, Any]:
+        await self.spec(job_id)
+        was_paused = job_id in await self.control.paused()
+        await self.control.resume(job_id, note=note, by=self.by)
+        return {"job": job_id, "paused": False, "was_paused": was_paused, "note": note}
+
+    async def remove(self, job_id: str, note: str = "") -> dict[str, Any]:
+        spec, entry = await self.spec(job_id)
+        await self.control.remove(job_id, str(entry.get("source_hash", "")), spec.source, note=note, by=self.by)
+        return {"job": job_id, "removed": True, "source": spec.source, "note": note}
+
+    async def trigger(self, job_id: str, *, force: bool = False, note: str = "") -> dict[str, Any]:
+        """Fire the job now, once: decided and published like a scheduled fire."""
+        if self._encode is None:
+            raise ChronoqError("this operator cannot publish (no encoder)")
+        spec, _ = await self.spec(job_id)
+        now = datetime.now(UTC)
+        fire = Fire(spec, now, trigger="manual", force=force)
+        intent = fire.intent(now, self.limits, self._encode(fire, now))
+        (result,) = await self.ledger.decide([intent], f"cli:{self.by}:{os.getpid()}")
+        outcome = str(result)
+        fire_hash = await self.client.hgetall(self.keys.fire(job_id, intent.scheduled_at))
+        await self.control.record(
+            "trigger" + (" --force" if force else ""), job_id, note=f"{note} ({outcome})".strip(), by=self.by
+        )
+        logger.bind(job_id=job_id, task_id=intent.task_id).info("manual fire {}", outcome)
+        return {
+            "job": job_id,
+            "outcome": outcome,
+            "task_id": intent.task_id,
+            "scheduled_at": format_scheduled_at(now),
+            "reason": fire_hash.get("reason", ""),
+            "forced": force,
+            "dispatched": outcome == Outcome.DISPATCHED,
+        }
+
+
+async def with_operator(settings: AppSettings, action: Callable[[Operator], Awaitable[Any]]) -> Any:
+    """Run ``action`` with an operator that can also publish (a manual trigger)."""
+    from scheduler.publisher import BatchPublisher
+    from shared.celery_app import create_celery_app
+    from shared.redis import create_async_redis, create_redis
+
+    app = create_celery_app(settings, name="chronoq-cli")
+    publisher = BatchPublisher(app, lambda: create_redis(settings.redis, settings.broker_url()))
+    client = create_async_redis(settings.redis)
+    limits = Limits.from_settings(settings)
+
+    def encode(fire: Fire, now: datetime) -> tuple[str, str]:
+        return publisher.encode([fire.message(now, limits)])[0]
+
+    try:
+        return await action(Operator(settings, client, encode=encode, queue_keys=publisher.queue_keys))
+    finally:
+        await client.aclose()
+        publisher.close()
+        app.close()
