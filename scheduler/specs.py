@@ -45,7 +45,7 @@ from scheduler.jobfiles import parse_job_file
 from scheduler.triggers import parse_cron
 from shared.errors import ConfigError, JobSpecError
 from shared.names import DEFAULT_CRON_QUEUE
-from shared.settings import SchedulerSettings
+from shared.settings import AppSettings, SchedulerSettings
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 64
@@ -355,6 +355,21 @@ def load_job_specs(paths: Sequence[Path], settings: SchedulerSettings, cron_queu
     if problems:
         raise JobSpecError(problems)
     return specs
+
+
+def time_limit_problems(specs: Sequence[JobSpec], settings: AppSettings) -> list[str]:
+    """One line per job whose own ``time_limit`` plus ``SCHEDULER_SLOT_MARGIN_S`` does not stay
+    below ``CELERY_VISIBILITY_TIMEOUT_S``, naming the source, the job and the field; empty if
+    all fit. (The settings' own limit is checked when they load.) A fire of such a job that
+    runs past its run lease is delivered a second time while the first is still running.
+    """
+    visibility, margin = settings.celery.visibility_timeout_s, settings.scheduler.slot_margin_s
+    return [
+        f"{spec.source}: job {spec.id!r}: time_limit: {spec.time_limit} s + SCHEDULER_SLOT_MARGIN_S ({margin}) "
+        f"must be below CELERY_VISIBILITY_TIMEOUT_S ({visibility}); lower it or raise the visibility timeout"
+        for spec in specs
+        if spec.time_limit is not None and spec.time_limit + margin >= visibility
+    ]
 
 
 def _describe(exc: ValidationError, scope: str = "") -> list[str]:

@@ -10,7 +10,9 @@ Each step is one Lua script, so what it decides cannot be interleaved with anoth
 - **release** (scheduler sweep): frees lapsed slots and dispatches a waiting ``buffer_one``
   fire when a slot is free.
 - **start** / **finish** (workers): a run lease on the fire, so a duplicate delivery of a fire
-  that is running or has succeeded is not executed, and the slot and outcome bookkeeping.
+  that is running or has succeeded is not executed, and the slot and outcome bookkeeping. Only
+  the attempt holding the lease records an outcome: a late report of one whose lease lapsed and
+  was taken over changes nothing.
 
 Times are Redis's own clock (``TIME``), so hosts with skewed clocks still agree. The scripts
 name keys outside ``KEYS`` only for a buffered fire's hash, built from the prefix: chronoq's
@@ -117,13 +119,18 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 # KEYS: counters, last_fire, buffered, then per fire: fire, history, job_counters, inflight, buffer.
 # ARGV: prefix, history_limit, fire_ttl_s, owner, then per fire the 12 FireIntent fields below.
+#
+# A dispatched fire costs 8 redis.call (EXISTS, ZREMRANGEBYSCORE, ZADD, LPUSH, HSET, EXPIRE,
+# LPUSH history, HINCRBY), plus LTRIM once its history is full. What every fire of the batch
+# shares is written once at the end: last_fire in one HSET, the fleet counters in one HINCRBY
+# per outcome. last_fire's JSON is concatenated, not cjson-encoded: its values are an ISO time,
+# a number and a UUID, which need no escaping.
 _DECIDE = (
-    _RELEASE_BUFFER
-    + _NOW
+    _NOW
     + """
 local prefix, limit, fire_ttl, owner = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local counters, last_fire, buffered = KEYS[1], KEYS[2], KEYS[3]
-local out = {}
+local out, last, totals = {}, {}, {}
 local n = (#KEYS - 3) / 5
 for i = 0, n - 1 do
   local fire, history, job_counters, inflight, buffer = KEYS[4 + 5*i], KEYS[5 + 5*i], KEYS[6 + 5*i], KEYS[7 + 5*i], KEYS[8 + 5*i]
@@ -152,20 +159,32 @@ for i = 0, n - 1 do
     if outcome == 'dispatched' then
       redis.call('ZADD', inflight, now_ms + lapse, task_id)
       redis.call('LPUSH', list_key, payload)
-      redis.call('HSET', last_fire, job_id, cjson.encode({scheduled_at = scheduled_at, dispatched_ms = now_ms, task_id = task_id}))
-      redis.call('HSET', fire, 'dispatched_ms', now_ms)
+      last[#last + 1] = job_id
+      last[#last + 1] = '{"scheduled_at":"' .. scheduled_at .. '","dispatched_ms":' .. now_ms .. ',"task_id":"' .. task_id .. '"}'
+      redis.call('HSET', fire, 'outcome', outcome, 'reason', reason, 'task_id', task_id, 'scheduled_at', scheduled_at,
+                 'job_id', job_id, 'decided_ms', now_ms, 'owner', owner, 'trigger', trigger, 'dispatched_ms', now_ms)
+    else
+      redis.call('HSET', fire, 'outcome', outcome, 'reason', reason, 'task_id', task_id, 'scheduled_at', scheduled_at,
+                 'job_id', job_id, 'decided_ms', now_ms, 'owner', owner, 'trigger', trigger)
     end
-    redis.call('HSET', fire, 'outcome', outcome, 'reason', reason, 'task_id', task_id, 'scheduled_at', scheduled_at,
-               'job_id', job_id, 'decided_ms', now_ms, 'owner', owner, 'trigger', trigger)
     redis.call('EXPIRE', fire, fire_ttl)
-    redis.call('LPUSH', history, scheduled_at)
-    redis.call('LTRIM', history, 0, limit - 1)
+    if redis.call('LPUSH', history, scheduled_at) > limit then
+      redis.call('LTRIM', history, 0, limit - 1)
+    end
     if outcome ~= 'buffered' then
-      redis.call('HINCRBY', counters, outcome, 1)
+      totals[outcome] = (totals[outcome] or 0) + 1
       redis.call('HINCRBY', job_counters, outcome, 1)
     end
     out[i + 1] = outcome
   end
+end
+-- In slices: unpack() is bounded by Lua's C stack. A job fired twice in a batch keeps its
+-- later fire, as with one HSET per fire.
+for first = 1, #last, 1000 do
+  redis.call('HSET', last_fire, unpack(last, first, math.min(first + 999, #last)))
+end
+for outcome, count in pairs(totals) do
+  redis.call('HINCRBY', counters, outcome, count)
 end
 return out
 """
@@ -187,43 +206,73 @@ return out
 """
 )
 
-# KEYS: fire, inflight. ARGV: task_id, runner (host:pid), lease_ms, force (1 = take over).
-# Returns {'run'} or {'done'} or {'busy', holder}.
+# KEYS: fire, inflight. ARGV: task_id, runner (host:pid), lease_ms, force (1 = take over),
+# fire_ttl_s, retries (the delivery's retry count).
+# Returns {'run', '', 0, attempt}, {'done', '', 0, 0} or {'busy', holder, lease_left_ms, 0}.
+# A delivery with more retries than the running attempt is the retry that attempt just
+# published (Celery publishes it before the attempt reports 'retried'): it takes over.
 _START = (
     _NOW
     + """
-local run = redis.call('HGET', KEYS[1], 'run')
-if run == 'succeeded' then return {'done', ''} end
-local lease = tonumber(redis.call('HGET', KEYS[1], 'run_lease_ms') or '0')
-if run == 'running' and lease > now_ms and ARGV[4] ~= '1' then
-  return {'busy', redis.call('HGET', KEYS[1], 'runner') or ''}
+local fire, inflight = KEYS[1], KEYS[2]
+local f = redis.call('HMGET', fire, 'run', 'run_lease_ms', 'runner', 'run_retries')
+if f[1] == 'succeeded' then return {'done', '', 0, 0} end
+local lease = tonumber(f[2] or '0')
+local held_retries = tonumber(f[4] or '')
+local retry_of_holder = held_retries ~= nil and tonumber(ARGV[6]) > held_retries
+if f[1] == 'running' and lease > now_ms and ARGV[4] ~= '1' and not retry_of_holder then
+  return {'busy', f[3] or '', lease - now_ms, 0}
 end
-redis.call('HSET', KEYS[1], 'run', 'running', 'runner', ARGV[2], 'started_ms', now_ms, 'run_lease_ms', now_ms + tonumber(ARGV[3]))
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('ZADD', KEYS[2], now_ms + tonumber(ARGV[3]), ARGV[1])
-return {'run', ''}
+redis.call('HSET', fire, 'run', 'running', 'runner', ARGV[2], 'started_ms', now_ms,
+           'run_lease_ms', now_ms + tonumber(ARGV[3]), 'run_retries', ARGV[6])
+local attempt = redis.call('HINCRBY', fire, 'attempts', 1)
+redis.call('EXPIRE', fire, tonumber(ARGV[5]))
+redis.call('ZADD', inflight, now_ms + tonumber(ARGV[3]), ARGV[1])
+return {'run', '', 0, attempt}
 """
 )
 
 # KEYS: fire, inflight, buffer, buffered, counters, job_counters, last_fire.
-# ARGV: task_id, outcome, error, runner, prefix, job_id, fire_ttl_s.
+# ARGV: task_id, outcome, error, worker, prefix, job_id, fire_ttl_s, runner, attempt,
+# retry_lapse_ms. Returns {'applied', ''} or {'stale', '<run> by <runner>'}.
+#
+# A report from an attempt (runner set) applies only while that attempt holds the fire: run is
+# 'running', runner is its own and, if attempt > 0, so is the attempt number. A late report of
+# an attempt whose lease lapsed and was taken over must neither overwrite the newer attempt's
+# outcome nor free the slot it holds. A report about a message that never started (runner '':
+# revoked or expired before it ran) applies only if no attempt ran yet, the last one asked
+# for a retry, or the running one's lease lapsed; it records no duration (duration_ms stays
+# the last attempt that ran, if any).
 _FINISH = (
     _RELEASE_BUFFER
     + _NOW
     + """
 local fire, inflight = KEYS[1], KEYS[2]
-local outcome = ARGV[2]
-local started = tonumber(redis.call('HGET', fire, 'started_ms') or now_ms)
-redis.call('HSET', fire, 'run', outcome, 'finished_ms', now_ms, 'duration_ms', now_ms - started, 'error', ARGV[3])
+local outcome, runner, attempt = ARGV[2], ARGV[8], tonumber(ARGV[9])
+local f = redis.call('HMGET', fire, 'run', 'runner', 'attempts', 'run_lease_ms', 'started_ms')
+local run = f[1]
+local current = (run or 'not started') .. ' by ' .. (f[2] or '-')
+if runner == '' then
+  local lapsed = run == 'running' and tonumber(f[4] or '0') <= now_ms
+  if run and run ~= 'retried' and not lapsed then return {'stale', current} end
+elseif run ~= 'running' or f[2] ~= runner or (attempt > 0 and tonumber(f[3] or '0') ~= attempt) then
+  return {'stale', current}
+end
+redis.call('HSET', fire, 'run', outcome, 'finished_ms', now_ms, 'error', ARGV[3])
+if runner ~= '' and f[5] then redis.call('HSET', fire, 'duration_ms', now_ms - tonumber(f[5])) end
 if ARGV[4] ~= '' then redis.call('HSET', fire, 'worker', ARGV[4]) end
 redis.call('HDEL', fire, 'run_lease_ms')
+redis.call('EXPIRE', fire, tonumber(ARGV[7]))
 redis.call('HINCRBY', KEYS[5], outcome, 1)
 redis.call('HINCRBY', KEYS[6], outcome, 1)
-if outcome ~= 'retried' then
+if outcome == 'retried' then
+  -- The retry keeps the slot: until it is due and has run, then it lapses on its own.
+  if tonumber(ARGV[10]) > 0 then redis.call('ZADD', inflight, now_ms + tonumber(ARGV[10]), ARGV[1]) end
+else
   redis.call('ZREM', inflight, ARGV[1])
   release_buffer(ARGV[5], ARGV[6], inflight, KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], now_ms, tonumber(ARGV[7]))
 end
-return 1
+return {'applied', ''}
 """
 )
 
@@ -300,20 +349,51 @@ class FireLedger:
         return self._release(keys=keys, args=[k.prefix, self.fire_ttl_s, *job_ids])
 
     def start(
-        self, job_id: str, scheduled_at: str, task_id: str, runner: str, lease_ms: int, *, force: bool = False
+        self,
+        job_id: str,
+        scheduled_at: str,
+        task_id: str,
+        runner: str,
+        lease_ms: int,
+        *,
+        retries: int = 0,
+        force: bool = False,
     ) -> Any:
-        """Take the run lease of a fire: ``['run', '']``, ``['done', '']`` (it succeeded
-        already) or ``['busy', runner]`` (another attempt holds a live lease)."""
+        """Take the run lease of a fire for ``lease_ms``; ``retries`` is the delivery's retry count.
+
+        Returns ``['run', '', 0, attempt]`` (the lease is this delivery's; ``attempt`` numbers it
+        for :meth:`finish`), ``['done', '', 0, 0]`` (the fire succeeded already) or
+        ``['busy', holder, lease_left_ms, 0]`` (another attempt holds a live lease). ``force``
+        takes a live lease over. Refreshes the fire hash's TTL.
+        """
         return self._start(
             keys=[self.keys.fire(job_id, scheduled_at), self.keys.inflight(job_id)],
-            args=[task_id, runner, lease_ms, "1" if force else "0"],
+            args=[task_id, runner, lease_ms, "1" if force else "0", self.fire_ttl_s, retries],
         )
 
     def finish(
-        self, job_id: str, scheduled_at: str, task_id: str, outcome: Outcome, error: str = "", worker: str = ""
+        self,
+        job_id: str,
+        scheduled_at: str,
+        task_id: str,
+        outcome: Outcome,
+        error: str = "",
+        worker: str = "",
+        *,
+        runner: str,
+        attempt: int = 0,
+        retry_lapse_ms: int = 0,
     ) -> Any:
         """Record how an attempt ended; unless it will be retried, free its slot (and dispatch a
-        waiting fire)."""
+        waiting fire). A retried attempt's slot is kept ``retry_lapse_ms`` from now (0: as is).
+
+        ``runner`` is the ``host:pid`` that took the lease (with ``attempt``, the number
+        :meth:`start` returned, or 0 for any attempt of that runner); the outcome applies only
+        while that attempt still holds the fire. ``runner=""`` reports a message that never
+        started (revoked or expired before it ran): it applies only while no attempt is running
+        (with a live lease) or has ended other than with a retry. Returns ``['applied', '']`` or
+        ``['stale', '<run> by <runner>']`` (nothing was written). Refreshes the fire's TTL.
+        """
         k = self.keys
         keys = [
             k.fire(job_id, scheduled_at),
@@ -324,9 +404,8 @@ class FireLedger:
             k.job_counters(job_id),
             k.last_fire,
         ]
-        return self._finish(
-            keys=keys, args=[task_id, outcome.value, error[:500], worker, k.prefix, job_id, self.fire_ttl_s]
-        )
+        args = [task_id, outcome.value, error[:500], worker, k.prefix, job_id, self.fire_ttl_s]
+        return self._finish(keys=keys, args=[*args, runner, attempt, retry_lapse_ms])
 
 
 def fire_view(raw: dict[str, str]) -> dict[str, Any]:

@@ -180,6 +180,9 @@ class SchedulerSettings(_Group):
     """Fires kept per job in the run history."""
     publish_batch_size: int = Field(500, ge=1, le=10000)
     """Fires published per Redis round trip when many are due at once."""
+    lookahead_s: float = Field(2.0, ge=0, le=60)
+    """Fires are handed over and encoded this long before they are due, then published at the
+    due instant (never earlier). Also how early a pause must land to affect a fire."""
 
     @field_validator("misfire_grace_time", mode="before")
     @classmethod
@@ -268,6 +271,22 @@ class AppSettings(BaseSettings):
     def _split(cls, value: Any) -> Any:
         return _split_csv(value)
 
+    @model_validator(mode="after")
+    def _check_visibility(self) -> AppSettings:
+        # A fire's run lease and slot last the time limit plus the slot margin. A message still
+        # unacknowledged when the visibility timeout passes is delivered again; before the
+        # lease lapses that copy is deferred, and it must be able to run (time limit) before
+        # the visibility timeout hands it out once more.
+        hard, margin = self.celery.task_time_limit_s or 0, self.scheduler.slot_margin_s
+        visibility = self.celery.visibility_timeout_s
+        if visibility <= hard + margin:
+            raise ValueError(
+                f"CELERY_VISIBILITY_TIMEOUT_S ({visibility}) must be greater than CELERY_TASK_TIME_LIMIT_S "
+                f"({hard}) + SCHEDULER_SLOT_MARGIN_S ({margin}), or a task that outlives its run lease is "
+                "delivered twice"
+            )
+        return self
+
     @classmethod
     def load(cls, env_file: Path | None = None, **overrides: Any) -> AppSettings:
         """Build the settings from the environment and the dotenv file.
@@ -317,5 +336,6 @@ def describe_errors(exc: ValidationError) -> list[str]:
         shown = "" if (loc and loc[-1] in _SECRET_FIELDS) else f" (got {str(error.get('input'))[:80]!r})"
         if error["type"] == "value_error" and len(loc) <= 1:
             shown = ""
-        lines.append(f"{var}: {message}{shown}")
+        # A check across groups (AppSettings itself) names its variables in the message.
+        lines.append(f"{var}: {message}{shown}" if loc else message)
     return lines

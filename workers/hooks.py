@@ -6,8 +6,11 @@ never looked at. Where each step runs:
 
 - the run lease (:meth:`WorkerFleet.admit`) and the outcome of an attempt that ran its body
   (``task_success``, ``task_failure``, ``task_retry``) run in the process that runs the task;
-- a hard time limit, a lost pool process that is not re-queued and a revoked or expired
-  message are reported by Celery in the worker's main process;
+  a duplicate delivery of a fire that another attempt is running is deferred, not dropped;
+- a hard time limit, a lost pool process that is not re-queued, a message rejected without
+  requeue and a revoked or expired message are reported by Celery in the worker's main
+  process, which names the pool process that ran the attempt (``Request.worker_pid``);
+- an outcome counts only if the attempt that reports it still holds the fire's run lease;
 - the heartbeat is a thread of the main process, from ``worker_ready`` to ``worker_shutdown``.
 
 A Redis error in a handler is logged and never fails the task or the worker: the fire's slot
@@ -16,13 +19,14 @@ then lapses on its own (time limit + ``SCHEDULER_SLOT_MARGIN_S``).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
-import time
+import weakref
 from collections import OrderedDict
-from typing import Any
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any, NamedTuple, NoReturn
 
 import psutil
 import redis
@@ -36,11 +40,15 @@ from shared.logging import bind_context, configure_logging, reset_context
 from shared.names import HEADER_JOB_ID, HEADER_SCHEDULED_AT, HEADER_TRACE_ID, RedisKeys
 from shared.redis import create_redis
 from shared.settings import AppSettings
+from workers.heartbeat import Heartbeat
 from workers.runtime import ChronoqTask, runtime
 
-HEARTBEAT_INTERVAL_S = 2.0
 ERROR_MAX_CHARS = 300
 _RECEIVED_MAX = 10_000
+DEFER_MIN_S = 1.0
+"""A deferred duplicate comes back at least this late."""
+DEFER_SLACK_S = 0.5
+"""... and this long after the holder's lease ends, so it finds it lapsed."""
 
 _tokens: dict[str, Any] = {}
 _fleet: WorkerFleet | None = None
@@ -104,6 +112,29 @@ def fire_of(request: Any) -> tuple[str, str] | None:
     return None if job_id is None or scheduled_at is None else (job_id, scheduled_at)
 
 
+class Lease(NamedTuple):
+    """Who reports an outcome: the ``host:pid`` that took the run lease and the attempt number
+    :meth:`FireLedger.start` gave it (0: any attempt of that process; ``runner`` "": a
+    message that never started)."""
+
+    runner: str
+    attempt: int
+
+
+NEVER_STARTED = Lease("", 0)
+
+
+def retry_delay_s(when: Any) -> float:
+    """Seconds until a retry is due, from ``Retry.when`` (seconds, or an ETA datetime where
+    naive means UTC); 0 if unknown or past."""
+    if isinstance(when, int | float):
+        return max(0.0, float(when))
+    if isinstance(when, datetime):
+        due = when if when.tzinfo else when.replace(tzinfo=UTC)
+        return max(0.0, (due - datetime.now(UTC)).total_seconds())
+    return 0.0
+
+
 def short_error(exc: BaseException) -> str:
     """``Type: message``, cut to :data:`ERROR_MAX_CHARS`."""
     return f"{type(exc).__name__}: {exc}"[:ERROR_MAX_CHARS]
@@ -122,8 +153,9 @@ def pid_is_gone(pid: int) -> bool:
 class WorkerFleet:
     """The worker's side of the fleet state, for one worker and its pool processes.
 
-    Redis clients are per process (created lazily after a fork). ``_leased`` holds the task ids
-    whose run lease this process took, so only an attempt that really ran reports an outcome.
+    Redis clients are per process (created lazily after a fork). ``_leased`` holds the run
+    leases this process took, by task id and thread, so only the attempt that really ran
+    reports its outcome, and names itself when it does.
     """
 
     def __init__(self, settings: AppSettings) -> None:
@@ -131,11 +163,13 @@ class WorkerFleet:
         self.keys = RedisKeys(settings.redis.key_prefix)
         self.slot_margin_s = settings.scheduler.slot_margin_s
         self._clients: dict[int, tuple[redis.Redis, FireLedger]] = {}
-        self._leased: set[str] = set()
-        # Main process: task id -> fire of received messages, for the hard time limit whose
-        # task_failure carries no request. Bounded: most entries are never looked up.
-        self._received: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        self._heartbeat: _Heartbeat | None = None
+        self._leased: dict[tuple[str, int], Lease] = {}
+        # Main process: task id -> fire and the requests received with that id (weakly: Celery
+        # drops a request once it is done), for the hard time limit whose task_failure carries
+        # no request, and for the pool process an attempt ran in. Bounded: most entries are
+        # never looked up.
+        self._received: OrderedDict[str, tuple[tuple[str, str], list[weakref.ref[Any]]]] = OrderedDict()
+        self._heartbeat: Heartbeat | None = None
         self._nodename: str | None = None
 
     # -- per-process clients -------------------------------------------------------------
@@ -160,11 +194,14 @@ class WorkerFleet:
     def admit(self, task: Task, request: Any) -> None:
         """Take the run lease of a scheduled fire, or keep this delivery from running.
 
-        ``done`` (the fire succeeded already) and ``busy`` (another attempt holds a live lease)
-        raise ``Ignore``: the message is acked and nothing is stored. A lease held by a process
-        of this same worker that no longer exists (a killed pool process, whose message Celery
-        re-queued at once) is taken over. If Redis cannot be reached the delivery is re-queued
-        (``Reject``) rather than run without a lease.
+        ``done`` (the fire succeeded already) raises ``Ignore``: the message is acked and
+        nothing is stored. ``busy`` (another attempt holds a live lease, e.g. on another host
+        after the visibility timeout) defers the delivery (:meth:`defer`) until that lease
+        ends: then the fire is done, or the other attempt died and this delivery takes over. A
+        lease held by a process of this same worker that no longer exists (a killed pool
+        process, whose message Celery re-queued at once) is taken over at once. If Redis
+        cannot be reached the delivery is re-queued (``Reject``) rather than run without a
+        lease.
         """
         fire = fire_of(request)
         if fire is None:
@@ -173,20 +210,59 @@ class WorkerFleet:
         task_id = str(request.id)
         hostname = self.hostname
         runner = f"{hostname}:{os.getpid()}"
-        lease_ms = int((self.time_limit_s(task, request) + self.slot_margin_s) * 1000)
+        time_limit_s = self.time_limit_s(task, request)
+        lease_ms = int((time_limit_s + self.slot_margin_s) * 1000)
+        start = partial(
+            self.ledger.start, job_id, scheduled_at, task_id, runner, lease_ms, retries=request.retries or 0
+        )
         try:
-            verdict, holder = self.ledger.start(job_id, scheduled_at, task_id, runner, lease_ms)
+            verdict, holder, left_ms, attempt = start()
             if verdict == "busy" and self._holder_is_gone(str(holder), hostname):
                 logger.warning("run lease taken over job_id={} holder={} (its process is gone)", job_id, holder)
-                verdict, holder = self.ledger.start(job_id, scheduled_at, task_id, runner, lease_ms, force=True)
+                verdict, holder, left_ms, attempt = start(force=True)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             logger.error("run lease unavailable, message re-queued job_id={}: {}", job_id, exc)
             raise Reject(exc, requeue=True) from exc
         if verdict == "run":
-            self._leased.add(task_id)
+            self._leased[(task_id, threading.get_ident())] = Lease(runner, int(attempt))
             return
-        why = "the fire already succeeded" if verdict == "done" else "another attempt holds a live lease"
-        logger.info("duplicate delivery skipped job_id={} holder={} ({})", job_id, holder or "-", why)
+        if verdict == "done":
+            logger.info("duplicate delivery skipped job_id={} holder=- (the fire already succeeded)", job_id)
+            raise Ignore()
+        self.defer(task, request, job_id, str(holder), int(left_ms) / 1000, time_limit_s)
+
+    def defer(
+        self, task: Task, request: Any, job_id: str, holder: str, lease_left_s: float, time_limit_s: float
+    ) -> NoReturn:
+        """Publish this delivery again, due when the holder's lease ends, then ack it (``Ignore``).
+
+        The copy keeps the task id, headers, retry count and limits. A worker holds it unacked
+        until it is due, in its consumer, not in a pool process; if that worker dies the broker
+        hands it out again after the visibility timeout. A crash between publishing and acking
+        leaves one extra copy, which the lease turns away. The countdown is capped at the
+        visibility timeout minus time limit and slot margin, so the copy has run before the
+        visibility timeout could hand it out once more.
+
+        Not ``Reject(requeue=True)``: the message would go straight back to the queue and an
+        idle worker take it at once; spacing the checks would mean sleeping in a pool process,
+        which holds a pool slot (and counts against the time limit) while the other attempt
+        runs. Not ``self.retry()``: that counts against ``max_retries`` and the task's backoff,
+        sends ``task_retry`` and stores RETRY, which can overwrite the running attempt's SUCCESS.
+        If publishing fails the delivery is re-queued (``Reject``) instead.
+        """
+        cap_s = self.settings.celery.visibility_timeout_s - time_limit_s - self.slot_margin_s
+        countdown_s = max(DEFER_MIN_S, min(lease_left_s + DEFER_SLACK_S, cap_s))
+        try:
+            task.signature_from_request(request, countdown=countdown_s).apply_async()
+        except Exception as exc:
+            logger.error("duplicate delivery not deferred, message re-queued job_id={}: {}", job_id, exc)
+            raise Reject(exc, requeue=True) from exc
+        logger.info(
+            "duplicate delivery deferred job_id={} holder={} countdown_s={:.1f} (another attempt holds a live lease)",
+            job_id,
+            holder or "-",
+            countdown_s,
+        )
         raise Ignore()
 
     def time_limit_s(self, task: Task, request: Any) -> float:
@@ -206,75 +282,105 @@ class WorkerFleet:
         fire = fire_of(_Headers(getattr(request, "request_dict", None) or {}))
         if request is None or fire is None:
             return
-        self._received[str(request.id)] = fire
+        task_id = str(request.id)
+        seen = self._received.pop(task_id, (fire, []))[1]
+        self._received[task_id] = (fire, [*(ref for ref in seen if ref() is not None), weakref.ref(request)])
         while len(self._received) > _RECEIVED_MAX:
             self._received.popitem(last=False)
 
     def on_success(self, sender: Any = None, **_: Any) -> None:
         request = sender.request
-        if self._leased_here(str(request.id)):
-            self._finish(fire_of(request), str(request.id), Outcome.SUCCEEDED)
+        lease = self._take_lease(str(request.id))
+        if lease is not None:
+            self._finish(fire_of(request), str(request.id), Outcome.SUCCEEDED, lease=lease)
 
     def on_retry(self, sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
-        if request is None or not self._leased_here(str(request.id)):
+        lease = None if request is None else self._take_lease(str(request.id))
+        if lease is None:
             return
         exc = getattr(reason, "exc", None) or reason
         error = short_error(exc) if isinstance(exc, BaseException) else str(exc or "")[:ERROR_MAX_CHARS]
-        self._finish(fire_of(request), str(request.id), Outcome.RETRIED, error)
+        # The slot stays taken until the retry is due and has had its time limit to run: a long
+        # backoff must not free it for an overlapping fire, a worker gone meanwhile not keep it.
+        lapse_s = retry_delay_s(getattr(reason, "when", None)) + self.time_limit_s(sender, request) + self.slot_margin_s
+        self._finish(
+            fire_of(request), str(request.id), Outcome.RETRIED, error, lease=lease, retry_lapse_ms=int(lapse_s * 1000)
+        )
 
     def on_failure(self, sender: Any = None, task_id: str = "", exception: Any = None, **_: Any) -> None:
-        # In the running process the attempt is ours if we leased it; the main process reports
-        # a hard time limit and a lost pool process (not re-queued) of an attempt that ran.
-        ran_here = self._leased_here(task_id)
-        if not ran_here and not isinstance(exception, TimeLimitExceeded | WorkerLostError):
+        # In the running process the attempt is ours if we leased it. The main process reports
+        # a hard time limit, a lost pool process (not re-queued) and a message rejected without
+        # requeue, of an attempt that ran in one of its pool processes.
+        lease = self._take_lease(task_id)
+        if lease is None and not isinstance(exception, TimeLimitExceeded | WorkerLostError | Reject):
             return
         request = getattr(sender, "request", None)
         fire = fire_of(request) if getattr(request, "id", None) == task_id else None
-        fire = fire or self._received.pop(task_id, None)
+        if lease is None:
+            received, lease = self._pool_attempt(task_id)
+            fire = fire or received
         error = short_error(exception) if isinstance(exception, BaseException) else "failed"
-        self._finish(fire, task_id, Outcome.FAILED, error)
+        self._finish(fire, task_id, Outcome.FAILED, error, lease=lease)
 
     def on_revoked(self, request: Any = None, terminated: bool = False, expired: bool = False, **_: Any) -> None:
         fire = fire_of(request)
         if request is None or fire is None:
             return
         task_id = str(request.id)
-        self._received.pop(task_id, None)
-        if not terminated and self._fire_is_settled(*fire):
-            # A message that never ran here (expired or revoked in the queue) must not overwrite
-            # the outcome of another attempt of the same fire that succeeded or is running.
-            logger.info("revoked duplicate not recorded job_id={} task_id={}", fire[0], task_id)
-            return
+        # Terminated: an attempt ran in a pool process. Otherwise the message never started
+        # here (expired or revoked in the queue), and must not overwrite the outcome of another
+        # attempt of the same fire that succeeded or is running: the ledger sees to that.
+        lease = self._pool_attempt(task_id)[1] if terminated else NEVER_STARTED
         outcome, error = (Outcome.EXPIRED, "expired") if expired else (Outcome.FAILED, "revoked")
-        self._finish(fire, task_id, outcome, error)
+        self._finish(fire, task_id, outcome, error, lease=lease)
 
-    def _leased_here(self, task_id: str) -> bool:
-        if task_id in self._leased:
-            self._leased.discard(task_id)
-            return True
-        return False
+    def _take_lease(self, task_id: str) -> Lease | None:
+        return self._leased.pop((task_id, threading.get_ident()), None)
 
-    def _fire_is_settled(self, job_id: str, scheduled_at: str) -> bool:
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                pipe.hmget(self.keys.fire(job_id, scheduled_at), ["run", "run_lease_ms"])
-                pipe.time()
-                (run, lease), (now_s, now_us) = pipe.execute()
-        except redis.RedisError as exc:
-            logger.error("fire state unreadable job_id={}: {}", job_id, exc)
-            return False
-        now_ms = now_s * 1000 + now_us // 1000
-        return bool(run == "succeeded" or (run == "running" and int(lease or 0) > now_ms))
+    def _pool_attempt(self, task_id: str) -> tuple[tuple[str, str] | None, Lease]:
+        """Main process: the fire of a received message and the lease of the pool process that
+        accepted it (any attempt of that process), or :data:`NEVER_STARTED` if none did."""
+        fire, requests = self._received.get(task_id, (None, []))
+        pids = [pid for ref in requests if (pid := getattr(ref(), "worker_pid", None))]
+        return fire, Lease(f"{self.hostname}:{pids[-1]}", 0) if pids else NEVER_STARTED
 
-    def _finish(self, fire: tuple[str, str] | None, task_id: str, outcome: Outcome, error: str = "") -> None:
+    def _finish(
+        self,
+        fire: tuple[str, str] | None,
+        task_id: str,
+        outcome: Outcome,
+        error: str = "",
+        *,
+        lease: Lease,
+        retry_lapse_ms: int = 0,
+    ) -> None:
         if fire is None:
             return
         job_id, scheduled_at = fire
-        worker = self.hostname
         try:
-            self.ledger.finish(job_id, scheduled_at, task_id, outcome, error, worker=worker)
+            verdict, current = self.ledger.finish(
+                job_id,
+                scheduled_at,
+                task_id,
+                outcome,
+                error,
+                worker=self.hostname,
+                runner=lease.runner,
+                attempt=lease.attempt,
+                retry_lapse_ms=retry_lapse_ms,
+            )
         except redis.RedisError as exc:
             logger.error("fire outcome not recorded job_id={} outcome={}: {}", job_id, outcome.value, exc)
+            return
+        if verdict != "applied":
+            logger.info(
+                "stale outcome ignored job_id={} task_id={} outcome={} runner={} (the fire is {})",
+                job_id,
+                task_id,
+                outcome.value,
+                lease.runner or "-",
+                current,
+            )
 
     @property
     def hostname(self) -> str:
@@ -295,7 +401,7 @@ class WorkerFleet:
             queues = sorted(sender.app.amqp.queues.consume_from)
         except AttributeError:
             queues = []
-        self._heartbeat = _Heartbeat(self, hostname, queues)
+        self._heartbeat = Heartbeat(self.settings, self.keys.workers, hostname, queues)
         self._heartbeat.start()
 
     def on_worker_shutdown(self, **_: Any) -> None:
@@ -312,45 +418,6 @@ class _Headers:
 
     def __init__(self, headers: dict[str, Any]) -> None:
         self.headers = headers
-
-
-class _Heartbeat:
-    """``HSET workers hostname {last_seen_ms, pid, queues}`` every few seconds from a daemon
-    thread of the worker's main process (never on Celery's event loop); ``HDEL`` at stop."""
-
-    def __init__(self, fleet: WorkerFleet, hostname: str, queues: list[str]) -> None:
-        self.hostname = hostname
-        self.queues = queues
-        self.key = fleet.keys.workers
-        self.client = create_redis(fleet.settings.redis)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="chronoq-heartbeat", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(HEARTBEAT_INTERVAL_S + 1)
-        try:
-            self.client.hdel(self.key, self.hostname)
-        except redis.RedisError as exc:
-            logger.error("worker heartbeat not removed hostname={}: {}", self.hostname, exc)
-        self.client.close()
-
-    def _run(self) -> None:
-        failing = False
-        while True:
-            beat = {"last_seen_ms": int(time.time() * 1000), "pid": os.getpid(), "queues": self.queues}
-            try:
-                self.client.hset(self.key, self.hostname, json.dumps(beat))
-                failing = False
-            except redis.RedisError as exc:
-                if not failing:  # one line per outage, not one per beat
-                    logger.error("worker heartbeat failed hostname={}: {}", self.hostname, exc)
-                failing = True
-            if self._stop.wait(HEARTBEAT_INTERVAL_S):
-                return
 
 
 def _bind_task_context(task_id: str, task: Any, **_: Any) -> None:
