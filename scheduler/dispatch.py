@@ -15,15 +15,22 @@ waits the same; ``scheduled_at`` stays the nominal time and the schedule never d
 
 When Redis is down a batch is retried with backoff until each fire's grace runs out; a fire past
 it is then decided as missed.
+
+Fires usually arrive ``lookahead_s`` before they are due (see :mod:`scheduler.manager`). The
+leader's are *prepared* then: message built and encoded on the encoder thread, in batches, so at
+the due instant (plus jitter) only the decide call is left. Nothing is ever published before
+its nominal time plus its jitter; at shutdown, fires not yet due are dropped rather than
+published early, and the next scheduler's catch-up (or a follower's takeover) handles them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
@@ -34,7 +41,7 @@ from loguru import logger
 from scheduler.publisher import TaskMessage
 from shared.errors import DispatchError
 from shared.fleet import FireIntent, FireLedger, Outcome, Overlap
-from shared.names import HEADER_JOB_ID, HEADER_SCHEDULED_AT, HEADER_TRACE_ID, fire_task_id, format_scheduled_at
+from shared.names import HEADER_JOB_ID, HEADER_SCHEDULED_AT, HEADER_TRACE_ID, fire_task_id_of, format_scheduled_at
 from shared.redis import raise_if_cancelling
 
 if TYPE_CHECKING:
@@ -42,7 +49,14 @@ if TYPE_CHECKING:
     from shared.settings import AppSettings
 
 _RETRYABLE = (redis.RedisError, OSError, DispatchError)
+PAUSED = "paused"
 QUIET_BATCH = 20
+"""Past this many fires decided in one second, fires are logged as one summary line a second."""
+PREPARE_EVERY_S = 0.05
+"""Fires handed over ahead of time are prepared in batches collected over this long: one hop to
+the encoder thread per batch instead of one per fire."""
+PREPARE_MARGIN_S = 0.25
+"""A fire due sooner than this is prepared at once instead of waiting for its batch."""
 
 
 def utc_now() -> datetime:
@@ -102,10 +116,23 @@ class Fire:
     """Handled as a follower: the leader has probably decided it already."""
     force: bool = False
     """A manual trigger that ignores the overlap policy."""
+    prepared: FireIntent | None = None
+    """The fire encoded ahead of its time, ready to decide."""
+    _stamp: str = field(default="", repr=False)
+    _task_id: str = field(default="", repr=False)
+
+    @property
+    def stamp(self) -> str:
+        """``scheduled_at`` as the header and the keys spell it (computed once)."""
+        if not self._stamp:
+            self._stamp = format_scheduled_at(self.scheduled_at)
+        return self._stamp
 
     @property
     def task_id(self) -> str:
-        return fire_task_id(self.job.id, self.scheduled_at)
+        if not self._task_id:
+            self._task_id = fire_task_id_of(self.job.id, self.stamp)
+        return self._task_id
 
     def deadline(self) -> datetime | None:
         return deadline_of(self.job, self.scheduled_at)
@@ -117,7 +144,7 @@ class Fire:
         return None if expires is None else max(1.0, (self.scheduled_at - now).total_seconds() + expires)
 
     def message(self, now: datetime, limits: Limits) -> TaskMessage:
-        scheduled_at = format_scheduled_at(self.scheduled_at)
+        scheduled_at = self.stamp
         task_id = self.task_id
         return TaskMessage(
             task_name=self.job.task,
@@ -141,7 +168,7 @@ class Fire:
         list_key, payload = encoded or ("", "")
         return FireIntent(
             job_id=self.job.id,
-            scheduled_at=format_scheduled_at(self.scheduled_at),
+            scheduled_at=self.stamp,
             task_id=self.task_id,
             outcome=self.outcome,
             reason=self.reason,
@@ -181,13 +208,28 @@ class Dispatcher:
         self.is_leader = is_leader
         self.clock = clock
         self.max_backoff_s = max_backoff_s
+        self.job_state: Callable[[JobSpec], str] | None = None
+        """Set by the service to :meth:`SchedulerManager.job_state`: a pause, resume or removal
+        that lands between a fire's hand-over (look-ahead) and its due time still applies."""
         self.outcomes: Counter[str] = Counter()
         """Outcomes this replica decided (the fleet's are in Redis)."""
         self._queue: asyncio.Queue[Fire] = asyncio.Queue()
-        self._delayed: dict[int, tuple[asyncio.TimerHandle, Fire]] = {}
+        # Fires waiting for their release instant (epoch s: due + jitter [+ takeover]), grouped by
+        # it, one timer per group: a burst due at one instant is one timer, not 10,000.
+        self._timeline: dict[float, list[Fire]] = {}
+        self._timers: dict[float, asyncio.TimerHandle] = {}
+        self._to_prepare: list[tuple[Fire, float]] = []
+        self._prepare_timer: asyncio.Handle | None = None
+        self._preparing = 0
+        self._busy = False
+        self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._log_window_s = 0.0
+        self._log_count = 0
+        self._summary: Counter[str] = Counter()
+        self._summary_lags: list[float] = []
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="chronoq-dispatch")
@@ -195,8 +237,9 @@ class Dispatcher:
     # -- intake (on the event loop, never blocking) -------------------------------------------
 
     def submit(self, job: JobSpec, run_times: Sequence[datetime]) -> None:
-        """Take the nominal fire times that came due for ``job``."""
+        """Take nominal fire times of ``job`` that are due, or will be within the look-ahead."""
         now = self.clock()
+        now_ts = now.timestamp()
         due: list[datetime] = []
         for at in run_times:
             deadline = deadline_of(job, at)
@@ -205,15 +248,22 @@ class Dispatcher:
                 self._enqueue(Fire(job, at, Outcome.MISSED, late))
             else:
                 due.append(at)
-        if job.coalesce and len(due) > 1:
-            for at in due[:-1]:
-                self._enqueue(Fire(job, at, Outcome.COALESCED, f"coalesced into {format_scheduled_at(due[-1])}"))
-            due = due[-1:]
+        # Only fires already due coalesce: one handed over ahead of its time is not late.
+        overdue = [at for at in due if at <= now]
+        if job.coalesce and len(overdue) > 1:
+            for at in overdue[:-1]:
+                self._enqueue(Fire(job, at, Outcome.COALESCED, f"coalesced into {format_scheduled_at(overdue[-1])}"))
+            due = [at for at in due if at >= overdue[-1]]
         backup = not self.is_leader()
         for at in due:
             fire = Fire(job, at, backup=backup)
-            delay = jitter_of(job, at) + (self.takeover_s if backup else 0.0)
-            self._enqueue(fire, delay - max(0.0, (now - at).total_seconds()))
+            release_ts = at.timestamp() + jitter_of(job, at) + (self.takeover_s if backup else 0.0)
+            if backup or release_ts <= now_ts:
+                # A follower's fire is most likely decided by the leader already: it is checked
+                # at its release, and encoded only if not.
+                self._schedule(fire, release_ts, now_ts)
+            else:
+                self._add_to_prepare(fire, release_ts, now_ts)
 
     def record_missed(self, job: JobSpec, times: Sequence[datetime], reason: str) -> None:
         """Fires that came due while no scheduler ran and are past their grace."""
@@ -221,22 +271,83 @@ class Dispatcher:
             self._enqueue(Fire(job, at, Outcome.MISSED, reason))
 
     def record_skipped(self, job: JobSpec, run_times: Sequence[datetime], reason: str) -> None:
-        """Fires that came due but are not to run (the job is paused)."""
+        """Fires that come due but are not to run (the job is paused); recorded once due."""
         backup = not self.is_leader()
+        now_ts = self.clock().timestamp()
         for at in run_times:
-            self._enqueue(Fire(job, at, Outcome.SKIPPED, reason, backup=backup), self.takeover_s if backup else 0.0)
+            fire = Fire(job, at, Outcome.SKIPPED, reason, backup=backup)
+            self._schedule(fire, at.timestamp() + (self.takeover_s if backup else 0.0), now_ts)
 
-    def _enqueue(self, fire: Fire, delay_s: float = 0.0) -> None:
+    def _enqueue(self, fire: Fire) -> None:
         self._idle.clear()
-        if delay_s <= 0:
-            self._queue.put_nowait(fire)
-            return
-        handle = asyncio.get_running_loop().call_later(delay_s, self._release, fire)
-        self._delayed[id(fire)] = (handle, fire)
-
-    def _release(self, fire: Fire) -> None:
-        self._delayed.pop(id(fire), None)
         self._queue.put_nowait(fire)
+
+    def _schedule(self, fire: Fire, release_ts: float, now_ts: float) -> None:
+        """Decide ``fire`` at ``release_ts`` (epoch s), never before."""
+        delay_s = release_ts - now_ts
+        if delay_s <= 0:
+            self._enqueue(fire)
+            return
+        self._idle.clear()
+        group = self._timeline.get(release_ts)
+        if group is not None:
+            group.append(fire)
+            return
+        self._timeline[release_ts] = [fire]
+        self._timers[release_ts] = asyncio.get_running_loop().call_later(delay_s, self._release, release_ts)
+
+    def _release(self, release_ts: float) -> None:
+        # The loop's timers run on the monotonic clock; the fire's time is wall-clock time.
+        early_s = release_ts - self.clock().timestamp()
+        if early_s > 0:
+            self._timers[release_ts] = asyncio.get_running_loop().call_later(early_s, self._release, release_ts)
+            return
+        del self._timers[release_ts]
+        for fire in self._timeline.pop(release_ts):
+            self._queue.put_nowait(fire)
+
+    # -- preparing ahead of time ---------------------------------------------------------------
+
+    def _add_to_prepare(self, fire: Fire, release_ts: float, now_ts: float) -> None:
+        self._idle.clear()
+        self._to_prepare.append((fire, release_ts))
+        loop = asyncio.get_running_loop()
+        if len(self._to_prepare) >= self.batch_size or release_ts - now_ts < PREPARE_MARGIN_S:
+            if self._prepare_timer is not None:
+                self._prepare_timer.cancel()
+            self._prepare_timer = loop.call_soon(self._start_preparing)
+        elif self._prepare_timer is None:
+            self._prepare_timer = loop.call_later(PREPARE_EVERY_S, self._start_preparing)
+
+    def _start_preparing(self) -> None:
+        self._prepare_timer = None
+        batch, self._to_prepare = self._to_prepare, []
+        if batch:
+            self._preparing += 1
+            asyncio.get_running_loop().create_task(self._prepare(batch), name="chronoq-prepare")
+
+    async def _prepare(self, batch: list[tuple[Fire, float]]) -> None:
+        try:
+            fires = [fire for fire, _ in batch]
+            intents = await anyio.to_thread.run_sync(self._encode_intents, fires, self.clock())
+            for fire, intent in zip(fires, intents, strict=True):
+                fire.prepared = intent
+        except Exception as exc:  # a bad message: decided (and reported) unprepared, at its time
+            logger.warning("preparing {} fires ahead of time failed: {}", len(batch), exc)
+        finally:
+            self._preparing -= 1
+        now_ts = self.clock().timestamp()
+        for fire, release_ts in batch:
+            if not self._closing:
+                self._schedule(fire, release_ts, now_ts)
+            elif fire.scheduled_at.timestamp() <= now_ts:
+                self._enqueue(fire)
+        self._check_idle()
+
+    def _encode_intents(self, fires: list[Fire], now: datetime) -> list[FireIntent]:
+        """On the encoder thread: each fire's message, encoded, as the ledger will decide it."""
+        encoded = self.encoder.encode([fire.message(now, self.limits) for fire in fires])
+        return [fire.intent(now, self.limits, payload) for fire, payload in zip(fires, encoded, strict=True)]
 
     # -- deciding ------------------------------------------------------------------------------
 
@@ -246,9 +357,16 @@ class Dispatcher:
             batch = [await self._queue.get()]
             while len(batch) < self.batch_size and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            await self._process(batch)
-            if self._queue.empty() and not self._delayed:
-                self._idle.set()
+            self._busy = True
+            try:
+                await self._process(batch)
+            finally:
+                self._busy = False
+            self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not (self._busy or self._preparing or self._to_prepare or self._timeline) and self._queue.empty():
+            self._idle.set()
 
     async def _process(self, fires: list[Fire]) -> None:
         attempt = 0
@@ -277,64 +395,124 @@ class Dispatcher:
             )
         return fire
 
+    def _as_due(self, fire: Fire) -> Fire | None:
+        """The fire as it stands at its due time: the job may have been paused, resumed or
+        removed since it was handed over."""
+        if self.job_state is None or fire.trigger != "schedule":
+            return fire
+        paused_skip = fire.outcome is Outcome.SKIPPED and fire.reason == PAUSED
+        if fire.outcome is not Outcome.DISPATCHED and not paused_skip:
+            return fire
+        state = self.job_state(fire.job)
+        if state == "gone":
+            return None
+        if state == "paused" and not paused_skip:
+            return Fire(fire.job, fire.scheduled_at, Outcome.SKIPPED, PAUSED, backup=fire.backup)
+        if state == "active" and paused_skip:
+            return Fire(fire.job, fire.scheduled_at, backup=fire.backup)
+        return fire
+
     async def _decide(self, fires: list[Fire]) -> None:
+        fires = [due for due in map(self._as_due, fires) if due is not None]
+        if not fires:
+            return
         backups = [f for f in fires if f.backup]
         if backups:
             # A follower's fires: most were decided by the leader already; skip encoding those.
-            flags = await self.ledger.decided([(f.job.id, format_scheduled_at(f.scheduled_at)) for f in backups])
+            flags = await self.ledger.decided([(f.job.id, f.stamp) for f in backups])
             decided = {id(f) for f, flag in zip(backups, flags, strict=True) if int(flag)}
             fires = [f for f in fires if id(f) not in decided]
             if not fires:
                 return
         now = self.clock()
-        to_send = [f for f in fires if f.outcome is Outcome.DISPATCHED]
+        to_send = [f for f in fires if f.outcome is Outcome.DISPATCHED and f.prepared is None]
         encoded: dict[int, tuple[str, str]] = {}
         if to_send:
             messages = [f.message(now, self.limits) for f in to_send]
             payloads = await anyio.to_thread.run_sync(self.encoder.encode, messages)
             encoded = {id(f): p for f, p in zip(to_send, payloads, strict=True)}
-        intents = [f.intent(now, self.limits, encoded.get(id(f))) for f in fires]
+        intents = [f.prepared or f.intent(now, self.limits, encoded.get(id(f))) for f in fires]
         results = await self.ledger.decide(intents, self.owner)
         self._log(fires, [str(r) for r in results], now)
 
     def _log(self, fires: list[Fire], results: list[str], now: datetime) -> None:
-        quiet = len(fires) > QUIET_BATCH
-        lags: list[float] = []
+        """One line per fire while fewer than QUIET_BATCH a second are decided; past that, one
+        summary line a second (at 2,000 fires a second, a line each costs more than the fire)."""
+        self.outcomes.update(result for result in results if result != "decided")
+        now_s = time.monotonic()
+        if now_s - self._log_window_s >= 1.0:
+            self._flush_summary()
+            self._log_window_s, self._log_count = now_s, 0
+        self._log_count += len(fires)
+        if self._log_count <= QUIET_BATCH:
+            for fire, result in zip(fires, results, strict=True):
+                self._log_one(fire, result, now)
+            return
         for fire, result in zip(fires, results, strict=True):
-            log = logger.bind(
-                job_id=fire.job.id, scheduled_at=format_scheduled_at(fire.scheduled_at), task_id=fire.task_id
-            )
             if result == "decided":
-                log.debug("fire already decided by another replica")
                 continue
-            self.outcomes[result] += 1
-            lag_ms = (now - fire.scheduled_at).total_seconds() * 1000
+            self._summary[result] += 1
             if result == Outcome.DISPATCHED:
-                lags.append(lag_ms)
-                (log.debug if quiet else log.info)(
-                    "fire dispatched lag_ms={:.1f}{}", lag_ms, " (as backup)" if fire.backup else ""
-                )
-            elif result == Outcome.BUFFERED:
-                log.info("fire waiting for a free slot")
-            else:
-                reason = fire.reason or "overlap: max_instances in flight"
-                log.warning("fire {} ({})", result, reason)
-        if quiet and lags:
-            lags.sort()
-            logger.info("dispatched {} fires lag_ms p50={:.1f} max={:.1f}", len(lags), lags[len(lags) // 2], lags[-1])
+                self._summary_lags.append((now - fire.scheduled_at).total_seconds() * 1000)
+
+    def _log_one(self, fire: Fire, result: str, now: datetime) -> None:
+        log = logger.bind(job_id=fire.job.id, scheduled_at=format_scheduled_at(fire.scheduled_at), task_id=fire.task_id)
+        if result == "decided":
+            log.debug("fire already decided by another replica")
+        elif result == Outcome.DISPATCHED:
+            lag_ms = (now - fire.scheduled_at).total_seconds() * 1000
+            log.info("fire dispatched lag_ms={:.1f}{}", lag_ms, " (as backup)" if fire.backup else "")
+        elif result == Outcome.BUFFERED:
+            log.info("fire waiting for a free slot")
+        else:
+            log.warning("fire {} ({})", result, fire.reason or "overlap: max_instances in flight")
+
+    def _flush_summary(self) -> None:
+        summary, self._summary = self._summary, Counter()
+        lags, self._summary_lags = sorted(self._summary_lags), []
+        if not summary:
+            return
+        counts = " ".join(f"{outcome}={n}" for outcome, n in sorted(summary.items()))
+        p50, top = (lags[len(lags) // 2], lags[-1]) if lags else (0.0, 0.0)
+        problems = summary.keys() - {Outcome.DISPATCHED, Outcome.BUFFERED}
+        (logger.warning if problems else logger.info)(
+            "decided {} fires: {} lag_ms p50={:.1f} max={:.1f}", sum(summary.values()), counts, p50, top
+        )
 
     async def drain(self, timeout_s: float = 5.0) -> bool:
-        """Decide everything submitted so far (delayed fires at once), then stop. Returns False
-        if it could not finish within ``timeout_s``."""
-        for handle, fire in list(self._delayed.values()):
+        """Decide every fire that is due (jitter and takeover waits cut short), then stop.
+
+        Fires handed over ahead of their time and not yet due are dropped, never published
+        early: a follower takes them over, and a restarted scheduler's catch-up hands them over
+        again (or records them missed past their grace). Returns False if it could not finish
+        within ``timeout_s``."""
+        self._closing = True
+        now_ts = self.clock().timestamp()
+        dropped = 0
+        if self._prepare_timer is not None:
+            self._prepare_timer.cancel()
+            self._prepare_timer = None
+        waiting = [fire for fire, _ in self._to_prepare]
+        self._to_prepare = []
+        for release_ts, handle in self._timers.items():
             handle.cancel()
-            self._release(fire)
+            waiting += self._timeline[release_ts]
+        self._timers, self._timeline = {}, {}
+        for fire in waiting:
+            if fire.scheduled_at.timestamp() <= now_ts:
+                self._enqueue(fire)
+            else:
+                dropped += 1
+        if dropped:
+            logger.info("shutdown: {} fires not yet due are left to the next scheduler", dropped)
+        self._check_idle()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
             finished = True
         except TimeoutError:
             finished = False
             logger.error("shutdown: {} fires still undecided after {}s", self._queue.qsize(), timeout_s)
+        self._flush_summary()
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task], timeout=2.0)

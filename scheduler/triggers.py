@@ -16,6 +16,7 @@ grid of nominal fire times never drifts.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -88,8 +89,19 @@ def parse_cron(value: str | Mapping[str, str | int]) -> CronExpr:
 
     Raises ValueError naming the field (``minute must be 0-59``), or saying the expression
     never fires (``0 0 31 2 *``: no match between 2000 and 2199).
+
+    Cached: 100,000 daily jobs share a few thousand expressions, and parsing one (with the
+    probe that it fires at all) costs a millisecond and kilobytes of APScheduler fields. A
+    CronExpr is immutable, so jobs with the same expression share one.
     """
-    expr = _parse_crontab(value) if isinstance(value, str) else _parse_mapping(value)
+    if isinstance(value, str):
+        return _parse_cached(" ".join(value.split()), None)
+    return _parse_cached(None, tuple((str(k), v) for k, v in value.items()))
+
+
+@functools.lru_cache(maxsize=16384)
+def _parse_cached(text: str | None, fields: tuple[tuple[str, str | int], ...] | None) -> CronExpr:
+    expr = _parse_crontab(text) if text is not None else _parse_mapping(dict(fields or ()))
     probes = [CronTrigger(**alt, timezone=UTC, end_date=_PROBE_UNTIL) for alt in expr.alternatives]
     if all(p.get_next_fire_time(None, _PROBE_FROM) is None for p in probes):
         raise ValueError("never fires: no date between 2000 and 2199 matches (such as Feb 31)")

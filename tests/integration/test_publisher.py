@@ -100,27 +100,32 @@ def test_messages_equal_what_send_task_writes(
         time_limit=time_limit_s,
         soft_time_limit=soft_limit_s,
     )
-    publisher.publish(
-        [
-            TaskMessage(
-                "demo.number_sum",
-                args,
-                kwargs,
-                queue,
-                task_id,
-                headers,
-                priority=priority,
-                expires_s=expires_s,
-                time_limit_s=time_limit_s,
-                soft_time_limit_s=soft_limit_s,
-            )
-        ]
-    )
+
+    def message(task_id: str, args: list[Any], kwargs: dict[str, Any], headers: dict[str, str]) -> TaskMessage:
+        return TaskMessage(
+            "demo.number_sum",
+            args,
+            kwargs,
+            queue,
+            task_id,
+            headers,
+            priority=priority,
+            expires_s=expires_s,
+            time_limit_s=time_limit_s,
+            soft_time_limit_s=soft_limit_s,
+        )
+
+    # A first message of the same shape (other id, arguments and header values) becomes the
+    # template; the compared one is built from it.
+    first = message(f"{namespace}-first", ["other"], {"z": [1]}, {**headers, HEADER_JOB_ID: "other"})
+    publisher.publish([first, message(task_id, args, kwargs, headers)])
 
     key = queue + list_suffix
     assert {k for k in broker.scan_iter(f"{queue}*")} == {key}  # the same list, kombu's priority naming
     # LPUSH: the newest entry is first.
-    ours, celerys = (decoded(raw) for raw in broker.lrange(key, 0, -1))
+    ours, template, celerys = (decoded(raw) for raw in broker.lrange(key, 0, -1))
+    assert template["headers"]["id"] == f"{namespace}-first"
+    assert template["body"] == [["other"], {"z": [1]}, ours["body"][2]]
     for message in (ours, celerys):
         message["properties"].pop("delivery_tag")  # a fresh uuid per message, by design
     if expires_s is None:

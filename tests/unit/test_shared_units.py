@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -52,6 +53,11 @@ def test_fire_task_id_is_deterministic_per_job_and_instant() -> None:
     assert fire_task_id("a", at) != fire_task_id("a", at + timedelta(milliseconds=200))
     with pytest.raises(ValueError, match="timezone-aware"):
         format_scheduled_at(datetime(2026, 1, 1))
+    # The id is a standard uuid5 (ids of fires published before the faster spelling still match).
+    namespace = uuid.UUID("6f1d4d0e-3f7a-5d7b-9a55-0c6e2f1b7c11")
+    for job_id, when in (("a", at), ("nightly-report", at + timedelta(microseconds=7)), ("ü/x", same_instant)):
+        expected = str(uuid.uuid5(namespace, f"{job_id}|{format_scheduled_at(when)}"))
+        assert fire_task_id(job_id, when) == expected
 
 
 def test_keys_start_with_prefix() -> None:

@@ -1,0 +1,175 @@
+"""Look-ahead dispatch without Redis: fires handed over early are prepared ahead and decided at
+their time, never before; shutdown drops fires not yet due; the heap job store keeps order."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from scheduler.dispatch import Dispatcher, Limits, jitter_of
+from scheduler.manager import SchedulerManager, _HeapJobStore
+from scheduler.publisher import TaskMessage
+from scheduler.specs import JobDefaults, JobSpec
+from shared.fleet import FireIntent, Outcome
+from shared.settings import SchedulerSettings
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeEncoder:
+    def __init__(self) -> None:
+        self.encoded_at: dict[str, float] = {}
+
+    def encode(self, messages: Sequence[TaskMessage]) -> list[tuple[str, str]]:
+        for message in messages:
+            self.encoded_at[message.headers["scheduled_at"]] = time.time()
+        return [("queue", f"payload {message.task_id}") for message in messages]
+
+
+class FakeLedger:
+    """Records what is decided and when; every fire is dispatched unless decided before."""
+
+    def __init__(self) -> None:
+        self.decided: list[tuple[float, FireIntent]] = []
+
+    async def decide(self, fires: Sequence[FireIntent], owner: str) -> list[str]:
+        now = time.time()
+        self.decided += [(now, fire) for fire in fires]
+        return [fire.outcome.value for fire in fires]
+
+
+def spec(**fields: Any) -> JobSpec:
+    return JobSpec(**{"id": "job", "task": "demo.sleep", "interval": 1, **fields})
+
+
+def dispatcher(ledger: FakeLedger, encoder: FakeEncoder) -> Dispatcher:
+    return Dispatcher(ledger, encoder, "test", Limits(time_limit_s=60))  # type: ignore[arg-type]
+
+
+async def wait_until(predicate: Any, timeout_s: float = 5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_fires_handed_over_early_are_encoded_ahead_and_decided_never_before_due() -> None:
+    ledger, encoder = FakeLedger(), FakeEncoder()
+    d = dispatcher(ledger, encoder)
+    d.start()
+    base = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)
+    jittery = spec(id="jittery", jitter=0.3)
+    times = [base + timedelta(milliseconds=100 * i) for i in range(5)]
+    d.submit(spec(), times)
+    d.submit(jittery, times)
+    await wait_until(lambda: len(ledger.decided) == 10)
+    for decided_at, intent in ledger.decided:
+        nominal = datetime.fromisoformat(intent.scheduled_at)
+        release = nominal.timestamp() + (jitter_of(jittery, nominal) if intent.job_id == "jittery" else 0)
+        assert decided_at >= release, f"{intent.job_id} {intent.scheduled_at} decided {release - decided_at:.4f}s early"
+        assert intent.payload  # prepared: the message came encoded
+        assert encoder.encoded_at[intent.scheduled_at] < nominal.timestamp()  # ... ahead of its time
+    assert await d.drain(timeout_s=2)
+
+
+async def test_pause_resume_and_removal_after_hand_over_apply_at_the_due_time() -> None:
+    ledger, encoder = FakeLedger(), FakeEncoder()
+    d = dispatcher(ledger, encoder)
+    states = {"paused-later": "paused", "resumed-later": "active", "removed-later": "gone", "kept": "active"}
+    d.job_state = lambda job: states[job.id]
+    d.start()
+    at = datetime.now(UTC) + timedelta(seconds=0.5)
+    for job_id in ("paused-later", "removed-later", "kept"):
+        d.submit(spec(id=job_id), [at])  # handed over while active
+    d.record_skipped(spec(id="resumed-later"), [at], "paused")  # handed over while paused
+    await wait_until(lambda: len(ledger.decided) == 3)
+    assert await d.drain(timeout_s=2)
+    decided = {intent.job_id: intent for _, intent in ledger.decided}
+    assert decided["paused-later"].outcome is Outcome.SKIPPED
+    assert decided["paused-later"].reason == "paused"
+    assert decided["resumed-later"].outcome is Outcome.DISPATCHED
+    assert decided["resumed-later"].payload  # encoded when it turned out to run after all
+    assert decided["kept"].outcome is Outcome.DISPATCHED
+    assert "removed-later" not in decided
+
+
+async def test_drain_decides_due_fires_and_drops_fires_not_yet_due() -> None:
+    ledger, encoder = FakeLedger(), FakeEncoder()
+    d = dispatcher(ledger, encoder)
+    d.start()
+    now = datetime.now(UTC)
+    past = now - timedelta(seconds=0.5)  # due, waiting for its jitter
+    future = now + timedelta(seconds=30)  # handed over ahead of its time
+    d.submit(spec(id="late", jitter=60), [past])
+    d.submit(spec(id="early"), [future])
+    d.record_skipped(spec(id="paused"), [future], "paused")
+    assert await d.drain(timeout_s=2)
+    assert [(i.job_id, i.outcome) for _, i in ledger.decided] == [("late", Outcome.DISPATCHED)]
+    assert d.outcomes == {"dispatched": 1}
+
+
+async def test_only_fires_already_due_coalesce() -> None:
+    ledger, encoder = FakeLedger(), FakeEncoder()
+    d = dispatcher(ledger, encoder)
+    d.start()
+    now = datetime.now(UTC)
+    times = [now - timedelta(seconds=2), now - timedelta(seconds=1), now + timedelta(seconds=1)]
+    d.submit(spec(coalesce=True), times)
+    await wait_until(lambda: len(ledger.decided) == 3)
+    outcomes = {datetime.fromisoformat(i.scheduled_at): i.outcome for _, i in ledger.decided}
+    assert outcomes == {times[0]: Outcome.COALESCED, times[1]: Outcome.DISPATCHED, times[2]: Outcome.DISPATCHED}
+    assert await d.drain(timeout_s=2)
+
+
+async def test_manager_hands_fires_over_lookahead_s_early_with_nominal_times() -> None:
+    handed: list[tuple[float, datetime]] = []
+
+    class Sink:
+        def submit(self, job: JobSpec, run_times: Sequence[datetime]) -> None:
+            handed.extend((time.time(), at) for at in run_times)
+
+        def record_missed(self, job: JobSpec, times: Sequence[datetime], reason: str) -> None: ...
+
+        def record_skipped(self, job: JobSpec, run_times: Sequence[datetime], reason: str) -> None: ...
+
+    defaults = JobDefaults.from_settings(SchedulerSettings(), "cron_queue")
+    async with SchedulerManager(defaults, Sink(), lookahead_s=1.0) as manager:
+        manager.register_interval("tick", "demo.sleep", 0.25)
+        await wait_until(lambda: len(handed) >= 3)
+        next_fire = manager.next_fire_time("tick")
+    assert next_fire is not None and next_fire.microsecond % 250_000 == 0  # nominal, not shifted
+    for handed_at, at in handed:
+        assert at.microsecond % 250_000 == 0
+        assert handed_at < at.timestamp()  # handed over before it is due: ahead by up to 1 s
+        assert at.timestamp() - handed_at <= 1.0 + 0.001
+
+
+def test_heap_job_store_orders_updates_and_removes() -> None:
+    class FakeJob:
+        def __init__(self, id: str, at: datetime | None) -> None:
+            self.id, self.next_run_time = id, at
+
+    t0 = datetime(2030, 1, 1, tzinfo=UTC)
+    store = _HeapJobStore()
+    jobs = {name: FakeJob(name, t0 + timedelta(seconds=s)) for name, s in (("c", 3), ("a", 1), ("b", 2), ("d", 4))}
+    for job in jobs.values():
+        store.add_job(job)
+    assert [j.id for j in store.get_all_jobs()] == ["a", "b", "c", "d"]
+    jobs["a"].next_run_time = t0 + timedelta(seconds=10)
+    store.update_job(jobs["a"])
+    store.remove_job("b")
+    assert store.get_next_run_time() == t0 + timedelta(seconds=3)
+    due = store.pop_due((t0 + timedelta(seconds=5)).timestamp(), limit=1)
+    assert [j.id for j in due] == ["c"]  # the stale entries of a and b are skipped
+    jobs["c"].next_run_time = t0 + timedelta(seconds=20)
+    store.update_job(jobs["c"])
+    assert [j.id for j in store.pop_due((t0 + timedelta(seconds=15)).timestamp(), limit=10)] == ["d", "a"]
+    for job_id in ("d", "a"):
+        store.remove_job(job_id)
+    assert [j.id for j in store.get_all_jobs()] == ["c"]
+    assert store.get_next_run_time() == t0 + timedelta(seconds=20)
