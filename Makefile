@@ -34,7 +34,7 @@ test: lint
 	$(BIN)/python -m pytest
 
 bench: install
-	$(BIN)/python bench/publish_ceiling.py
+	$(BIN)/python -m bench.compare $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
