@@ -347,6 +347,10 @@ class SchedulerManager:
         job = self._scheduler.get_job(job_id) if self._scheduler else None
         return None if job is None else job.next_run_time
 
+    def has(self, job_id: str) -> bool:
+        """Whether a job with this id is registered (pending ones included)."""
+        return job_id in self._specs or job_id in self._pending
+
     def is_paused(self, job_id: str) -> bool:
         return job_id in self._paused
 

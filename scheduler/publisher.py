@@ -34,6 +34,7 @@ from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
 from celery.utils.time import add_seconds_to_datetime, maybe_make_aware
 from kombu import entity, serialization
+from kombu.exceptions import EncodeError
 from kombu.transport import redis as kombu_redis
 from kombu.utils import json as kombu_json
 
@@ -46,6 +47,8 @@ batch (which may have partly landed) stays a small retry."""
 RedisFactory = Callable[[], redis.Redis]
 TEMPLATE_CACHE_SIZE = 10_000
 """Message templates kept (one per shape of message); the cache starts over when full."""
+BODY_CACHE_SIZE = 20_000
+"""Distinct argument lists whose encoded body and reprs are kept; starts over when full."""
 _NO_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 # kombu is untyped: give the functions used here the types they have.
@@ -146,6 +149,7 @@ class BatchPublisher:
         self._default_priority: int = channel_cls.default_priority
         self._routes: dict[str, _Route] = {}
         self._templates: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
+        self._bodies: dict[str, tuple[str, str, str]] = {}
         self._create_task_message: Callable[..., Any] = app.amqp.create_task_message  # protocol 2
         # Read once: each lookup in Celery's layered config costs more than building a message.
         self._repr_maxlevels: int = conf.task_repr_maxlevels
@@ -248,8 +252,7 @@ class BatchPublisher:
         task_id = message.task_id
         headers = dict(template["headers"])
         headers["id"] = headers["root_id"] = task_id
-        headers["argsrepr"] = self._repr(message.args, self._argsrepr_maxsize)
-        headers["kwargsrepr"] = self._repr(message.kwargs, self._kwargsrepr_maxsize)
+        body, headers["argsrepr"], headers["kwargsrepr"] = self._body_of(message)
         headers.update(message.headers)  # the same names as the template's, checked when it was built
         properties = dict(template["properties"])
         properties["correlation_id"] = task_id
@@ -258,11 +261,30 @@ class BatchPublisher:
             headers["expires"] = expires.isoformat()
             properties["expiration"] = str(int(max(message.expires_s, 0) * 1000))
         properties["delivery_tag"] = _delivery_tag()
-        # The body as create_task_message builds it, serialized and encoded as in _encode.
-        _, _, body = _serialize((message.args, message.kwargs, _NO_EMBED), serializer="json")
-        if self._body_codec is not None:
-            body = self._body_codec.encode(body)
         return key, _json_encode({**template, "body": body, "headers": headers, "properties": properties})
+
+    def _body_of(self, message: TaskMessage) -> tuple[str, str, str]:
+        """The encoded body and the args/kwargs reprs, cached by the arguments' JSON (a job's
+        fires all carry the same arguments)."""
+        try:
+            arguments = _json_encode([message.args, message.kwargs])
+        except (TypeError, ValueError) as exc:
+            raise EncodeError(exc) from exc  # what kombu raises for it on the first path
+        cached = self._bodies.get(arguments)
+        if cached is None:
+            # The body as create_task_message builds it, serialized and encoded as in _encode.
+            _, _, body = _serialize((message.args, message.kwargs, _NO_EMBED), serializer="json")
+            if self._body_codec is not None:
+                body = self._body_codec.encode(body)
+            cached = (
+                body,
+                self._repr(message.args, self._argsrepr_maxsize),
+                self._repr(message.kwargs, self._kwargsrepr_maxsize),
+            )
+            if len(self._bodies) >= BODY_CACHE_SIZE:
+                self._bodies.clear()
+            self._bodies[arguments] = cached
+        return cached
 
     def _encode(self, message: TaskMessage, reply_to: str, origin: str) -> tuple[str, str]:
         """The list key and the JSON payload kombu's Redis transport would LPUSH for ``message``."""

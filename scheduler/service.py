@@ -91,6 +91,7 @@ class SchedulerService:
         self.ledger: FireLedger
         self.control: ControlStore
         self.leadership: Leadership
+        self._registry: asyncio.Task[None]
 
     async def __aenter__(self) -> SchedulerService:
         settings = self.settings
@@ -133,12 +134,15 @@ class SchedulerService:
             self.manager.set_paused(await self.control.paused())
             await self.manager.start()
             self._stack.push_async_callback(self.manager.shutdown)
-            await self.control.publish_jobs(self.manager.list(), self._hashes)
             self.leadership.jobs = len(self.manager.list())
             _freeze_heap()
             self.leadership.outcomes = self.dispatcher.outcomes
             for loop_fn in (self.leadership.run, self._follow_control, self._sweep_buffers):
                 self._tasks.append(asyncio.get_running_loop().create_task(loop_fn()))
+            # The registry is for operators; at 100,000 jobs writing it takes seconds, which
+            # the first fires should not wait for.
+            self._registry = asyncio.get_running_loop().create_task(self._publish_registry())
+            self._tasks.append(self._registry)
             self._stack.push_async_callback(self._stop_tasks)
         except BaseException:
             await self._stack.aclose()
@@ -190,6 +194,7 @@ class SchedulerService:
         before = {spec.id for spec in self.manager.list()}
         self._hashes = file_hashes(self.options.job_files)
         report = self.manager.reconcile(await self._without_removed(specs))
+        await asyncio.wait([self._registry])  # the start-up's registry must not land after this one
         await self.control.publish_jobs(
             self.manager.list(), self._hashes, dropped=before - {s.id for s in self.manager.list()}
         )
@@ -197,6 +202,20 @@ class SchedulerService:
         logger.info("reloaded job files: {}", report)
         _freeze_heap()
         return True
+
+    async def _publish_registry(self) -> None:
+        """Write the job registry (what ``chronoq jobs list`` shows); retried until Redis takes it."""
+        delay = 0.5
+        while True:
+            raise_if_cancelling()
+            try:
+                await self.control.publish_jobs(self.manager.list(), self._hashes)
+                return
+            except (redis.RedisError, OSError) as exc:
+                raise_if_cancelling()
+                logger.warning("writing the job registry failed: {}; retrying in {:.1f}s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def _follow_control(self) -> None:
         """Apply operators' changes (pause, resume, remove) within CONTROL_POLL_S.
@@ -208,9 +227,8 @@ class SchedulerService:
             raise_if_cancelling()
             try:
                 self.manager.set_paused(await self.control.paused())
-                running = {spec.id for spec in self.manager.list()}
                 for job_id in await self.control.removed():
-                    if job_id in running:
+                    if self.manager.has(job_id):
                         self.manager.remove(job_id)
                         self.leadership.jobs = len(self.manager.list())
             except (redis.RedisError, OSError) as exc:

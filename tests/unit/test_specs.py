@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from scheduler.jobfiles import MAX_FILE_BYTES, parse_job_file
@@ -335,6 +337,24 @@ def test_syntax_errors_name_file_and_line(tmp_path: Path, name: str, text: str, 
         parse_job_file(path)
     assert len(caught.value.problems) == 1
     assert caught.value.problems[0].startswith(f"{path}: {expected}")
+
+
+def test_json_documents_read_like_yaml_through_the_fast_path(tmp_path: Path) -> None:
+    document = {
+        "defaults": {"timezone": "Europe/Berlin"},
+        "jobs": [{"id": "x", "task": "t.a", "cron": "0 2 * * *", "args": [1, 2.5, None, True], "kwargs": {"k": "v"}}],
+    }
+    as_json = write(tmp_path, "generated.yaml", json.dumps(document))
+    as_yaml = write(tmp_path, "written.yaml", yaml.safe_dump(document))
+    assert parse_job_file(as_json) == parse_job_file(as_yaml) == document
+    duplicate = write(
+        tmp_path, "dup.yaml", '{"jobs": [{"id": "x", "task": "t.a", "cron": "1 * * * *", "cron": "2 * * * *"}]}'
+    )
+    with pytest.raises(JobSpecError, match="duplicate key 'cron'"):
+        parse_job_file(duplicate)
+    # YAML flow style that is not JSON still parses (as YAML).
+    flow = write(tmp_path, "flow.yaml", "{jobs: [{id: x, task: t.a, interval: 5}]}")
+    assert parse_job_file(flow) == {"jobs": [{"id": "x", "task": "t.a", "interval": 5}]}
 
 
 def test_python_tags_are_refused_and_never_run(tmp_path: Path) -> None:
