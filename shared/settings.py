@@ -180,9 +180,9 @@ class SchedulerSettings(_Group):
     """Fires kept per job in the run history."""
     publish_batch_size: int = Field(500, ge=1, le=10000)
     """Fires published per Redis round trip when many are due at once."""
-    lookahead_s: float = Field(2.0, ge=0, le=60)
+    lookahead_s: float = Field(5.0, ge=0, le=60)
     """Fires are handed over and encoded this long before they are due, then published at the
-    due instant (never earlier). Also how early a pause must land to affect a fire."""
+    due instant (never earlier). A pause, resume or removal still applies at the due instant."""
 
     @field_validator("misfire_grace_time", mode="before")
     @classmethod
