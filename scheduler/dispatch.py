@@ -315,6 +315,30 @@ class Dispatcher:
         for fire in self._timeline.pop(release_ts):
             self._queue.put_nowait(fire)
 
+    def promote(self) -> None:
+        """This replica just became the leader: fires it holds as a backup (handed over ahead of
+        time while it followed) are moved to their own due time. Each is still checked first,
+        in case the old leader decided it before it left."""
+        now_ts = self.clock().timestamp()
+        moved = 0
+        for release_ts in list(self._timeline):
+            group = self._timeline[release_ts]
+            backups = [fire for fire in group if fire.backup]
+            if not backups:
+                continue
+            kept = [fire for fire in group if not fire.backup]
+            if kept:
+                self._timeline[release_ts] = kept
+            else:
+                del self._timeline[release_ts]
+                self._timers.pop(release_ts).cancel()
+            for fire in backups:
+                due = release_tick(fire.scheduled_at.timestamp() + jitter_of(fire.job, fire.scheduled_at))
+                self._schedule(fire, min(due, release_ts), now_ts)
+                moved += 1
+        if moved:
+            logger.info("now the leader: {} fires held as backups move to their due time", moved)
+
     # -- preparing ahead of time ---------------------------------------------------------------
 
     def _add_to_prepare(self, fire: Fire, release_ts: float, now_ts: float) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -64,6 +65,8 @@ class Leadership:
         self.outcomes: Any = {}
         self._leader = False
         self._ticks = 0
+        self.on_promoted: Callable[[], None] | None = None
+        """Called when this replica takes the lease (the dispatcher moves its backup fires up)."""
         self._hold = client.register_script(_HOLD)
         self._release = client.register_script(_RELEASE)
 
@@ -83,6 +86,8 @@ class Leadership:
             logger.warning("leader lease not renewed: {}", exc)
         if self._leader != was:
             logger.info("replica {} is now {}", self.owner, "the leader" if self._leader else "a follower")
+            if self._leader and self.on_promoted is not None:
+                self.on_promoted()
         self._ticks += 1
         if self._leader and self._ticks % PRUNE_EVERY_TICKS == 0:
             await self._prune()

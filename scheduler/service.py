@@ -128,6 +128,7 @@ class SchedulerService:
                 defaults, self.dispatcher, last_fires=self.state.load_last_fires, lookahead_s=sched.lookahead_s
             )
             self.dispatcher.job_state = self.manager.job_state
+            self.leadership.on_promoted = self.dispatcher.promote
             self._hashes = file_hashes(self.options.job_files)
             for spec in await self._without_removed(self._initial_specs):
                 self.manager.register(spec)

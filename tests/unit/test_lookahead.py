@@ -35,11 +35,14 @@ class FakeLedger:
     """Records what is decided and when; every fire is dispatched unless decided before."""
 
     def __init__(self) -> None:
-        self.decided: list[tuple[float, FireIntent]] = []
+        self.log: list[tuple[float, FireIntent]] = []
+
+    async def decided(self, fires: Sequence[tuple[str, str]]) -> list[int]:
+        return [0 for _ in fires]  # nobody decided them: a backup publishes them
 
     async def decide(self, fires: Sequence[FireIntent], owner: str) -> list[str]:
         now = time.time()
-        self.decided += [(now, fire) for fire in fires]
+        self.log += [(now, fire) for fire in fires]
         return [fire.outcome.value for fire in fires]
 
 
@@ -67,8 +70,8 @@ async def test_fires_handed_over_early_are_encoded_ahead_and_decided_never_befor
     times = [base + timedelta(milliseconds=100 * i) for i in range(5)]
     d.submit(spec(), times)
     d.submit(jittery, times)
-    await wait_until(lambda: len(ledger.decided) == 10)
-    for decided_at, intent in ledger.decided:
+    await wait_until(lambda: len(ledger.log) == 10)
+    for decided_at, intent in ledger.log:
         nominal = datetime.fromisoformat(intent.scheduled_at)
         release = nominal.timestamp() + (jitter_of(jittery, nominal) if intent.job_id == "jittery" else 0)
         assert decided_at >= release, f"{intent.job_id} {intent.scheduled_at} decided {release - decided_at:.4f}s early"
@@ -87,15 +90,33 @@ async def test_pause_resume_and_removal_after_hand_over_apply_at_the_due_time() 
     for job_id in ("paused-later", "removed-later", "kept"):
         d.submit(spec(id=job_id), [at])  # handed over while active
     d.record_skipped(spec(id="resumed-later"), [at], "paused")  # handed over while paused
-    await wait_until(lambda: len(ledger.decided) == 3)
+    await wait_until(lambda: len(ledger.log) == 3)
     assert await d.drain(timeout_s=2)
-    decided = {intent.job_id: intent for _, intent in ledger.decided}
+    decided = {intent.job_id: intent for _, intent in ledger.log}
     assert decided["paused-later"].outcome is Outcome.SKIPPED
     assert decided["paused-later"].reason == "paused"
     assert decided["resumed-later"].outcome is Outcome.DISPATCHED
     assert decided["resumed-later"].payload  # encoded when it turned out to run after all
     assert decided["kept"].outcome is Outcome.DISPATCHED
     assert "removed-later" not in decided
+
+
+async def test_a_promoted_follower_moves_its_backup_fires_to_their_due_time() -> None:
+    ledger, encoder = FakeLedger(), FakeEncoder()
+    leader = False
+    d = Dispatcher(ledger, encoder, "test", Limits(time_limit_s=60), takeover_s=30, is_leader=lambda: leader)  # type: ignore[arg-type]
+    d.start()
+    at = datetime.now(UTC) + timedelta(seconds=0.3)
+    d.submit(spec(), [at])  # held as a backup until at + 30 s
+    await asyncio.sleep(0.5)
+    assert ledger.log == []
+    leader = True
+    d.promote()
+    await wait_until(lambda: len(ledger.log) == 1, timeout_s=2)
+    decided_at, intent = ledger.log[0]
+    assert intent.outcome is Outcome.DISPATCHED
+    assert decided_at - at.timestamp() < 1.5
+    assert await d.drain(timeout_s=2)
 
 
 async def test_drain_decides_due_fires_and_drops_fires_not_yet_due() -> None:
@@ -109,7 +130,7 @@ async def test_drain_decides_due_fires_and_drops_fires_not_yet_due() -> None:
     d.submit(spec(id="early"), [future])
     d.record_skipped(spec(id="paused"), [future], "paused")
     assert await d.drain(timeout_s=2)
-    assert [(i.job_id, i.outcome) for _, i in ledger.decided] == [("late", Outcome.DISPATCHED)]
+    assert [(i.job_id, i.outcome) for _, i in ledger.log] == [("late", Outcome.DISPATCHED)]
     assert d.outcomes == {"dispatched": 1}
 
 
@@ -120,8 +141,8 @@ async def test_only_fires_already_due_coalesce() -> None:
     now = datetime.now(UTC)
     times = [now - timedelta(seconds=2), now - timedelta(seconds=1), now + timedelta(seconds=1)]
     d.submit(spec(coalesce=True), times)
-    await wait_until(lambda: len(ledger.decided) == 3)
-    outcomes = {datetime.fromisoformat(i.scheduled_at): i.outcome for _, i in ledger.decided}
+    await wait_until(lambda: len(ledger.log) == 3)
+    outcomes = {datetime.fromisoformat(i.scheduled_at): i.outcome for _, i in ledger.log}
     assert outcomes == {times[0]: Outcome.COALESCED, times[1]: Outcome.DISPATCHED, times[2]: Outcome.DISPATCHED}
     assert await d.drain(timeout_s=2)
 
