@@ -187,6 +187,13 @@ class _LookaheadScheduler(AsyncIOScheduler):  # type: ignore[misc]
         )
         self._on_due = on_due
         self.lookahead_s = lookahead_s
+        self._since = time.monotonic()
+
+    def _lookahead(self) -> float:
+        """The look-ahead grows from 0 to ``lookahead_s`` over the first ``lookahead_s`` seconds:
+        taking a full look-ahead of fires at once at start-up is a burst to prepare while the
+        first fires are already due; ramping up spreads it over the ramp."""
+        return min(self.lookahead_s, time.monotonic() - self._since)
 
     def add(self, job_id: str, trigger: Any, next_run_time: datetime) -> None:
         """``add_job`` for a chronoq job, without APScheduler's per-job costs (a signature check
@@ -207,7 +214,8 @@ class _LookaheadScheduler(AsyncIOScheduler):  # type: ignore[misc]
     def _process_jobs(self) -> float | None:
         if self.state != STATE_RUNNING:
             return None
-        horizon_ts = time.time() + self.lookahead_s
+        lookahead_s = self._lookahead()
+        horizon_ts = time.time() + lookahead_s
         horizon = datetime.fromtimestamp(horizon_ts, UTC)
         store = self._store
         with self._jobstores_lock:
@@ -232,7 +240,10 @@ class _LookaheadScheduler(AsyncIOScheduler):  # type: ignore[misc]
             upcoming = store.get_next_run_time()
         if upcoming is None:
             return None
-        return max(0.0, upcoming.timestamp() - self.lookahead_s - time.time())
+        if lookahead_s < self.lookahead_s:
+            # Still ramping up: look again soon, the horizon moves twice as fast as the clock.
+            return min(0.1, max(0.0, upcoming.timestamp() - lookahead_s - time.time()))
+        return max(0.0, upcoming.timestamp() - lookahead_s - time.time())
 
 
 class SchedulerManager:
