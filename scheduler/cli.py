@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +244,11 @@ def _describe_steer(action: str, result: Any) -> str:
             error = f" {e['error']}" if e.get("error") else ""
             lines.append(f"  {e.get('scheduled_at', '?')}  {e.get('final') or '?':<10}{took}{host}{error}")
         lines.append("audit:")
-        lines += [f"  {a['at_ms']} {a['action']} by {a['by']} {a['note']}".rstrip() for a in result["audit"]]
+        lines += [
+            f"  {datetime.fromtimestamp(a['at_ms'] / 1000, UTC).isoformat(timespec='seconds')} {a['action']} "
+            f"by {a['by']} {a['note']}".rstrip()
+            for a in result["audit"]
+        ]
         return "\n".join(lines)
     if action == "trigger":
         reason = f" ({result['reason']})" if result["reason"] and not result["dispatched"] else ""

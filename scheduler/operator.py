@@ -30,7 +30,7 @@ from scheduler.specs import JobSpec
 from scheduler.state import StateStore
 from scheduler.triggers import describe_trigger, next_fire_times
 from shared.errors import ChronoqError
-from shared.fleet import FireLedger, Outcome
+from shared.fleet import FireLedger, Outcome, fire_view
 from shared.names import RedisKeys, format_scheduled_at
 from shared.settings import AppSettings
 
@@ -96,24 +96,27 @@ class Operator:
         async with self.client.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.lindex(self.keys.history(job_id), 0)
-            latest = await pipe.execute()
+            latest = dict(zip(ids, await pipe.execute(), strict=True))
+        fired = [job_id for job_id in ids if latest[job_id] is not None]
         async with self.client.pipeline(transaction=False) as pipe:
-            for job_id, stamp in zip(ids, latest, strict=True):
-                pipe.hgetall(self.keys.fire(job_id, str(stamp)) if stamp is not None else self.keys.fire(job_id, "-"))
-            last_fires = await pipe.execute()
-        rows = []
-        for job_id, last in zip(ids, last_fires, strict=True):
-            spec = JobSpec.model_validate(registry[job_id]["spec"])
-            rows.append(self._summary(spec, now, last, paused.get(job_id)))
-        return rows
+            for job_id in fired:
+                pipe.hgetall(self.keys.fire(job_id, str(latest[job_id])))
+            last_fires = dict(zip(fired, await pipe.execute(), strict=True))
+        return [
+            self._summary(
+                JobSpec.model_validate(registry[job_id]["spec"]),
+                now,
+                fire_view(last_fires[job_id]) if last_fires.get(job_id) else {},
+                paused.get(job_id),
+            )
+            for job_id in ids
+        ]
 
     def _summary(
-        self, spec: JobSpec, now: datetime, last: dict[str, str], paused: dict[str, Any] | None
+        self, spec: JobSpec, now: datetime, last: dict[str, Any], paused: dict[str, Any] | None
     ) -> dict[str, Any]:
+        """``last``: the job's latest fire as :func:`shared.fleet.fire_view` shows it ({} if none)."""
         upcoming = next_fire_times(spec, now, 1) if spec.enabled else []
-        final = None
-        if last:
-            final = last.get("run") if last.get("run") else last.get("outcome")
         return {
             "id": spec.id,
             "task": spec.task,
@@ -122,7 +125,7 @@ class Operator:
             "enabled": spec.enabled,
             "next_fire": upcoming[0].isoformat() if upcoming else None,
             "last_fire": last.get("scheduled_at") if last else None,
-            "last_outcome": final,
+            "last_outcome": last.get("final"),
             "paused": paused is not None,
             "paused_note": (paused or {}).get("note", ""),
         }
@@ -149,9 +152,7 @@ class Operator:
         lease_s = self.settings.scheduler.takeover_s
         leader = await self.client.get(self.keys.leader)
         replicas = []
-        for replica_id, raw in sorted((await self.client.hgetall(self.keys.replicas)).items()):
-            info = json.loads(raw)
-            age_s = (now_ms - int(info.get("heartbeat_ms", 0))) / 1000
+        for replica_id, info, age_s in await self._beats(self.keys.replicas, "heartbeat_ms", now_ms):
             replicas.append(
                 {
                     "id": str(replica_id),
@@ -162,9 +163,7 @@ class Operator:
                 }
             )
         workers = []
-        for hostname, raw in sorted((await self.client.hgetall(self.keys.workers)).items()):
-            info = json.loads(raw)
-            age_s = (now_ms - int(info.get("last_seen_ms", 0))) / 1000
+        for hostname, info, age_s in await self._beats(self.keys.workers, "last_seen_ms", now_ms):
             workers.append(
                 {
                     "hostname": str(hostname),
@@ -191,6 +190,14 @@ class Operator:
             "buffered": await self.client.scard(self.keys.buffered),
             "counters": await self.state.counters(),
         }
+
+    async def _beats(self, key: str, field: str, now_ms: int) -> list[tuple[str, dict[str, Any], float]]:
+        """A heartbeat hash as (id, info, seconds since its last beat), sorted by id."""
+        beats = []
+        for member, raw in sorted((await self.client.hgetall(key)).items()):
+            info = json.loads(raw)
+            beats.append((str(member), info, (now_ms - int(info.get(field, 0))) / 1000))
+        return beats
 
     # -- changing ------------------------------------------------------------------------------
 
