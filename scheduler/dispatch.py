@@ -17,7 +17,7 @@ When Redis is down a batch is retried with backoff until each fire's grace runs 
 it is then decided as missed.
 
 Fires usually arrive ``lookahead_s`` before they are due (see :mod:`scheduler.manager`). The
-leader's are *prepared* then: message built and encoded on the encoder thread, in batches, so at
+leader's are *prepared* then: message built and encoded, in batches, so at
 the due instant (plus jitter) only the decide call is left. Nothing is ever published before
 its nominal time plus its jitter; at shutdown, fires not yet due are dropped rather than
 published early, and the next scheduler's catch-up (or a follower's takeover) handles them.
@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
-import anyio.to_thread
 import redis
 from loguru import logger
 
@@ -54,10 +53,14 @@ PAUSED = "paused"
 QUIET_BATCH = 20
 """Past this many fires decided in one second, fires are logged as one summary line a second."""
 PREPARE_EVERY_S = 0.05
-"""Fires handed over ahead of time are prepared in batches collected over this long: one hop to
-the encoder thread per batch instead of one per fire."""
+"""Fires handed over ahead of time are prepared in batches collected over this long: one task
+per batch instead of one per fire."""
 PREPARE_MARGIN_S = 0.25
 """A fire due sooner than this is prepared at once instead of waiting for its batch."""
+ENCODE_CHUNK = 100
+"""Fires encoded per turn of the event loop (about 2 ms of work). Encoding runs on the loop: it
+costs ~15 µs a message from a template, less than handing it to a thread and waiting for the
+GIL to come back."""
 RELEASE_TICK_S = 0.005
 """Fires are released on a 5 ms grid (rounded up, never early): at 1,000 fires a second spread
 over the second, one decide call and one timer per 5 fires instead of per fire."""
@@ -73,7 +76,7 @@ def utc_now() -> datetime:
 
 
 class Encoder(Protocol):
-    """Turns task messages into (broker list key, payload); pure CPU, run off the loop."""
+    """Turns task messages into (broker list key, payload); pure CPU, run on the loop in chunks."""
 
     def encode(self, messages: Sequence[TaskMessage]) -> list[tuple[str, str]]: ...
 
@@ -362,9 +365,11 @@ class Dispatcher:
     async def _prepare(self, batch: list[tuple[Fire, float]]) -> None:
         try:
             fires = [fire for fire, _ in batch]
-            intents = await anyio.to_thread.run_sync(self._encode_intents, fires, self.clock())
-            for fire, intent in zip(fires, intents, strict=True):
-                fire.prepared = intent
+            for start in range(0, len(fires), ENCODE_CHUNK):
+                chunk = fires[start : start + ENCODE_CHUNK]
+                for fire, intent in zip(chunk, self._encode_intents(chunk, self.clock()), strict=True):
+                    fire.prepared = intent
+                await asyncio.sleep(0)  # fires due meanwhile are released between chunks
         except Exception as exc:  # a bad message: decided (and reported) unprepared, at its time
             logger.warning("preparing {} fires ahead of time failed: {}", len(batch), exc)
         finally:
@@ -378,7 +383,7 @@ class Dispatcher:
         self._check_idle()
 
     def _encode_intents(self, fires: list[Fire], now: datetime) -> list[FireIntent]:
-        """On the encoder thread: each fire's message, encoded, as the ledger will decide it."""
+        """Each fire's message, encoded, as the ledger will decide it."""
         encoded = self.encoder.encode([fire.message(now, self.limits) for fire in fires])
         return [fire.intent(now, self.limits, payload) for fire, payload in zip(fires, encoded, strict=True)]
 
@@ -460,10 +465,12 @@ class Dispatcher:
         now = self.clock()
         to_send = [f for f in fires if f.outcome is Outcome.DISPATCHED and f.prepared is None]
         encoded: dict[int, tuple[str, str]] = {}
-        if to_send:
-            messages = [f.message(now, self.limits) for f in to_send]
-            payloads = await anyio.to_thread.run_sync(self.encoder.encode, messages)
-            encoded = {id(f): p for f, p in zip(to_send, payloads, strict=True)}
+        for start in range(0, len(to_send), ENCODE_CHUNK):
+            chunk = to_send[start : start + ENCODE_CHUNK]
+            payloads = self.encoder.encode([f.message(now, self.limits) for f in chunk])
+            encoded.update((id(f), p) for f, p in zip(chunk, payloads, strict=True))
+            if len(to_send) > ENCODE_CHUNK:
+                await asyncio.sleep(0)
         intents = [f.prepared or f.intent(now, self.limits, encoded.get(id(f))) for f in fires]
         results = await self.ledger.decide(intents, self.owner)
         self._log(fires, [str(r) for r in results], now)

@@ -46,6 +46,10 @@ MAX_CATCH_UP_RECORDS = 1000
 # Due jobs handled per turn of the event loop: a 10,000-job minute boundary is handed over in
 # slices, so dispatching fires that are due meanwhile never waits for the whole burst.
 HANDOVER_SLICE = 500
+HANDOVER_TICK_S = 0.1
+"""With a look-ahead, fires are handed over at most this often (a fire arrives between the
+look-ahead and this much less before it is due): at 1,000 fires a second with distinct times,
+one wake-up per tick instead of one per fire time."""
 
 
 class FireSink(Protocol):
@@ -211,6 +215,18 @@ class _LookaheadScheduler(AsyncIOScheduler):  # type: ignore[misc]
         if self.state == STATE_RUNNING:
             self.wakeup()
 
+    def _start_timer(self, wait_seconds: float | None) -> None:
+        # APScheduler's timer calls wakeup(), which hops through call_soon_threadsafe (a write
+        # to the loop's self-pipe and one more turn of the loop) in case it is called from
+        # another thread. The timer is on the loop already.
+        self._stop_timer()
+        if wait_seconds is not None:
+            self._timeout = self._eventloop.call_later(wait_seconds, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timeout = None
+        self._start_timer(self._process_jobs())
+
     def _process_jobs(self) -> float | None:
         if self.state != STATE_RUNNING:
             return None
@@ -240,10 +256,12 @@ class _LookaheadScheduler(AsyncIOScheduler):  # type: ignore[misc]
             upcoming = store.get_next_run_time()
         if upcoming is None:
             return None
+        wait_s = max(0.0, upcoming.timestamp() - lookahead_s - time.time())
         if lookahead_s < self.lookahead_s:
             # Still ramping up: look again soon, the horizon moves twice as fast as the clock.
-            return min(0.1, max(0.0, upcoming.timestamp() - lookahead_s - time.time()))
-        return max(0.0, upcoming.timestamp() - lookahead_s - time.time())
+            return min(HANDOVER_TICK_S, wait_s)
+        # Never later than the fire's time (with a look-ahead under the tick, as in tests).
+        return max(wait_s, min(HANDOVER_TICK_S, lookahead_s / 2))
 
 
 class SchedulerManager:

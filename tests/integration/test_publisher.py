@@ -142,6 +142,30 @@ def test_messages_equal_what_send_task_writes(
     assert ours["properties"]["priority"] == (priority or 0)
 
 
+def test_template_path_writes_what_the_first_path_writes(app: Celery) -> None:
+    """A message built from its shape's string template is the JSON that Celery's own path
+    (the first message of a shape) writes for it, for values that need escaping: '%' (the
+    template is a %-format string), quotes, backslashes, non-ASCII."""
+    awkward = ['50% "off"', "back\\slash", "caf\u00e9 \u2603", {"%(task_id)s": "%s"}]
+
+    def message(task_id: str, args: list[Any], job_id: str) -> TaskMessage:
+        headers = {HEADER_JOB_ID: job_id, HEADER_SCHEDULED_AT: "2030-01-01T00:00:00+00:00", HEADER_TRACE_ID: task_id}
+        return TaskMessage("demo.100%_sum", args, {"k": "%%"}, "q%d", task_id, headers, expires_s=30.0)
+
+    compared = message("id-%s-2", awkward, 'job "%(x)s" \u00e9')
+    with BatchPublisher(app) as templated, BatchPublisher(app) as first:
+        ((_, from_template),) = templated.encode([message("id-1", [1], "plain"), compared])[1:]
+        ((_, built),) = first.encode([compared])
+    ours, celerys = json.loads(from_template), json.loads(built)
+    for payload in (ours, celerys):
+        payload["properties"].pop("delivery_tag")
+        expires_in = datetime.fromisoformat(payload["headers"].pop("expires")) - datetime.now().astimezone()
+        assert 25 < expires_in.total_seconds() <= 30
+        assert 29_000 <= int(payload["properties"].pop("expiration")) <= 30_000
+    assert ours == celerys
+    assert json.loads(base64.b64decode(ours["body"]))[0] == awkward
+
+
 def test_worker_runs_a_batch_and_sees_its_headers(
     settings: AppSettings,
     app: Celery,

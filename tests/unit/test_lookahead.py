@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from scheduler.dispatch import Dispatcher, Limits, jitter_of
-from scheduler.manager import SchedulerManager, _HeapJobStore
+from scheduler.manager import HANDOVER_TICK_S, SchedulerManager, _HeapJobStore
 from scheduler.publisher import TaskMessage
 from scheduler.specs import JobDefaults, JobSpec
 from shared.fleet import FireIntent, Outcome
@@ -172,6 +172,34 @@ async def test_manager_hands_fires_over_lookahead_s_early_with_nominal_times() -
     steady = [(handed_at, at) for handed_at, at in handed if handed_at > started + 1.2]
     assert steady
     assert all(handed_at < at.timestamp() for handed_at, at in steady)  # ahead of its time
+
+
+async def test_manager_hands_fires_over_in_ticks_not_once_per_fire_time() -> None:
+    """200 jobs a second, each at its own instant: the manager wakes about every
+    HANDOVER_TICK_S and hands over everything inside the look-ahead, not once per fire time;
+    every fire still arrives at least half the look-ahead before it is due."""
+    handed: list[tuple[float, datetime]] = []
+
+    class Sink:
+        def submit(self, job: JobSpec, run_times: Sequence[datetime]) -> None:
+            handed.extend((time.time(), at) for at in run_times)
+
+        def record_missed(self, job: JobSpec, times: Sequence[datetime], reason: str) -> None: ...
+
+        def record_skipped(self, job: JobSpec, run_times: Sequence[datetime], reason: str) -> None: ...
+
+    defaults = JobDefaults.from_settings(SchedulerSettings(), "cron_queue")
+    async with SchedulerManager(defaults, Sink(), lookahead_s=1.0) as manager:
+        epoch = datetime(2020, 1, 1, tzinfo=UTC)
+        for i in range(200):
+            manager.register_interval(f"j{i}", "demo.sleep", 1.0, start_date=epoch + timedelta(milliseconds=5 * i))
+        started = time.time()
+        await asyncio.sleep(3.5)
+    steady = [(handed_at, at) for handed_at, at in handed if handed_at > started + 1.5]
+    assert len(steady) > 300
+    assert all(at.timestamp() - handed_at >= 0.5 for handed_at, at in steady)
+    wakeups = {round(handed_at, 2) for handed_at, _ in steady}  # one hand-over takes under 10 ms
+    assert len(wakeups) <= 2.0 / HANDOVER_TICK_S + 5, f"{len(wakeups)} hand-overs in 2 s"
 
 
 def test_heap_job_store_orders_updates_and_removes() -> None:
