@@ -39,6 +39,7 @@ from loguru import logger
 from scheduler.specs import JobDefaults, JobSpec
 from scheduler.triggers import LocalCronTrigger, build_trigger, describe_trigger
 from shared.errors import ChronoqError
+from shared.logging import debug_enabled
 
 # A per-second job down for a day has 86,400 missed fires; past this many they are counted
 # in one summary record instead of one record each.
@@ -484,21 +485,25 @@ class SchedulerManager:
         first_fires: dict[Any, datetime | None] | None = None,
     ) -> None:
         self._specs[spec.id] = spec
-        log = logger.bind(job_id=spec.id)
-        info = log.debug if quiet else log.info
+        # Quiet (start-up): a DEBUG line per job, and nothing at all built when DEBUG is off.
+        say = None if quiet and not debug_enabled() else logger.bind(job_id=spec.id).opt(lazy=True)
+        info = None if say is None else say.debug if quiet else say.info
         if not spec.enabled:
-            info("job registered disabled")
+            if info is not None:
+                info("job registered disabled")
             return
         now = now or self.clock()
         trigger = build_trigger(spec)
         first = self._first_fire(spec, trigger, now, catch_up=catch_up, first_fires=first_fires)
         if first is None:
-            info("job has no fire left ({})", describe_trigger(spec))
+            if info is not None:
+                info("job has no fire left ({})", lambda: describe_trigger(spec))
             return
         scheduler = self.scheduler
         assert isinstance(scheduler, _LookaheadScheduler)
         scheduler.add(spec.id, trigger, first)
-        info("job added: {} next={}", describe_trigger(spec), first.isoformat())
+        if info is not None:
+            info("job added: {} next={}", lambda: describe_trigger(spec), first.isoformat)
 
     def _first_fire(
         self,

@@ -100,6 +100,15 @@ def _json_sink(stream: TextIO) -> Any:
     return write
 
 
+_debug_enabled = True
+
+
+def debug_enabled() -> bool:
+    """Whether DEBUG lines are written (True until :func:`configure_logging` says otherwise):
+    for loops that would otherwise build 100,000 lines to throw away."""
+    return _debug_enabled
+
+
 def configure_logging(settings: AppSettings, *, process: str = "chronoq", stream: TextIO | None = None) -> None:
     """(Re)configure loguru for this process; safe to call again after a fork.
 
@@ -130,6 +139,8 @@ def configure_logging(settings: AppSettings, *, process: str = "chronoq", stream
         ctx = " ".join(f"{k}={extra[k]}" for k in CONTEXT_KEYS if k in extra)
         extra["ctx"] = f" [{ctx}]" if ctx else ""
 
+    global _debug_enabled
+    _debug_enabled = _stdlib_level(log.level) <= logging.DEBUG
     logger.remove()
     logger.configure(patcher=patch, extra={"proc": process, "ctx": ""})
     out = stream or sys.stderr

@@ -13,7 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from scheduler.jobfiles import MAX_FILE_BYTES, parse_job_file
-from scheduler.specs import JobDefaults, JobSpec, load_job_specs, validate_job_documents
+from scheduler.specs import JobDefaults, JobSpec, flat_json_size_bound, load_job_specs, validate_job_documents
 from shared.errors import ConfigError, JobSpecError
 from shared.settings import SchedulerSettings
 
@@ -528,3 +528,52 @@ def test_equality_is_what_the_reloader_needs(left: JobSpec, right: JobSpec, equa
     assert (left == right) is equal
     if equal:
         assert hash(left) == hash(right)
+
+
+def test_flat_json_size_bound_is_an_upper_bound_or_none() -> None:
+    """The shortcut that spares most jobs the full JSON walk and the size encoding: never
+    under the real size, and None for anything it cannot vouch for."""
+    import random
+
+    rng = random.Random(7)
+    scalars = [
+        "",
+        "x" * 50,
+        'caf\u00e9 \u2603 "q" \\',
+        "\n\t\x00",
+        0,
+        -(2**63),
+        2**64 - 1,
+        1e-300,
+        -1.7976931348623157e308,
+        0.1,
+        True,
+        False,
+        None,
+    ]
+    for _ in range(2000):
+        args = rng.choices(scalars, k=rng.randrange(6))
+        kwargs = {
+            rng.choice(["k", "caf\u00e9", '"', ""]) + str(i): rng.choice(scalars) for i in range(rng.randrange(4))
+        }
+        for value in (args, kwargs):
+            bound = flat_json_size_bound(value)
+            assert bound is not None
+            assert bound >= len(json.dumps(value).encode()), value
+    for bad in (
+        [[1]],
+        [{"a": 1}],
+        {"a": [1]},
+        [float("nan")],
+        [float("inf")],
+        {1: "x"},
+        [2**64],
+        [datetime.now()],
+        (1,),
+    ):
+        assert flat_json_size_bound(bad) is None, bad  # type: ignore[arg-type]
+    # What the shortcut skips still fails where it must: a nested bad value and an oversize one.
+    with pytest.raises(ValidationError, match=r"\[0\]\[0\] is nan"):
+        JobSpec(id="j", task="demo.sleep", interval=1, args=[[float("nan")]])
+    with pytest.raises(ValidationError, match="the limit is 65536"):
+        JobSpec(id="j", task="demo.sleep", interval=1, args=["\u00e9" * 11_000])
