@@ -59,7 +59,10 @@ def celery_config(settings: AppSettings, task_modules: Sequence[str] = ()) -> di
         "task_soft_time_limit": celery.task_soft_time_limit_s,
         "result_expires": celery.result_expires_s,
         "result_extended": True,
-        "task_track_started": True,
+        # STARTED is stored by chronoq's task base class once the run lease admitted the
+        # delivery (workers/runtime.py). Celery's own tracking stores it before any task code
+        # runs, so a duplicate turned away after the run succeeded would overwrite SUCCESS.
+        "task_track_started": False,
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": redis.socket_connect_timeout_s,

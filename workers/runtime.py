@@ -22,7 +22,8 @@ from contextvars import ContextVar
 from typing import Any, ClassVar, Protocol
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
-from celery import Task
+from celery import Task, states
+from celery.app.task import get_actual_ignore_result
 
 from shared.logging import current_context, log_context
 
@@ -88,6 +89,12 @@ class ChronoqTask(Task):  # type: ignore[misc]
 
     run_guard: ClassVar[RunGuard | None] = None
     """Asked before every body runs in a worker (never for a direct call); None: all run."""
+    report_started: ClassVar[bool] = True
+    """Store STARTED (with pid and hostname, as Celery's ``task_track_started`` does) when a
+    delivery is admitted, right before the body runs. Celery's own tracking is off
+    (shared/celery_app.py): it stores STARTED before any task code runs, so a duplicate that
+    the run guard turns away would overwrite the result of the run that succeeded. A task that
+    sets ``track_started=True`` itself gets Celery's behaviour instead."""
 
     @property
     def request(self) -> Any:
@@ -101,10 +108,21 @@ class ChronoqTask(Task):  # type: ignore[misc]
             # Here rather than in a prerun signal: an exception raised here is the task's own,
             # so Celery handles Ignore/Reject as it would from the body, in every pool.
             guard.admit(self, request)
+        if self.report_started and not self.track_started and _in_worker(self, request):
+            self.backend.store_result(
+                request.id, {"pid": os.getpid(), "hostname": request.hostname}, states.STARTED, request=request
+            )
         result = super().__call__(*args, **kwargs)
         if not inspect.iscoroutine(result):
             return result
         return runtime.run(_with_request, result, self._get_request(), current_context())
+
+
+def _in_worker(task: Task, request: Any) -> bool:
+    """Run by a worker (not called directly, not eagerly) and its result is stored."""
+    if request.called_directly or request.is_eager:
+        return False
+    return not get_actual_ignore_result(task, request)
 
 
 async def _with_request(coro: Coroutine[Any, Any, Any], request: Any, context: dict[str, str]) -> Any:
