@@ -61,6 +61,9 @@ ENCODE_CHUNK = 100
 """Fires encoded per turn of the event loop (about 2 ms of work). Encoding runs on the loop: it
 costs ~15 µs a message from a template, less than handing it to a thread and waiting for the
 GIL to come back."""
+DECIDE_LANES = 2
+"""Batches decided at once (each lane holds a share of the jobs, so a job's fires stay in
+order): while Redis runs one lane's script, the other lane's batch is built and sent."""
 RELEASE_TICK_S = 0.005
 """Fires are released on a 5 ms grid (rounded up, never early): at 1,000 fires a second spread
 over the second, one decide call and one timer per 5 fires instead of per fire."""
@@ -210,6 +213,7 @@ class Dispatcher:
         is_leader: Callable[[], bool] = lambda: True,
         clock: Callable[[], datetime] = utc_now,
         max_backoff_s: float = 2.0,
+        lanes: int = DECIDE_LANES,
     ) -> None:
         self.ledger = ledger
         self.encoder = encoder
@@ -225,7 +229,10 @@ class Dispatcher:
         that lands between a fire's hand-over (look-ahead) and its due time still applies."""
         self.outcomes: Counter[str] = Counter()
         """Outcomes this replica decided (the fleet's are in Redis)."""
-        self._queue: asyncio.Queue[Fire] = asyncio.Queue()
+        # Fires ready to decide, in lanes by job: each lane decides one batch at a time (a job's
+        # fires stay in order), and the lanes overlap, so one lane builds and sends its batch
+        # while Redis runs another's script.
+        self._lanes: list[asyncio.Queue[Fire]] = [asyncio.Queue() for _ in range(max(1, lanes))]
         # Fires waiting for their release instant (epoch s: due + jitter [+ takeover]), grouped by
         # it, one timer per group: a burst due at one instant is one timer, not 10,000.
         self._timeline: dict[float, list[Fire]] = {}
@@ -233,9 +240,9 @@ class Dispatcher:
         self._to_prepare: list[tuple[Fire, float]] = []
         self._prepare_timer: asyncio.Handle | None = None
         self._preparing = 0
-        self._busy = False
+        self._busy = 0
         self._closing = False
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._idle = asyncio.Event()
         self._idle.set()
         self._log_window_s = 0.0
@@ -244,7 +251,10 @@ class Dispatcher:
         self._summary_lags: list[float] = []
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="chronoq-dispatch")
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._run(lane), name=f"chronoq-dispatch-{n}") for n, lane in enumerate(self._lanes)
+        ]
 
     # -- intake (on the event loop, never blocking) -------------------------------------------
 
@@ -292,7 +302,7 @@ class Dispatcher:
 
     def _enqueue(self, fire: Fire) -> None:
         self._idle.clear()
-        self._queue.put_nowait(fire)
+        self._lane_of(fire).put_nowait(fire)
 
     def _schedule(self, fire: Fire, release_ts: float, now_ts: float) -> None:
         """Decide ``fire`` at ``release_ts`` (epoch s), never before."""
@@ -316,7 +326,7 @@ class Dispatcher:
             return
         del self._timers[release_ts]
         for fire in self._timeline.pop(release_ts):
-            self._queue.put_nowait(fire)
+            self._lane_of(fire).put_nowait(fire)
 
     def promote(self) -> None:
         """This replica just became the leader: fires it holds as a backup (handed over ahead of
@@ -389,21 +399,25 @@ class Dispatcher:
 
     # -- deciding ------------------------------------------------------------------------------
 
-    async def _run(self) -> None:
+    def _lane_of(self, fire: Fire) -> asyncio.Queue[Fire]:
+        return self._lanes[hash(fire.job.id) % len(self._lanes)]
+
+    async def _run(self, lane: asyncio.Queue[Fire]) -> None:
         while True:
             raise_if_cancelling()
-            batch = [await self._queue.get()]
-            while len(batch) < self.batch_size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            self._busy = True
+            batch = [await lane.get()]
+            while len(batch) < self.batch_size and not lane.empty():
+                batch.append(lane.get_nowait())
+            self._busy += 1
             try:
                 await self._process(batch)
             finally:
-                self._busy = False
+                self._busy -= 1
             self._check_idle()
 
     def _check_idle(self) -> None:
-        if not (self._busy or self._preparing or self._to_prepare or self._timeline) and self._queue.empty():
+        busy = self._busy or self._preparing or self._to_prepare or self._timeline
+        if not busy and all(lane.empty() for lane in self._lanes):
             self._idle.set()
 
     async def _process(self, fires: list[Fire]) -> None:
@@ -551,9 +565,11 @@ class Dispatcher:
             finished = True
         except TimeoutError:
             finished = False
-            logger.error("shutdown: {} fires still undecided after {}s", self._queue.qsize(), timeout_s)
+            undecided = sum(lane.qsize() for lane in self._lanes)
+            logger.error("shutdown: {} fires still undecided after {}s", undecided, timeout_s)
         self._flush_summary()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task], timeout=2.0)
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
         return finished

@@ -119,6 +119,36 @@ async def test_a_promoted_follower_moves_its_backup_fires_to_their_due_time() ->
     assert await d.drain(timeout_s=2)
 
 
+async def test_lanes_overlap_batches_and_keep_each_jobs_fires_in_order() -> None:
+    """A burst in batches of 10 over 2 lanes: two batches are with the ledger at once, and each
+    job's fires reach it in their order (a job belongs to one lane)."""
+
+    class SlowLedger(FakeLedger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.in_flight = self.most_in_flight = 0
+
+        async def decide(self, fires: Sequence[FireIntent], owner: str) -> list[str]:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            await asyncio.sleep(0.02)
+            self.in_flight -= 1
+            return await super().decide(fires, owner)
+
+    ledger, encoder = SlowLedger(), FakeEncoder()
+    d = Dispatcher(ledger, encoder, "test", Limits(time_limit_s=60), batch_size=10)  # type: ignore[arg-type]
+    d.start()
+    first = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=10)
+    times = [first + timedelta(seconds=i) for i in range(5)]
+    for n in range(20):
+        d.submit(spec(id=f"j{n}"), times)  # all due: decided at once, 100 fires
+    await wait_until(lambda: len(ledger.log) == 100)
+    assert ledger.most_in_flight == 2
+    for n in range(20):
+        assert [i.scheduled_at for _, i in ledger.log if i.job_id == f"j{n}"] == sorted(t.isoformat() for t in times)
+    assert await d.drain(timeout_s=2)
+
+
 async def test_drain_decides_due_fires_and_drops_fires_not_yet_due() -> None:
     ledger, encoder = FakeLedger(), FakeEncoder()
     d = dispatcher(ledger, encoder)
