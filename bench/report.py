@@ -370,6 +370,10 @@ LIMITATIONS = [
     "periodic burst for the others, as it would be in production.",
     "- CPU per fire counts the contender's process tree; chronoq and RedBeat also spend Redis CPU, "
     "shown separately (including the probe's pops).",
+    "- chronoq encodes each fire's message up to 5 s before it is due (its look-ahead), outside a W2 "
+    "window that starts at the boundary: its W2 CPU per fire leaves that out. In W1's steady stream "
+    "it is all inside the window; at low rates W1's figure is mostly the daemon's fixed cost "
+    "(heartbeats, lease renewals, one Redis call per fire instead of per batch).",
     "- Sizes and durations are parameters (`python -m bench.compare --help`); short windows make the "
     "p99 and max of a single run noisy, hence the repeats.",
 ]
