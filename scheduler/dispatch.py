@@ -156,45 +156,56 @@ class Fire:
         # A message that sits in a backlog past this must not run: the job's own expiry, else
         # its misfire grace, counted from the nominal fire time.
         expires = self.job.expires if self.job.expires is not None else self.job.misfire_grace_time
-        return None if expires is None else max(1.0, (self.scheduled_at - now).total_seconds() + expires)
+        return None if expires is None else max(1.0, self.scheduled_at.timestamp() - now.timestamp() + expires)
 
-    def message(self, now: datetime, limits: Limits) -> TaskMessage:
-        scheduled_at = self.stamp
+    def message(self, now: datetime, limits: Limits, expires_s: float | None = None) -> TaskMessage:
+        """The fire's task message; ``expires_s`` is :meth:`expires_s` when the caller has it."""
         task_id = self.task_id
+        job = self.job
         return TaskMessage(
-            task_name=self.job.task,
-            args=list(self.job.args),
-            kwargs=dict(self.job.kwargs),
-            queue=self.job.queue,
+            task_name=job.task,
+            args=job.args,  # read, never changed, by the encoder
+            kwargs=job.kwargs,
+            queue=job.queue,
             task_id=task_id,
-            headers={HEADER_JOB_ID: self.job.id, HEADER_SCHEDULED_AT: scheduled_at, HEADER_TRACE_ID: task_id},
-            priority=self.job.priority,
-            expires_s=self.expires_s(now),
-            time_limit_s=self.job.time_limit or limits.time_limit_s,
-            soft_time_limit_s=self.job.soft_time_limit or limits.soft_time_limit_s,
+            headers={HEADER_JOB_ID: job.id, HEADER_SCHEDULED_AT: self.stamp, HEADER_TRACE_ID: task_id},
+            priority=job.priority,
+            expires_s=self.expires_s(now) if expires_s is None else expires_s,
+            time_limit_s=job.time_limit or limits.time_limit_s,
+            soft_time_limit_s=job.soft_time_limit or limits.soft_time_limit_s,
         )
 
-    def intent(self, now: datetime, limits: Limits, encoded: tuple[str, str] | None = None) -> FireIntent:
+    def intent(
+        self,
+        now: datetime,
+        limits: Limits,
+        encoded: tuple[str, str] | None = None,
+        expires_s: float | None = None,
+    ) -> FireIntent:
         """The fire as the ledger decides it; ``encoded`` is its (list key, payload)."""
-        expires = self.expires_s(now)
+        job = self.job
+        expires = self.expires_s(now) if expires_s is None else expires_s
         wait_s = limits.max_queue_wait_s if expires is None else expires
-        lapse_s = wait_s + (self.job.time_limit or limits.time_limit_s) + limits.slot_margin_s
-        deadline = self.deadline()
+        lapse_s = wait_s + (job.time_limit or limits.time_limit_s) + limits.slot_margin_s
+        grace = job.misfire_grace_time
         list_key, payload = encoded or ("", "")
         return FireIntent(
-            job_id=self.job.id,
+            job_id=job.id,
             scheduled_at=self.stamp,
             task_id=self.task_id,
             outcome=self.outcome,
             reason=self.reason,
             trigger=self.trigger,
-            max_instances=self.job.max_instances,
-            overlap=Overlap.ALLOW if self.force else Overlap(self.job.overlap),
+            max_instances=job.max_instances,
+            overlap=Overlap.ALLOW if self.force else _OVERLAPS[job.overlap],
             slot_lapse_ms=int(lapse_s * 1000),
-            deadline_ms=0 if deadline is None else int(deadline.timestamp() * 1000),
+            deadline_ms=0 if grace is None else int((self.scheduled_at.timestamp() + grace) * 1000),
             list_key=list_key,
             payload=payload,
         )
+
+
+_OVERLAPS = {overlap.value: overlap for overlap in Overlap}
 
 
 class Dispatcher:
@@ -394,8 +405,9 @@ class Dispatcher:
 
     def _encode_intents(self, fires: list[Fire], now: datetime) -> list[FireIntent]:
         """Each fire's message, encoded, as the ledger will decide it."""
-        encoded = self.encoder.encode([fire.message(now, self.limits) for fire in fires])
-        return [fire.intent(now, self.limits, payload) for fire, payload in zip(fires, encoded, strict=True)]
+        expires = [fire.expires_s(now) for fire in fires]
+        encoded = self.encoder.encode([f.message(now, self.limits, e) for f, e in zip(fires, expires, strict=True)])
+        return [f.intent(now, self.limits, payload, e) for f, payload, e in zip(fires, encoded, expires, strict=True)]
 
     # -- deciding ------------------------------------------------------------------------------
 
