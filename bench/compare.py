@@ -97,6 +97,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--w1-sizes", type=_ints, default=[1000, 10_000], help="W1 job counts (default 1000,10000)")
     add("--w1-periods", type=_floats, default=[10.0, 1.0], help="W1 periods, s (default 10,1)")
     add("--w1-min-window", type=float, default=6.0, help="W1 window, s: at least this and one period")
+    add(
+        "--w1-warm",
+        type=float,
+        default=6.0,
+        help="W1: the window starts this long after the contender is ready, s (chronoq's look-ahead ramps up over 5 s)",
+    )
     add("--w2-sizes", type=_ints, default=[1000, 10_000], help="W2 job counts (default 1000,10000)")
     add("--w2-lead", type=float, default=20.0, help="start W2 contenders this long before the boundary, s")
     add("--w2-drain-timeout", type=float, default=30.0, help="W2: stop waiting this long after the boundary, s")
@@ -353,6 +359,7 @@ def main(argv: list[str]) -> int:
     timing = replace(
         Timing(),
         w1_min_window_s=args.w1_min_window,
+        w1_warm_s=args.w1_warm,
         w2_drain_timeout_s=args.w2_drain_timeout,
         w3_timeout_s=args.w3_timeout,
     )
@@ -385,6 +392,7 @@ def main(argv: list[str]) -> int:
                 "machine": machine(),
                 "versions": versions(url),
                 "contenders": args.contenders,
+                "w1_warm_s": timing.w1_warm_s,
             },
             "ceiling": {"count": args.ceiling_count, "rates": rates, "medians": ceiling_medians(rates)},
             "runs": results_runs,

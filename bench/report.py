@@ -121,10 +121,18 @@ def render(results: dict[str, Any], img_dir: Path, doc_path: Path) -> str:
 
 def _w1_section(results: dict[str, Any], img_dir: Path, img_link: Path, raw: Cell, send: Cell) -> list[str]:
     out = ["## W1: interval jobs", ""]
+    warm = results["meta"].get("w1_warm_s")
     out += [
         "Lag is arrival minus nominal slot (see above), over the fires whose slot falls in the measured "
         "window. CPU is the contender's own process tree; Redis CPU is the server's over the same window "
-        "(it includes the harness's pops, the same for everyone). Startup is launch to ready.",
+        "(it includes the harness's pops, the same for everyone). Startup is launch to ready"
+        + (
+            f"; the window starts {warm:g} s after it, in steady state (chronoq ramps its 5 s look-ahead "
+            "up over its first 5 s, handing fires over up to twice as fast as they come due meanwhile; "
+            "start-up itself is W3's subject)."
+            if warm
+            else "."
+        ),
         "",
     ]
     for (jobs, period), by in group(results["runs"], "W1").items():

@@ -39,7 +39,9 @@ class RunFailed(Exception):
 class Timing:
     """Durations of the runs, seconds."""
 
-    w1_warm_s: float = 1.0
+    w1_warm_s: float = 6.0
+    """Ready to the start of a W1 window: steady state, after chronoq's look-ahead ramp (over its
+    first 5 s it hands over fires up to twice as fast as they come due)."""
     w1_min_window_s: float = 6.0
     w1_min_tail_s: float = 2.0
     w1_startup_timeout_s: float = 120.0

@@ -22,7 +22,7 @@ CONTENDERS = ("chronoq", "beat", "redbeat", "apscheduler")
 def test_compare_runs_every_contender_on_a_tiny_workload(tmp_path: Path) -> None:
     command = [
         *(sys.executable, "-m", "bench.compare", "--workloads", "w1", "--repeats", "1"),
-        *("--w1-sizes", "20", "--w1-periods", "1", "--w1-min-window", "3"),
+        *("--w1-sizes", "20", "--w1-periods", "1", "--w1-min-window", "3", "--w1-warm", "1"),
         *("--ceiling-count", "200", "--ceiling-rounds", "2", "--out-dir", str(tmp_path)),
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=80)
