@@ -62,8 +62,9 @@ ENCODE_CHUNK = 100
 costs ~15 µs a message from a template, less than handing it to a thread and waiting for the
 GIL to come back."""
 DECIDE_LANES = 2
-"""Batches decided at once (each lane holds a share of the jobs, so a job's fires stay in
-order): while Redis runs one lane's script, the other lane's batch is built and sent."""
+"""Past one batch of fires ready at once (a burst), they are decided in this many lanes at once,
+each for its own share of the jobs (so a job's fires stay in order): while Redis runs one
+lane's script, another lane's batch is built and sent. A steady stream is one call per turn."""
 RELEASE_TICK_S = 0.005
 """Fires are released on a 5 ms grid (rounded up, never early): at 1,000 fires a second spread
 over the second, one decide call and one timer per 5 fires instead of per fire."""
@@ -240,10 +241,8 @@ class Dispatcher:
         that lands between a fire's hand-over (look-ahead) and its due time still applies."""
         self.outcomes: Counter[str] = Counter()
         """Outcomes this replica decided (the fleet's are in Redis)."""
-        # Fires ready to decide, in lanes by job: each lane decides one batch at a time (a job's
-        # fires stay in order), and the lanes overlap, so one lane builds and sends its batch
-        # while Redis runs another's script.
-        self._lanes: list[asyncio.Queue[Fire]] = [asyncio.Queue() for _ in range(max(1, lanes))]
+        self._queue: asyncio.Queue[Fire] = asyncio.Queue()
+        self.lanes = max(1, lanes)
         # Fires waiting for their release instant (epoch s: due + jitter [+ takeover]), grouped by
         # it, one timer per group: a burst due at one instant is one timer, not 10,000.
         self._timeline: dict[float, list[Fire]] = {}
@@ -253,7 +252,7 @@ class Dispatcher:
         self._preparing = 0
         self._busy = 0
         self._closing = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._log_window_s = 0.0
@@ -262,10 +261,7 @@ class Dispatcher:
         self._summary_lags: list[float] = []
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._run(lane), name=f"chronoq-dispatch-{n}") for n, lane in enumerate(self._lanes)
-        ]
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="chronoq-dispatch")
 
     # -- intake (on the event loop, never blocking) -------------------------------------------
 
@@ -313,7 +309,7 @@ class Dispatcher:
 
     def _enqueue(self, fire: Fire) -> None:
         self._idle.clear()
-        self._lane_of(fire).put_nowait(fire)
+        self._queue.put_nowait(fire)
 
     def _schedule(self, fire: Fire, release_ts: float, now_ts: float) -> None:
         """Decide ``fire`` at ``release_ts`` (epoch s), never before."""
@@ -337,7 +333,7 @@ class Dispatcher:
             return
         del self._timers[release_ts]
         for fire in self._timeline.pop(release_ts):
-            self._lane_of(fire).put_nowait(fire)
+            self._queue.put_nowait(fire)
 
     def promote(self) -> None:
         """This replica just became the leader: fires it holds as a backup (handed over ahead of
@@ -411,25 +407,33 @@ class Dispatcher:
 
     # -- deciding ------------------------------------------------------------------------------
 
-    def _lane_of(self, fire: Fire) -> asyncio.Queue[Fire]:
-        return self._lanes[hash(fire.job.id) % len(self._lanes)]
-
-    async def _run(self, lane: asyncio.Queue[Fire]) -> None:
+    async def _run(self) -> None:
+        queue = self._queue
         while True:
             raise_if_cancelling()
-            batch = [await lane.get()]
-            while len(batch) < self.batch_size and not lane.empty():
-                batch.append(lane.get_nowait())
+            ready = [await queue.get()]
+            while len(ready) < self.batch_size * self.lanes and not queue.empty():
+                ready.append(queue.get_nowait())
             self._busy += 1
             try:
-                await self._process(batch)
+                if len(ready) <= self.batch_size or self.lanes == 1:
+                    await self._process(ready)
+                else:
+                    lanes: list[list[Fire]] = [[] for _ in range(self.lanes)]
+                    for fire in ready:
+                        lanes[hash(fire.job.id) % self.lanes].append(fire)
+                    await asyncio.gather(*(self._process_lane(lane) for lane in lanes if lane))
             finally:
                 self._busy -= 1
             self._check_idle()
 
+    async def _process_lane(self, fires: list[Fire]) -> None:
+        for start in range(0, len(fires), self.batch_size):
+            await self._process(fires[start : start + self.batch_size])
+
     def _check_idle(self) -> None:
         busy = self._busy or self._preparing or self._to_prepare or self._timeline
-        if not busy and all(lane.empty() for lane in self._lanes):
+        if not busy and self._queue.empty():
             self._idle.set()
 
     async def _process(self, fires: list[Fire]) -> None:
@@ -577,11 +581,10 @@ class Dispatcher:
             finished = True
         except TimeoutError:
             finished = False
-            undecided = sum(lane.qsize() for lane in self._lanes)
+            undecided = self._queue.qsize()
             logger.error("shutdown: {} fires still undecided after {}s", undecided, timeout_s)
         self._flush_summary()
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=2.0)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task], timeout=2.0)
         return finished
