@@ -382,11 +382,8 @@ class Dispatcher:
     async def _prepare(self, batch: list[tuple[Fire, float]]) -> None:
         try:
             fires = [fire for fire, _ in batch]
-            for start in range(0, len(fires), ENCODE_CHUNK):
-                chunk = fires[start : start + ENCODE_CHUNK]
-                for fire, intent in zip(chunk, self._encode_intents(chunk, self.clock()), strict=True):
-                    fire.prepared = intent
-                await asyncio.sleep(0)  # fires due meanwhile are released between chunks
+            for fire, intent in zip(fires, await self._encode_intents(fires, self.clock()), strict=True):
+                fire.prepared = intent
         except Exception as exc:  # a bad message: decided (and reported) unprepared, at its time
             logger.warning("preparing {} fires ahead of time failed: {}", len(batch), exc)
         finally:
@@ -399,11 +396,19 @@ class Dispatcher:
                 self._enqueue(fire)
         self._check_idle()
 
-    def _encode_intents(self, fires: list[Fire], now: datetime) -> list[FireIntent]:
-        """Each fire's message, encoded, as the ledger will decide it."""
-        expires = [fire.expires_s(now) for fire in fires]
-        encoded = self.encoder.encode([f.message(now, self.limits, e) for f, e in zip(fires, expires, strict=True)])
-        return [f.intent(now, self.limits, payload, e) for f, payload, e in zip(fires, encoded, expires, strict=True)]
+    async def _encode_intents(self, fires: list[Fire], now: datetime) -> list[FireIntent]:
+        """Each fire's message, encoded, as the ledger will decide it; ENCODE_CHUNK fires per
+        turn of the loop, so fires due meanwhile are released between chunks."""
+        intents: list[FireIntent] = []
+        for start in range(0, len(fires), ENCODE_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            chunk = fires[start : start + ENCODE_CHUNK]
+            expires = [fire.expires_s(now) for fire in chunk]
+            messages = [f.message(now, self.limits, e) for f, e in zip(chunk, expires, strict=True)]
+            encoded = self.encoder.encode(messages)
+            intents += [f.intent(now, self.limits, p, e) for f, p, e in zip(chunk, encoded, expires, strict=True)]
+        return intents
 
     # -- deciding ------------------------------------------------------------------------------
 
@@ -494,14 +499,8 @@ class Dispatcher:
                 return
         now = self.clock()
         to_send = [f for f in fires if f.outcome is Outcome.DISPATCHED and f.prepared is None]
-        encoded: dict[int, tuple[str, str]] = {}
-        for start in range(0, len(to_send), ENCODE_CHUNK):
-            chunk = to_send[start : start + ENCODE_CHUNK]
-            payloads = self.encoder.encode([f.message(now, self.limits) for f in chunk])
-            encoded.update((id(f), p) for f, p in zip(chunk, payloads, strict=True))
-            if len(to_send) > ENCODE_CHUNK:
-                await asyncio.sleep(0)
-        intents = [f.prepared or f.intent(now, self.limits, encoded.get(id(f))) for f in fires]
+        fresh = dict(zip(map(id, to_send), await self._encode_intents(to_send, now), strict=True))
+        intents = [f.prepared or fresh.get(id(f)) or f.intent(now, self.limits) for f in fires]
         results = await self.ledger.decide(intents, self.owner)
         self._log(fires, [str(r) for r in results], now)
 
@@ -581,8 +580,7 @@ class Dispatcher:
             finished = True
         except TimeoutError:
             finished = False
-            undecided = self._queue.qsize()
-            logger.error("shutdown: {} fires still undecided after {}s", undecided, timeout_s)
+            logger.error("shutdown: {} fires still undecided after {}s", self._queue.qsize(), timeout_s)
         self._flush_summary()
         if self._task is not None:
             self._task.cancel()

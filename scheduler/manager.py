@@ -53,6 +53,10 @@ look-ahead and this much less before it is due): at 1,000 fires a second with di
 one wake-up per tick instead of one per fire time."""
 
 
+def _unsaid(*_: Any) -> None:
+    """A log call whose line nobody would see."""
+
+
 class FireSink(Protocol):
     """Where due fires go (the :class:`~scheduler.dispatch.Dispatcher`, or a recorder in tests)."""
 
@@ -486,24 +490,23 @@ class SchedulerManager:
     ) -> None:
         self._specs[spec.id] = spec
         # Quiet (start-up): a DEBUG line per job, and nothing at all built when DEBUG is off.
-        say = None if quiet and not debug_enabled() else logger.bind(job_id=spec.id).opt(lazy=True)
-        info = None if say is None else say.debug if quiet else say.info
+        info: Callable[..., None] = _unsaid
+        if not quiet or debug_enabled():
+            say = logger.bind(job_id=spec.id).opt(lazy=True)
+            info = say.debug if quiet else say.info
         if not spec.enabled:
-            if info is not None:
-                info("job registered disabled")
+            info("job registered disabled")
             return
         now = now or self.clock()
         trigger = build_trigger(spec)
         first = self._first_fire(spec, trigger, now, catch_up=catch_up, first_fires=first_fires)
         if first is None:
-            if info is not None:
-                info("job has no fire left ({})", lambda: describe_trigger(spec))
+            info("job has no fire left ({})", lambda: describe_trigger(spec))
             return
         scheduler = self.scheduler
         assert isinstance(scheduler, _LookaheadScheduler)
         scheduler.add(spec.id, trigger, first)
-        if info is not None:
-            info("job added: {} next={}", lambda: describe_trigger(spec), first.isoformat)
+        info("job added: {} next={}", lambda: describe_trigger(spec), first.isoformat)
 
     def _first_fire(
         self,

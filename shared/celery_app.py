@@ -61,7 +61,8 @@ def celery_config(settings: AppSettings, task_modules: Sequence[str] = ()) -> di
         "result_extended": True,
         # STARTED is stored by chronoq's task base class once the run lease admitted the
         # delivery (workers/runtime.py). Celery's own tracking stores it before any task code
-        # runs, so a duplicate turned away after the run succeeded would overwrite SUCCESS.
+        # runs, so a duplicate that the lease turns away would replace the running attempt's
+        # STARTED (and, racing its SUCCESS, could replace that too).
         "task_track_started": False,
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,

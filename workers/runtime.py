@@ -93,8 +93,9 @@ class ChronoqTask(Task):  # type: ignore[misc]
     """Store STARTED (with pid and hostname, as Celery's ``task_track_started`` does) when a
     delivery is admitted, right before the body runs. Celery's own tracking is off
     (shared/celery_app.py): it stores STARTED before any task code runs, so a duplicate that
-    the run guard turns away would overwrite the result of the run that succeeded. A task that
-    sets ``track_started=True`` itself gets Celery's behaviour instead."""
+    the run guard turns away would replace the running attempt's STARTED (and, racing its
+    SUCCESS, could replace that). A task that sets ``track_started=True`` itself gets Celery's
+    behaviour instead."""
 
     @property
     def request(self) -> Any:

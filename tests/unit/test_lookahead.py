@@ -177,20 +177,26 @@ async def test_only_fires_already_due_coalesce() -> None:
     assert await d.drain(timeout_s=2)
 
 
+class HandOverSink:
+    """Records (when, nominal time) of every fire the manager hands over."""
+
+    def __init__(self) -> None:
+        self.handed: list[tuple[float, datetime]] = []
+
+    def submit(self, job: JobSpec, run_times: Sequence[datetime]) -> None:
+        self.handed.extend((time.time(), at) for at in run_times)
+
+    def record_missed(self, job: JobSpec, times: Sequence[datetime], reason: str) -> None: ...
+
+    def record_skipped(self, job: JobSpec, run_times: Sequence[datetime], reason: str) -> None: ...
+
+
 async def test_manager_hands_fires_over_lookahead_s_early_with_nominal_times() -> None:
-    handed: list[tuple[float, datetime]] = []
-
-    class Sink:
-        def submit(self, job: JobSpec, run_times: Sequence[datetime]) -> None:
-            handed.extend((time.time(), at) for at in run_times)
-
-        def record_missed(self, job: JobSpec, times: Sequence[datetime], reason: str) -> None: ...
-
-        def record_skipped(self, job: JobSpec, run_times: Sequence[datetime], reason: str) -> None: ...
-
+    sink = HandOverSink()
+    handed = sink.handed
     defaults = JobDefaults.from_settings(SchedulerSettings(), "cron_queue")
     started = time.time()
-    async with SchedulerManager(defaults, Sink(), lookahead_s=1.0) as manager:
+    async with SchedulerManager(defaults, sink, lookahead_s=1.0) as manager:
         manager.register_interval("tick", "demo.sleep", 0.25)
         await wait_until(lambda: len(handed) >= 10)
         next_fire = manager.next_fire_time("tick")
@@ -208,18 +214,10 @@ async def test_manager_hands_fires_over_in_ticks_not_once_per_fire_time() -> Non
     """200 jobs a second, each at its own instant: the manager wakes about every
     HANDOVER_TICK_S and hands over everything inside the look-ahead, not once per fire time;
     every fire still arrives at least half the look-ahead before it is due."""
-    handed: list[tuple[float, datetime]] = []
-
-    class Sink:
-        def submit(self, job: JobSpec, run_times: Sequence[datetime]) -> None:
-            handed.extend((time.time(), at) for at in run_times)
-
-        def record_missed(self, job: JobSpec, times: Sequence[datetime], reason: str) -> None: ...
-
-        def record_skipped(self, job: JobSpec, run_times: Sequence[datetime], reason: str) -> None: ...
-
+    sink = HandOverSink()
+    handed = sink.handed
     defaults = JobDefaults.from_settings(SchedulerSettings(), "cron_queue")
-    async with SchedulerManager(defaults, Sink(), lookahead_s=1.0) as manager:
+    async with SchedulerManager(defaults, sink, lookahead_s=1.0) as manager:
         epoch = datetime(2020, 1, 1, tzinfo=UTC)
         for i in range(200):
             manager.register_interval(f"j{i}", "demo.sleep", 1.0, start_date=epoch + timedelta(milliseconds=5 * i))
