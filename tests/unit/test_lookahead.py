@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 
-from scheduler.dispatch import Dispatcher, Limits, jitter_of
-from scheduler.manager import HANDOVER_TICK_S, SchedulerManager, _HeapJobStore
-from scheduler.publisher import TaskMessage
+from scheduler.dispatch import Dispatcher, Limits
+from scheduler.lookahead import HANDOVER_TICK_S, HeapJobStore
+from scheduler.manager import SchedulerManager
+from scheduler.message import TaskMessage
+from scheduler.planner import jitter_of
 from scheduler.specs import JobDefaults, JobSpec
 from shared.fleet import FireIntent, Outcome
 from shared.settings import SchedulerSettings
@@ -51,7 +53,7 @@ def spec(**fields: Any) -> JobSpec:
 
 
 def dispatcher(ledger: FakeLedger, encoder: FakeEncoder) -> Dispatcher:
-    return Dispatcher(ledger, encoder, "test", Limits(time_limit_s=60))  # type: ignore[arg-type]
+    return Dispatcher(ledger, encoder, "test", Limits(time_limit_s=60))
 
 
 async def wait_until(predicate: Any, timeout_s: float = 5) -> None:
@@ -104,7 +106,7 @@ async def test_pause_resume_and_removal_after_hand_over_apply_at_the_due_time() 
 async def test_a_promoted_follower_moves_its_backup_fires_to_their_due_time() -> None:
     ledger, encoder = FakeLedger(), FakeEncoder()
     leader = False
-    d = Dispatcher(ledger, encoder, "test", Limits(time_limit_s=60), takeover_s=30, is_leader=lambda: leader)  # type: ignore[arg-type]
+    d = Dispatcher(ledger, encoder, "test", Limits(time_limit_s=60), takeover_s=30, is_leader=lambda: leader)
     d.start()
     at = datetime.now(UTC) + timedelta(seconds=0.3)
     d.submit(spec(), [at])  # held as a backup until at + 30 s
@@ -136,7 +138,7 @@ async def test_lanes_overlap_batches_and_keep_each_jobs_fires_in_order() -> None
             return await super().decide(fires, owner)
 
     ledger, encoder = SlowLedger(), FakeEncoder()
-    d = Dispatcher(ledger, encoder, "test", Limits(time_limit_s=60), batch_size=10)  # type: ignore[arg-type]
+    d = Dispatcher(ledger, encoder, "test", Limits(time_limit_s=60), batch_size=10)
     d.start()
     first = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=10)
     times = [first + timedelta(seconds=i) for i in range(5)]
@@ -236,7 +238,7 @@ def test_heap_job_store_orders_updates_and_removes() -> None:
             self.id, self.next_run_time = id, at
 
     t0 = datetime(2030, 1, 1, tzinfo=UTC)
-    store = _HeapJobStore()
+    store = HeapJobStore()
     jobs = {name: FakeJob(name, t0 + timedelta(seconds=s)) for name, s in (("c", 3), ("a", 1), ("b", 2), ("d", 4))}
     for job in jobs.values():
         store.add_job(job)
