@@ -179,34 +179,75 @@ async def test_only_fires_already_due_coalesce() -> None:
     assert await d.drain(timeout_s=2)
 
 
-class HandOverSink:
-    """Records (when, nominal time) of every fire the manager hands over."""
+class FakeClock:
+    """A clock the test moves: wall time from 2030-01-01 plus a few ms, monotonic from 0."""
 
     def __init__(self) -> None:
+        self.wall = datetime(2030, 1, 1, tzinfo=UTC).timestamp() + 0.003
+        self.mono = 0.0
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.wall, UTC)
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+
+class HandOverSink:
+    """Records (the manager's clock, nominal time) of every fire the manager hands over."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
         self.handed: list[tuple[float, datetime]] = []
 
     def submit(self, job: JobSpec, run_times: Sequence[datetime]) -> None:
-        self.handed.extend((time.time(), at) for at in run_times)
+        self.handed.extend((self.clock.time(), at) for at in run_times)
 
     def record_missed(self, job: JobSpec, times: Sequence[datetime], reason: str) -> None: ...
 
     def record_skipped(self, job: JobSpec, run_times: Sequence[datetime], reason: str) -> None: ...
 
 
+def run_lookahead(manager: SchedulerManager, clock: FakeClock, seconds: float) -> list[float]:
+    """Drive the look-ahead for ``seconds`` of the fake clock, waking when it asks to (what its
+    loop timer does); returns the clock at each wake-up. Nothing awaits in between, so the
+    scheduler's own timer never runs meanwhile."""
+    scheduler: Any = manager.scheduler
+    until = clock.time() + seconds
+    wakeups = []
+    while clock.time() < until:
+        wakeups.append(clock.time())
+        wait_s = scheduler._process_jobs()
+        clock.advance(HANDOVER_TICK_S if wait_s is None else max(wait_s, 0.001))
+    return wakeups
+
+
 async def test_manager_hands_fires_over_lookahead_s_early_with_nominal_times() -> None:
-    sink = HandOverSink()
+    clock = FakeClock()
+    sink = HandOverSink(clock)
     handed = sink.handed
     defaults = JobDefaults.from_settings(SchedulerSettings(), "cron_queue")
-    started = time.time()
-    async with SchedulerManager(defaults, sink, lookahead_s=1.0) as manager:
+    started = clock.time()
+    async with SchedulerManager(defaults, sink, lookahead_s=1.0, clock=clock) as manager:
         manager.register_interval("tick", "demo.sleep", 0.25)
-        await wait_until(lambda: len(handed) >= 10)
+        run_lookahead(manager, clock, 3.0)
         next_fire = manager.next_fire_time("tick")
+    assert len(handed) >= 10
     assert next_fire is not None and next_fire.microsecond % 250_000 == 0  # nominal, not shifted
+    # Every nominal fire up to the last handed over, once, in order.
+    times = [at.timestamp() for _, at in handed]
+    assert times == [times[0] + 0.25 * i for i in range(len(times))]
     for handed_at, at in handed:
         assert at.microsecond % 250_000 == 0
         # The look-ahead ramps up from 0 over its first second, then hands over up to 1 s ahead.
-        assert at.timestamp() - handed_at <= min(1.0, handed_at - started) + 0.01
+        assert at.timestamp() - handed_at <= min(1.0, handed_at - started) + 1e-6
     steady = [(handed_at, at) for handed_at, at in handed if handed_at > started + 1.2]
     assert steady
     assert all(handed_at < at.timestamp() for handed_at, at in steady)  # ahead of its time
@@ -216,20 +257,22 @@ async def test_manager_hands_fires_over_in_ticks_not_once_per_fire_time() -> Non
     """200 jobs a second, each at its own instant: the manager wakes about every
     HANDOVER_TICK_S and hands over everything inside the look-ahead, not once per fire time;
     every fire still arrives at least half the look-ahead before it is due."""
-    sink = HandOverSink()
+    clock = FakeClock()
+    sink = HandOverSink(clock)
     handed = sink.handed
     defaults = JobDefaults.from_settings(SchedulerSettings(), "cron_queue")
-    async with SchedulerManager(defaults, sink, lookahead_s=1.0) as manager:
+    async with SchedulerManager(defaults, sink, lookahead_s=1.0, clock=clock) as manager:
         epoch = datetime(2020, 1, 1, tzinfo=UTC)
         for i in range(200):
             manager.register_interval(f"j{i}", "demo.sleep", 1.0, start_date=epoch + timedelta(milliseconds=5 * i))
-        started = time.time()
-        await asyncio.sleep(3.5)
+        started = clock.time()
+        wakeups = run_lookahead(manager, clock, 3.5)
     steady = [(handed_at, at) for handed_at, at in handed if handed_at > started + 1.5]
     assert len(steady) > 300
     assert all(at.timestamp() - handed_at >= 0.5 for handed_at, at in steady)
-    wakeups = {round(handed_at, 2) for handed_at, _ in steady}  # one hand-over takes under 10 ms
-    assert len(wakeups) <= 2.0 / HANDOVER_TICK_S + 5, f"{len(wakeups)} hand-overs in 2 s"
+    handing = {handed_at for handed_at, _ in steady}
+    assert len(handing) <= 2.0 / HANDOVER_TICK_S + 5, f"{len(handing)} hand-overs in 2 s"
+    assert len([t for t in wakeups if t > started + 1.5]) <= 2.0 / HANDOVER_TICK_S + 5
 
 
 def test_heap_job_store_orders_updates_and_removes() -> None:
