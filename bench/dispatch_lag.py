@@ -256,7 +256,7 @@ def publish_ceilings(url: str, count: int = 10_000) -> dict[str, float]:
     sys.path.insert(0, str(ROOT / "bench"))
     import publish_ceiling as pc  # a sibling script, not a package
 
-    from scheduler.publisher import BatchPublisher
+    from scheduler.publishing import BatchPublisher
     from shared.celery_app import create_celery_app
     from shared.settings import AppSettings
 

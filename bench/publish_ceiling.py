@@ -5,7 +5,7 @@ Measures messages per second, against one Redis in one run, for:
 
 (a) ``send_task``: a tight ``app.send_task`` loop with chronoq's Celery config (one publish and
     its extras per message: several round trips);
-(b) ``BatchPublisher``: ``scheduler.publisher`` encoding every message like Celery and pushing
+(b) ``BatchPublisher``: ``scheduler.publishing`` encoding every message like Celery and pushing
     ``--batch-size`` of them per pipeline;
 (c) ``raw ceiling``: the same pipelines with one pre-encoded payload, no encoding at all: what
     this machine and this Redis allow for the same commands.
@@ -35,7 +35,8 @@ from functools import partial
 import redis
 from celery import Celery
 
-from scheduler.publisher import DEFAULT_BATCH_SIZE, BatchPublisher, TaskMessage
+from scheduler.message import TaskMessage
+from scheduler.publishing import DEFAULT_BATCH_SIZE, BatchPublisher
 from shared.celery_app import create_celery_app
 from shared.embedded import find_redis_server_binary
 from shared.names import HEADER_JOB_ID, HEADER_SCHEDULED_AT

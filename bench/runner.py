@@ -267,7 +267,7 @@ def measure_ceiling(url: str, count: int, rounds: int) -> dict[str, list[float]]
     and a ``send_task`` loop on a Celery app with the defaults, as beat and the APScheduler script
     use it."""
     from bench import publish_ceiling as pc
-    from scheduler.publisher import DEFAULT_BATCH_SIZE, BatchPublisher
+    from scheduler.publishing import DEFAULT_BATCH_SIZE, BatchPublisher
     from shared.celery_app import create_celery_app
     from shared.settings import AppSettings
 

@@ -198,7 +198,8 @@ async def _status(args: argparse.Namespace, settings: Any) -> int:
 
 
 async def _steer(args: argparse.Namespace, settings: Any) -> int:
-    from scheduler.operator import Operator, UnknownJobError, with_operator
+    from scheduler.operator import Operator, with_operator
+    from shared.errors import UnknownJobError
 
     async def action(operator: Operator) -> Any:
         if args.action == "list":

@@ -16,15 +16,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import redis
 import redis.asyncio
 from loguru import logger
 
+from shared.clock import SYSTEM_CLOCK, Clock
 from shared.names import RedisKeys
 from shared.redis import raise_if_cancelling
 
@@ -55,12 +54,15 @@ return 0
 class Leadership:
     """This replica's view of the lease, renewed by :meth:`run`; and its heartbeat."""
 
-    def __init__(self, client: redis.asyncio.Redis, keys: RedisKeys, owner: str, lease_ms: int) -> None:
+    def __init__(
+        self, client: redis.asyncio.Redis, keys: RedisKeys, owner: str, lease_ms: int, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.client = client
+        self.clock = clock
         self.keys = keys
         self.owner = owner
         self.lease_ms = lease_ms
-        self.started_at = datetime.now(UTC).isoformat()
+        self.started_at = clock.now().isoformat()
         self.jobs = 0
         self.outcomes: Any = {}
         self._leader = False
@@ -96,7 +98,7 @@ class Leadership:
     async def _prune(self) -> None:
         """Forget replicas that stopped beating (killed ones never say goodbye)."""
         try:
-            now_ms = int(time.time() * 1000)
+            now_ms = int(self.clock.time() * 1000)
             for owner, raw in (await self.client.hgetall(self.keys.replicas)).items():
                 if now_ms - int(json.loads(raw).get("heartbeat_ms", 0)) > STALE_REPLICA_S * 1000:
                     await self.client.hdel(self.keys.replicas, owner)
@@ -110,7 +112,7 @@ class Leadership:
             "host": os.uname().nodename,
             "pid": os.getpid(),
             "started_at": self.started_at,
-            "heartbeat_ms": int(time.time() * 1000),
+            "heartbeat_ms": int(self.clock.time() * 1000),
             "role": "leader" if self._leader else "follower",
             "jobs": self.jobs,
             "outcomes": dict(self.outcomes),

@@ -22,35 +22,24 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import heapq
-import itertools
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, Protocol
 
-from apscheduler.job import Job
-from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.schedulers.base import STATE_RUNNING
 from loguru import logger
 
+from scheduler.lookahead import LookaheadScheduler
+from scheduler.planner import MAX_CATCH_UP_RECORDS, MISSED_WHILE_DOWN, plan_catch_up
 from scheduler.specs import JobDefaults, JobSpec
 from scheduler.triggers import LocalCronTrigger, build_trigger, describe_trigger
-from shared.errors import ChronoqError
+from shared.clock import SYSTEM_CLOCK, Clock
+from shared.errors import ChronoqError, UnknownJobError
 from shared.logging import debug_enabled
 
-# A per-second job down for a day has 86,400 missed fires; past this many they are counted
-# in one summary record instead of one record each.
-MAX_CATCH_UP_RECORDS = 1000
-# Due jobs handled per turn of the event loop: a 10,000-job minute boundary is handed over in
-# slices, so dispatching fires that are due meanwhile never waits for the whole burst.
-HANDOVER_SLICE = 500
-HANDOVER_TICK_S = 0.1
-"""With a look-ahead, fires are handed over at most this often (a fire arrives between the
-look-ahead and this much less before it is due): at 1,000 fires a second with distinct times,
-one wake-up per tick instead of one per fire time."""
+__all__ = ["FireSink", "ReloadReport", "SchedulerManager", "UnknownJobError"]
 
 
 def _unsaid(*_: Any) -> None:
@@ -67,10 +56,6 @@ class FireSink(Protocol):
     def record_skipped(self, job: JobSpec, run_times: Sequence[datetime], reason: str) -> None: ...
 
 
-class UnknownJobError(ChronoqError, KeyError):
-    """No job with that id."""
-
-
 @dataclass(frozen=True, slots=True)
 class ReloadReport:
     added: list[str] = field(default_factory=list)
@@ -85,190 +70,6 @@ class ReloadReport:
         )
 
 
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _never_called() -> None:  # pragma: no cover - the executor hands fires to the sink instead
-    raise AssertionError("chronoq jobs are dispatched, never run in the scheduler")
-
-
-class _HeapJobStore(BaseJobStore):  # type: ignore[misc]  # APScheduler 3 has no type hints
-    """APScheduler's memory job store, ordered by a heap instead of a sorted list.
-
-    ``MemoryJobStore`` keeps a sorted list, so every fire moves the job with a list delete and
-    insert: a memmove of the whole list (tens of µs per fire at 100,000 jobs) and O(n²) to add
-    n jobs. Here a job's entry is pushed on a heap with a sequence number; an entry whose number
-    is no longer the job's is stale and dropped when it reaches the top.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._jobs: dict[str, Job] = {}
-        self._heap: list[tuple[float, int, str]] = []
-        self._live: dict[str, int] = {}  # job id -> sequence number of its heap entry
-        self._seq = itertools.count()
-
-    def _push(self, job: Job) -> None:
-        if job.next_run_time is None:  # paused in APScheduler: in no order
-            self._live.pop(job.id, None)
-            return
-        seq = next(self._seq)
-        self._live[job.id] = seq
-        heapq.heappush(self._heap, (job.next_run_time.timestamp(), seq, job.id))
-        if len(self._heap) > 2 * len(self._jobs) + 1024:
-            self._heap = [entry for entry in self._heap if self._live.get(entry[2]) == entry[1]]
-            heapq.heapify(self._heap)
-
-    def _top(self) -> tuple[float, int, str] | None:
-        heap = self._heap
-        while heap and self._live.get(heap[0][2]) != heap[0][1]:
-            heapq.heappop(heap)
-        return heap[0] if heap else None
-
-    def pop_due(self, horizon_ts: float, limit: int) -> builtins.list[Job]:
-        """Take up to ``limit`` jobs due at or before ``horizon_ts`` out of the order; each must
-        be given back with :meth:`update_job` or :meth:`remove_job`."""
-        due: builtins.list[Job] = []
-        while len(due) < limit and (top := self._top()) is not None and top[0] <= horizon_ts:
-            heapq.heappop(self._heap)
-            del self._live[top[2]]
-            due.append(self._jobs[top[2]])
-        return due
-
-    def lookup_job(self, job_id: str) -> Job | None:
-        return self._jobs.get(job_id)
-
-    def get_due_jobs(self, now: datetime) -> builtins.list[Job]:
-        return [job for job in self.get_all_jobs() if job.next_run_time is not None and job.next_run_time <= now]
-
-    def get_next_run_time(self) -> datetime | None:
-        top = self._top()
-        return None if top is None else self._jobs[top[2]].next_run_time
-
-    def get_all_jobs(self) -> builtins.list[Job]:
-        def order(job: Job) -> tuple[float, str]:
-            return (job.next_run_time.timestamp() if job.next_run_time else float("inf"), job.id)
-
-        return sorted(self._jobs.values(), key=order)
-
-    def add_job(self, job: Job) -> None:
-        if job.id in self._jobs:
-            raise ConflictingIdError(job.id)
-        self._jobs[job.id] = job
-        self._push(job)
-
-    def update_job(self, job: Job) -> None:
-        if job.id not in self._jobs:
-            raise JobLookupError(job.id)
-        self._jobs[job.id] = job
-        self._push(job)
-
-    def remove_job(self, job_id: str) -> None:
-        if self._jobs.pop(job_id, None) is None:
-            raise JobLookupError(job_id)
-        self._live.pop(job_id, None)
-
-    def remove_all_jobs(self) -> None:
-        self._jobs, self._heap, self._live = {}, [], {}
-
-    def shutdown(self) -> None:
-        self.remove_all_jobs()
-
-
-class _LookaheadScheduler(AsyncIOScheduler):  # type: ignore[misc]
-    """An ``AsyncIOScheduler`` that hands each due job's fire times to ``on_due`` ``lookahead_s``
-    before they are due, in slices of :data:`HANDOVER_SLICE` jobs per turn of the loop.
-
-    It replaces APScheduler's ``_process_jobs`` (executors, submission events, ``Job._modify``
-    validation and one trigger call too many per fire: ~130 µs per job) with the part chronoq
-    uses: run times up to the horizon, then the next fire time. No job function ever runs, so
-    there is no executor, no instance counting, no coalescing or misfire handling here: the
-    sink does those. ``next_run_time`` stays the nominal next fire.
-    """
-
-    def __init__(self, on_due: Callable[[str, builtins.list[datetime]], None], lookahead_s: float) -> None:
-        self._store = _HeapJobStore()
-        super().__init__(
-            timezone=UTC,
-            jobstores={"default": self._store},
-            job_defaults={"coalesce": False, "misfire_grace_time": None, "max_instances": 1},
-        )
-        self._on_due = on_due
-        self.lookahead_s = lookahead_s
-        self._since = time.monotonic()
-
-    def _lookahead(self) -> float:
-        """The look-ahead grows from 0 to ``lookahead_s`` over the first ``lookahead_s`` seconds:
-        taking a full look-ahead of fires at once at start-up is a burst to prepare while the
-        first fires are already due; ramping up spreads it over the ramp."""
-        return min(self.lookahead_s, time.monotonic() - self._since)
-
-    def add(self, job_id: str, trigger: Any, next_run_time: datetime) -> None:
-        """``add_job`` for a chronoq job, without APScheduler's per-job costs (a signature check
-        of the function, two rounds of ``Job._modify`` validation, an event): ~100 µs a job,
-        10 s at 100,000 jobs. Raises ConflictingIdError for a taken id."""
-        job = Job.__new__(Job)
-        job._scheduler, job._jobstore_alias = self, "default"
-        job.id = job.name = job_id
-        job.func, job.func_ref = _never_called, f"{__name__}:_never_called"
-        job.trigger, job.executor, job.args, job.kwargs = trigger, "default", (), {}
-        job.misfire_grace_time, job.coalesce, job.max_instances = None, False, 1
-        job.next_run_time = next_run_time
-        with self._jobstores_lock:
-            self._store.add_job(job)
-        if self.state == STATE_RUNNING:
-            self.wakeup()
-
-    def _start_timer(self, wait_seconds: float | None) -> None:
-        # APScheduler's timer calls wakeup(), which hops through call_soon_threadsafe (a write
-        # to the loop's self-pipe and one more turn of the loop) in case it is called from
-        # another thread. The timer is on the loop already.
-        self._stop_timer()
-        if wait_seconds is not None:
-            self._timeout = self._eventloop.call_later(wait_seconds, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timeout = None
-        self._start_timer(self._process_jobs())
-
-    def _process_jobs(self) -> float | None:
-        if self.state != STATE_RUNNING:
-            return None
-        lookahead_s = self._lookahead()
-        horizon_ts = time.time() + lookahead_s
-        horizon = datetime.fromtimestamp(horizon_ts, UTC)
-        store = self._store
-        with self._jobstores_lock:
-            due = store.pop_due(horizon_ts, HANDOVER_SLICE)
-            for job in due:
-                run_times: builtins.list[datetime] = []
-                fire: datetime | None = job.next_run_time
-                try:
-                    while fire is not None and fire.timestamp() <= horizon_ts:
-                        run_times.append(fire)
-                        fire = job.trigger.get_next_fire_time(fire, horizon)
-                    self._on_due(job.id, run_times)
-                except Exception:
-                    logger.bind(job_id=job.id).exception("handing over the job's fires failed")
-                if fire is None:
-                    store.remove_job(job.id)
-                else:
-                    job.next_run_time = fire  # what Job._modify would store, without its checks
-                    store.update_job(job)
-            if len(due) == HANDOVER_SLICE:
-                return 0.0  # more may be due: let the loop breathe, then go on
-            upcoming = store.get_next_run_time()
-        if upcoming is None:
-            return None
-        wait_s = max(0.0, upcoming.timestamp() - lookahead_s - time.time())
-        if lookahead_s < self.lookahead_s:
-            # Still ramping up: look again soon, the horizon moves twice as fast as the clock.
-            return min(HANDOVER_TICK_S, wait_s)
-        # Never later than the fire's time (with a look-ahead under the tick, as in tests).
-        return max(wait_s, min(HANDOVER_TICK_S, lookahead_s / 2))
-
-
 class SchedulerManager:
     """Registers, steers and fires chronoq jobs. Use as ``async with`` or start()/shutdown()."""
 
@@ -278,7 +79,7 @@ class SchedulerManager:
         sink: FireSink,
         *,
         last_fires: Callable[[], Awaitable[dict[str, datetime]]] | None = None,
-        clock: Callable[[], datetime] = utc_now,
+        clock: Clock = SYSTEM_CLOCK,
         lookahead_s: float = 0.0,
     ) -> None:
         self.defaults = defaults
@@ -301,14 +102,14 @@ class SchedulerManager:
             return
         if self._load_last_fires is not None:
             self._last_fires = await self._load_last_fires()
-        scheduler = _LookaheadScheduler(self._on_due, self.lookahead_s)
+        scheduler = LookaheadScheduler(self._on_due, self.lookahead_s, self.clock)
         self._scheduler = scheduler
         pending, self._pending = self._pending, {}
         # Added before APScheduler starts, so it wakes up once for all of them, instead of once
         # per job. One line per job at DEBUG: at 100,000 jobs a line each would be most of the
         # start-up. One "now" for all, so jobs with the same cron expression share their first
         # fire's computation (~150 µs each; 100,000 daily jobs have ~1,440 distinct times).
-        now = self.clock()
+        now = self.clock.now()
         first_fires: dict[Any, datetime | None] = {}
         for spec in pending.values():
             self._add(spec, catch_up=True, quiet=True, now=now, first_fires=first_fires)
@@ -497,14 +298,14 @@ class SchedulerManager:
         if not spec.enabled:
             info("job registered disabled")
             return
-        now = now or self.clock()
+        now = now or self.clock.now()
         trigger = build_trigger(spec)
         first = self._first_fire(spec, trigger, now, catch_up=catch_up, first_fires=first_fires)
         if first is None:
             info("job has no fire left ({})", lambda: describe_trigger(spec))
             return
         scheduler = self.scheduler
-        assert isinstance(scheduler, _LookaheadScheduler)
+        assert isinstance(scheduler, LookaheadScheduler)
         scheduler.add(spec.id, trigger, first)
         info("job added: {} next={}", lambda: describe_trigger(spec), first.isoformat)
 
@@ -532,25 +333,16 @@ class SchedulerManager:
             if key not in first_fires:
                 first_fires[key] = trigger.get_next_fire_time(None, now)
             return first_fires[key]
-        grace = spec.misfire_grace_time
-        horizon = None if grace is None else now - timedelta(seconds=grace)
-        missed: builtins.list[datetime] = []
-        fire = trigger.get_next_fire_time(last, now)
-        while fire is not None and horizon is not None and fire < horizon and len(missed) < MAX_CATCH_UP_RECORDS:
-            missed.append(fire)
-            fire = trigger.get_next_fire_time(fire, now)
-        reason = "due while no scheduler was running, past its misfire grace"
-        if fire is not None and horizon is not None and fire < horizon:
-            # Too many to record one by one: resume the grid at the grace horizon.
+        plan = plan_catch_up(spec, last, now, trigger.get_next_fire_time)
+        if plan.truncated:
             logger.bind(job_id=spec.id).warning(
                 "more than {} fires missed while down; recording the first {}",
                 MAX_CATCH_UP_RECORDS,
                 MAX_CATCH_UP_RECORDS,
             )
-            fire = trigger.get_next_fire_time(None, horizon)
-        if missed:
-            self.sink.record_missed(spec, missed, reason)
-        return fire  # type: ignore[no-any-return]
+        if plan.missed:
+            self.sink.record_missed(spec, plan.missed, MISSED_WHILE_DOWN)
+        return plan.first
 
     def _on_due(self, job_id: str, run_times: builtins.list[datetime]) -> None:
         spec = self._specs.get(job_id)

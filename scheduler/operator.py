@@ -25,24 +25,18 @@ import redis.asyncio
 from loguru import logger
 
 from scheduler.control import ControlStore
-from scheduler.dispatch import Fire, Limits
+from scheduler.fires import Fire, Limits
+from scheduler.planner import plan_manual
 from scheduler.specs import JobSpec
 from scheduler.state import StateStore
 from scheduler.triggers import describe_trigger, next_fire_times
-from shared.errors import ChronoqError
+from shared.errors import ChronoqError, UnknownJobError
 from shared.fleet import FireLedger, Outcome, fire_view
 from shared.names import RedisKeys, format_scheduled_at
 from shared.settings import AppSettings
 
 WORKER_SEEN_S = 10.0
 """A worker whose heartbeat is older than this is listed as not seen."""
-
-
-class UnknownJobError(ChronoqError):
-    """The id is not in the job registry (no replica runs such a job)."""
-
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"no job {job_id!r} is registered (`chronoq jobs list` shows the jobs replicas run)")
 
 
 def operator_name() -> str:
@@ -223,7 +217,7 @@ class Operator:
             raise ChronoqError("this operator cannot publish (no encoder)")
         spec, _ = await self.spec(job_id)
         now = datetime.now(UTC)
-        fire = Fire(spec, now, trigger="manual", force=force)
+        fire = plan_manual(spec, now, force=force)
         intent = fire.intent(now, self.limits, self._encode(fire, now))
         (result,) = await self.ledger.decide([intent], f"cli:{self.by}:{os.getpid()}")
         outcome = str(result)
@@ -245,21 +239,20 @@ class Operator:
 
 async def with_operator(settings: AppSettings, action: Callable[[Operator], Awaitable[Any]]) -> Any:
     """Run ``action`` with an operator that can also publish (a manual trigger)."""
-    from scheduler.publisher import BatchPublisher
+    from scheduler.encoder import MessageEncoder
     from shared.celery_app import create_celery_app
-    from shared.redis import create_async_redis, create_redis
+    from shared.redis import create_async_redis
 
     app = create_celery_app(settings, name="chronoq-cli")
-    publisher = BatchPublisher(app, lambda: create_redis(settings.redis, settings.broker_url()))
+    encoder = MessageEncoder(app)
     client = create_async_redis(settings.redis)
     limits = Limits.from_settings(settings)
 
     def encode(fire: Fire, now: datetime) -> tuple[str, str]:
-        return publisher.encode([fire.message(now, limits)])[0]
+        return encoder.encode([fire.message(now, limits)])[0]
 
     try:
-        return await action(Operator(settings, client, encode=encode, queue_keys=publisher.queue_keys))
+        return await action(Operator(settings, client, encode=encode, queue_keys=encoder.queue_keys))
     finally:
         await client.aclose()
-        publisher.close()
         app.close()

@@ -25,16 +25,17 @@ from loguru import logger
 
 from scheduler.control import ControlStore, file_hashes, source_hash
 from scheduler.dispatch import Dispatcher, Limits
+from scheduler.encoder import MessageEncoder
 from scheduler.leadership import Leadership
 from scheduler.manager import SchedulerManager
-from scheduler.publisher import BatchPublisher
 from scheduler.specs import JobDefaults, JobSpec, load_job_specs, time_limit_problems
 from scheduler.state import StateStore
 from shared.celery_app import create_celery_app
+from shared.clock import SYSTEM_CLOCK, Clock
 from shared.errors import EX_CONFIG, ConfigError, RedisUnavailableError
 from shared.fleet import FireLedger
 from shared.names import RedisKeys
-from shared.redis import create_async_redis, create_redis, raise_if_cancelling, resolve_redis
+from shared.redis import create_async_redis, raise_if_cancelling, resolve_redis
 from shared.schedules import declared_schedules
 from shared.settings import AppSettings
 
@@ -78,8 +79,11 @@ class SchedulerService:
     """One replica: Redis state, leadership, the dispatcher and the manager, started and stopped
     together. Any number of them may run against one Redis."""
 
-    def __init__(self, settings: AppSettings, options: ServiceOptions, specs: list[JobSpec]) -> None:
+    def __init__(
+        self, settings: AppSettings, options: ServiceOptions, specs: list[JobSpec], clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.settings = settings
+        self.clock = clock  # the one clock of the replica: manager, look-ahead, dispatcher, leadership
         self.options = options
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._initial_specs = specs
@@ -102,14 +106,15 @@ class SchedulerService:
             await _wait_for_redis(client, settings)
             app = create_celery_app(settings, name="chronoq-scheduler")
             self._stack.callback(app.close)
-            encoder = BatchPublisher(app, lambda: create_redis(settings.redis, settings.broker_url()))
-            self._stack.callback(encoder.close)
+            encoder = MessageEncoder(app)
             keys = RedisKeys(settings.redis.key_prefix)
             sched = settings.scheduler
             self.ledger = FireLedger(client, keys, history_limit=sched.history_limit)
             self.state = StateStore(client, keys)
             self.control = ControlStore(client, keys)
-            self.leadership = Leadership(client, keys, self.owner, lease_ms=int(sched.takeover_s * 1000))
+            self.leadership = Leadership(
+                client, keys, self.owner, lease_ms=int(sched.takeover_s * 1000), clock=self.clock
+            )
             await self.leadership.tick()
             self._stack.push_async_callback(self.leadership.release)
             self.dispatcher = Dispatcher(
@@ -120,12 +125,17 @@ class SchedulerService:
                 batch_size=sched.publish_batch_size,
                 takeover_s=sched.takeover_s,
                 is_leader=self.leadership.is_leader,
+                clock=self.clock,
             )
             self.dispatcher.start()
             self._stack.push_async_callback(self._drain)
             defaults = JobDefaults.from_settings(sched, settings.celery.cron_queue)
             self.manager = SchedulerManager(
-                defaults, self.dispatcher, last_fires=self.state.load_last_fires, lookahead_s=sched.lookahead_s
+                defaults,
+                self.dispatcher,
+                last_fires=self.state.load_last_fires,
+                clock=self.clock,
+                lookahead_s=sched.lookahead_s,
             )
             self.dispatcher.job_state = self.manager.job_state
             self.leadership.on_promoted = self.dispatcher.promote

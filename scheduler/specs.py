@@ -23,7 +23,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -41,14 +41,14 @@ from pydantic import (
     model_validator,
 )
 
+from scheduler.cron import parse_cron
 from scheduler.jobfiles import parse_job_file
-from scheduler.triggers import parse_cron
+from scheduler.jsonvalues import flat_json_size_bound, json_problem
 from shared.errors import ConfigError, JobSpecError
 from shared.names import DEFAULT_CRON_QUEUE
 from shared.settings import AppSettings, SchedulerSettings
 
 MAX_PAYLOAD_BYTES = 64 * 1024
-MAX_JSON_DEPTH = 64
 TRIGGER_KEYS = ("cron", "interval", "date")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 _TASK_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -263,63 +263,6 @@ def _seconds(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{what}must be a number of seconds or a mapping such as {{minutes: 5}}, got {value!r}")
     return float(value)
-
-
-_LONGEST_NUMBER = 24
-"""Characters of the longest JSON a finite float or an int of up to 64 bits is written as."""
-
-
-def flat_json_size_bound(value: list[Any] | dict[str, Any]) -> int | None:
-    """An upper bound of the size of ``value`` as JSON (ASCII-escaped, so bytes too) when it is
-    a list or a mapping with string keys of plain scalars, the common shape of a job's args and
-    kwargs; None for anything else (nested, or not plain JSON), which then takes the full check.
-    About a tenth of the cost of walking it with :func:`json_problem` or encoding it."""
-    items = value.values() if type(value) is dict else value if type(value) is list else None
-    if items is None:
-        return None
-    size = 2
-    if type(value) is dict:
-        for key in value:
-            if type(key) is not str:
-                return None
-            size += 6 * len(key) + 4  # "\uXXXX" at worst, quotes, ": "
-    for item in items:
-        kind = type(item)
-        if kind is str:
-            size += 6 * len(item) + 4  # quotes, ", "
-        elif kind is int:
-            if not -(2**63) <= item < 2**64:
-                return None
-            size += _LONGEST_NUMBER + 2
-        elif kind is float:
-            if not math.isfinite(item):
-                return None
-            size += _LONGEST_NUMBER + 2
-        elif kind is bool or item is None:
-            size += 7
-        else:
-            return None
-    return size
-
-
-def json_problem(value: Any, where: str, depth: int = 0) -> str | None:
-    """Why ``value`` is not plain JSON, or None; ``where`` names the element (``[0]['when']``)."""
-    if depth > MAX_JSON_DEPTH:
-        return f"{where or 'value'} is nested more than {MAX_JSON_DEPTH} levels deep"
-    if value is None or isinstance(value, str | bool | int):
-        return None
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"{where or 'value'} is {value}, which JSON cannot carry"
-    if isinstance(value, list | tuple):
-        items: list[tuple[str, Any]] = [(f"{where}[{i}]", item) for i, item in enumerate(value)]
-    elif isinstance(value, dict):
-        if bad := [key for key in value if not isinstance(key, str)]:
-            return f"{where or 'mapping'} has a key {bad[0]!r} that is not a string"
-        items = [(f"{where}[{key!r}]", item) for key, item in value.items()]
-    else:
-        hint = " (quote it to pass a string)" if isinstance(value, date | time) else ""
-        return f"{where or 'value'} is a {type(value).__name__}, not a JSON value{hint}"
-    return next((p for place, item in items if (p := json_problem(item, place, depth + 1)) is not None), None)
 
 
 def validate_job_documents(docs: list[tuple[Path, dict[str, Any]]], defaults: JobDefaults) -> list[JobSpec]:

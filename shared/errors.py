@@ -8,7 +8,9 @@
     ├── RedisUnavailableError    Redis refused, timed out or rejected our credentials
     │   └── RedisAuthError       wrong password or user: retrying cannot help
     ├── EmbeddedRedisError       no redis-server binary, or the embedded server would not start
-    └── DispatchError            a fire could not be published (retried by the dispatcher)
+    ├── DispatchError            a fire could not be published (retried by the dispatcher)
+    └── UnknownJobError          no job with that id (also a KeyError): not registered with
+                                 this manager, or not in the fleet's job registry
 
 Messages say what is wrong and how to fix it, and never contain a secret: URLs are redacted
 with :func:`shared.redis.redact_url` before they are put in a message.
@@ -54,3 +56,15 @@ class EmbeddedRedisError(ChronoqError):
 
 class DispatchError(ChronoqError):
     """A fire could not be published to the broker."""
+
+
+class UnknownJobError(ChronoqError, KeyError):
+    """No job with that id is registered; ``job_id`` names it."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job {job_id!r} is registered (`chronoq jobs list` shows the jobs replicas run)")
+
+    def __str__(self) -> str:
+        # KeyError's str() is the repr of its argument; this error's is its message.
+        return str(self.args[0])

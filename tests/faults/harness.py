@@ -195,7 +195,7 @@ class TcpProxy:
                     if not data:
                         return
                     peers[sock].sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: select() on a socket cut() closed meanwhile (fd -1)
             return
         finally:
             for sock in (a, b):

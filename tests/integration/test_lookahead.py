@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from scheduler.dispatch import jitter_of
+from scheduler.planner import jitter_of
 from scheduler.service import SchedulerService, ServiceOptions, load_specs
 from shared.settings import AppSettings
 from tests.conftest import RedisServer, make_settings, queued_fires, write_jobs
@@ -78,7 +78,7 @@ async def test_shutdown_drops_fires_not_yet_due_and_the_restart_catches_them_up(
     path = tmp_path / "jobs.yaml"
     async with service(settings, path, [job]) as running:
         await wait_until(lambda: len(queued_fires(client, queue)) >= 3, 10, "three fires")
-        assert running.dispatcher._timeline  # fires handed over ahead and waiting for their time
+        assert running.dispatcher.timeline  # fires handed over ahead and waiting for their time
     stopped_at = time.time()
     first_run = [datetime.fromisoformat(f["scheduled_at"]) for f in queued_fires(client, queue)]
     # Nothing was published ahead of its time by the shutdown's drain.

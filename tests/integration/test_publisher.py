@@ -17,7 +17,8 @@ from celery import Celery
 from celery.result import AsyncResult
 from kombu.exceptions import EncodeError
 
-from scheduler.publisher import BatchPublisher, TaskMessage
+from scheduler.message import TaskMessage
+from scheduler.publishing import BatchPublisher
 from shared.celery_app import create_celery_app
 from shared.errors import DispatchError
 from shared.names import HEADER_JOB_ID, HEADER_SCHEDULED_AT, HEADER_TRACE_ID

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from scheduler.publisher import BatchPublisher, TaskMessage
+from scheduler.message import TaskMessage
+from scheduler.publishing import BatchPublisher
 from shared.celery_app import create_celery_app
 from shared.fleet import FireIntent, FireLedger, Outcome, Overlap
 from shared.names import RedisKeys, fire_task_id, format_scheduled_at

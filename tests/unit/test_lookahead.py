@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 
-from scheduler.dispatch import Dispatcher, Limits, jitter_of
-from scheduler.manager import HANDOVER_TICK_S, SchedulerManager, _HeapJobStore
-from scheduler.publisher import TaskMessage
+from scheduler.dispatch import Dispatcher, Limits
+from scheduler.lookahead import HANDOVER_TICK_S, HeapJobStore
+from scheduler.manager import SchedulerManager
+from scheduler.message import TaskMessage
+from scheduler.planner import jitter_of
 from scheduler.specs import JobDefaults, JobSpec
 from shared.fleet import FireIntent, Outcome
 from shared.settings import SchedulerSettings
@@ -51,7 +53,7 @@ def spec(**fields: Any) -> JobSpec:
 
 
 def dispatcher(ledger: FakeLedger, encoder: FakeEncoder) -> Dispatcher:
-    return Dispatcher(ledger, encoder, "test", Limits(time_limit_s=60))  # type: ignore[arg-type]
+    return Dispatcher(ledger, encoder, "test", Limits(time_limit_s=60))
 
 
 async def wait_until(predicate: Any, timeout_s: float = 5) -> None:
@@ -104,7 +106,7 @@ async def test_pause_resume_and_removal_after_hand_over_apply_at_the_due_time() 
 async def test_a_promoted_follower_moves_its_backup_fires_to_their_due_time() -> None:
     ledger, encoder = FakeLedger(), FakeEncoder()
     leader = False
-    d = Dispatcher(ledger, encoder, "test", Limits(time_limit_s=60), takeover_s=30, is_leader=lambda: leader)  # type: ignore[arg-type]
+    d = Dispatcher(ledger, encoder, "test", Limits(time_limit_s=60), takeover_s=30, is_leader=lambda: leader)
     d.start()
     at = datetime.now(UTC) + timedelta(seconds=0.3)
     d.submit(spec(), [at])  # held as a backup until at + 30 s
@@ -136,7 +138,7 @@ async def test_lanes_overlap_batches_and_keep_each_jobs_fires_in_order() -> None
             return await super().decide(fires, owner)
 
     ledger, encoder = SlowLedger(), FakeEncoder()
-    d = Dispatcher(ledger, encoder, "test", Limits(time_limit_s=60), batch_size=10)  # type: ignore[arg-type]
+    d = Dispatcher(ledger, encoder, "test", Limits(time_limit_s=60), batch_size=10)
     d.start()
     first = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=10)
     times = [first + timedelta(seconds=i) for i in range(5)]
@@ -177,34 +179,75 @@ async def test_only_fires_already_due_coalesce() -> None:
     assert await d.drain(timeout_s=2)
 
 
-class HandOverSink:
-    """Records (when, nominal time) of every fire the manager hands over."""
+class FakeClock:
+    """A clock the test moves: wall time from 2030-01-01 plus a few ms, monotonic from 0."""
 
     def __init__(self) -> None:
+        self.wall = datetime(2030, 1, 1, tzinfo=UTC).timestamp() + 0.003
+        self.mono = 0.0
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.wall, UTC)
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+
+class HandOverSink:
+    """Records (the manager's clock, nominal time) of every fire the manager hands over."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
         self.handed: list[tuple[float, datetime]] = []
 
     def submit(self, job: JobSpec, run_times: Sequence[datetime]) -> None:
-        self.handed.extend((time.time(), at) for at in run_times)
+        self.handed.extend((self.clock.time(), at) for at in run_times)
 
     def record_missed(self, job: JobSpec, times: Sequence[datetime], reason: str) -> None: ...
 
     def record_skipped(self, job: JobSpec, run_times: Sequence[datetime], reason: str) -> None: ...
 
 
+def run_lookahead(manager: SchedulerManager, clock: FakeClock, seconds: float) -> list[float]:
+    """Drive the look-ahead for ``seconds`` of the fake clock, waking when it asks to (what its
+    loop timer does); returns the clock at each wake-up. Nothing awaits in between, so the
+    scheduler's own timer never runs meanwhile."""
+    scheduler: Any = manager.scheduler
+    until = clock.time() + seconds
+    wakeups = []
+    while clock.time() < until:
+        wakeups.append(clock.time())
+        wait_s = scheduler._process_jobs()
+        clock.advance(HANDOVER_TICK_S if wait_s is None else max(wait_s, 0.001))
+    return wakeups
+
+
 async def test_manager_hands_fires_over_lookahead_s_early_with_nominal_times() -> None:
-    sink = HandOverSink()
+    clock = FakeClock()
+    sink = HandOverSink(clock)
     handed = sink.handed
     defaults = JobDefaults.from_settings(SchedulerSettings(), "cron_queue")
-    started = time.time()
-    async with SchedulerManager(defaults, sink, lookahead_s=1.0) as manager:
+    started = clock.time()
+    async with SchedulerManager(defaults, sink, lookahead_s=1.0, clock=clock) as manager:
         manager.register_interval("tick", "demo.sleep", 0.25)
-        await wait_until(lambda: len(handed) >= 10)
+        run_lookahead(manager, clock, 3.0)
         next_fire = manager.next_fire_time("tick")
+    assert len(handed) >= 10
     assert next_fire is not None and next_fire.microsecond % 250_000 == 0  # nominal, not shifted
+    # Every nominal fire up to the last handed over, once, in order.
+    times = [at.timestamp() for _, at in handed]
+    assert times == [times[0] + 0.25 * i for i in range(len(times))]
     for handed_at, at in handed:
         assert at.microsecond % 250_000 == 0
         # The look-ahead ramps up from 0 over its first second, then hands over up to 1 s ahead.
-        assert at.timestamp() - handed_at <= min(1.0, handed_at - started) + 0.01
+        assert at.timestamp() - handed_at <= min(1.0, handed_at - started) + 1e-6
     steady = [(handed_at, at) for handed_at, at in handed if handed_at > started + 1.2]
     assert steady
     assert all(handed_at < at.timestamp() for handed_at, at in steady)  # ahead of its time
@@ -214,20 +257,22 @@ async def test_manager_hands_fires_over_in_ticks_not_once_per_fire_time() -> Non
     """200 jobs a second, each at its own instant: the manager wakes about every
     HANDOVER_TICK_S and hands over everything inside the look-ahead, not once per fire time;
     every fire still arrives at least half the look-ahead before it is due."""
-    sink = HandOverSink()
+    clock = FakeClock()
+    sink = HandOverSink(clock)
     handed = sink.handed
     defaults = JobDefaults.from_settings(SchedulerSettings(), "cron_queue")
-    async with SchedulerManager(defaults, sink, lookahead_s=1.0) as manager:
+    async with SchedulerManager(defaults, sink, lookahead_s=1.0, clock=clock) as manager:
         epoch = datetime(2020, 1, 1, tzinfo=UTC)
         for i in range(200):
             manager.register_interval(f"j{i}", "demo.sleep", 1.0, start_date=epoch + timedelta(milliseconds=5 * i))
-        started = time.time()
-        await asyncio.sleep(3.5)
+        started = clock.time()
+        wakeups = run_lookahead(manager, clock, 3.5)
     steady = [(handed_at, at) for handed_at, at in handed if handed_at > started + 1.5]
     assert len(steady) > 300
     assert all(at.timestamp() - handed_at >= 0.5 for handed_at, at in steady)
-    wakeups = {round(handed_at, 2) for handed_at, _ in steady}  # one hand-over takes under 10 ms
-    assert len(wakeups) <= 2.0 / HANDOVER_TICK_S + 5, f"{len(wakeups)} hand-overs in 2 s"
+    handing = {handed_at for handed_at, _ in steady}
+    assert len(handing) <= 2.0 / HANDOVER_TICK_S + 5, f"{len(handing)} hand-overs in 2 s"
+    assert len([t for t in wakeups if t > started + 1.5]) <= 2.0 / HANDOVER_TICK_S + 5
 
 
 def test_heap_job_store_orders_updates_and_removes() -> None:
@@ -236,7 +281,7 @@ def test_heap_job_store_orders_updates_and_removes() -> None:
             self.id, self.next_run_time = id, at
 
     t0 = datetime(2030, 1, 1, tzinfo=UTC)
-    store = _HeapJobStore()
+    store = HeapJobStore()
     jobs = {name: FakeJob(name, t0 + timedelta(seconds=s)) for name, s in (("c", 3), ("a", 1), ("b", 2), ("d", 4))}
     for job in jobs.values():
         store.add_job(job)

@@ -1,14 +1,16 @@
-"""BatchPublisher: put many Celery task messages on the Redis broker in one round trip per batch.
+"""MessageEncoder: Celery task messages encoded exactly as kombu's Redis transport would push them.
 
-``app.send_task`` costs several Redis round trips and a lot of Python per message. A burst of
-fires due in the same second needs better, so this module builds each message with Celery's own
-protocol-2 code (``app.amqp.create_task_message``), finishes it the way kombu's Redis transport
-does (``Producer.publish`` -> ``Channel.prepare_message`` -> ``basic_publish`` -> ``_put``) and
-pushes a whole batch with one non-transactional pipeline. A worker cannot tell the difference:
-same headers (custom ones merged at the top level, where ``task.request`` exposes them), same
-properties and ``delivery_info``, same base64 JSON body, same list key, priority lists included.
-The transport options kombu reads (``sep``, ``priority_steps``, ``global_keyprefix``,
-``body_encoding``) are read from the app's ``broker_transport_options`` the same way.
+``app.send_task`` costs several Redis round trips and a lot of Python per message. The scheduler
+pushes each message inside the Lua script that decides its fire, so all it needs is the bytes:
+this module builds each message with Celery's own protocol-2 code
+(``app.amqp.create_task_message``) and finishes it the way kombu's Redis transport does
+(``Producer.publish`` -> ``Channel.prepare_message`` -> ``basic_publish`` -> ``_put``). A worker
+cannot tell the difference: same headers (custom ones merged at the top level, where
+``task.request`` exposes them), same properties and ``delivery_info``, same base64 JSON body,
+same list key, priority lists included. The transport options kombu reads (``sep``,
+``priority_steps``, ``global_keyprefix``, ``body_encoding``) are read from the app's
+``broker_transport_options`` the same way. The encoder owns no Redis client;
+:mod:`scheduler.publishing` pushes encoded messages itself (benchmarks and tests).
 
 What ``send_task`` does and this does not, on purpose: it fires no ``before/after_task_publish``
 signals, sends no ``task-sent`` event (Flower sees a task once a worker receives it), does not
@@ -27,11 +29,10 @@ import random
 import uuid
 from bisect import bisect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
-import redis
 from celery import Celery
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
@@ -40,13 +41,8 @@ from kombu.exceptions import EncodeError
 from kombu.transport import redis as kombu_redis
 from kombu.utils import json as kombu_json
 
-from shared.errors import DispatchError
+from scheduler.message import TaskMessage
 
-DEFAULT_BATCH_SIZE = 1000
-"""Messages per pipeline: big enough to amortise the round trip, small enough that one failed
-batch (which may have partly landed) stays a small retry."""
-
-RedisFactory = Callable[[], redis.Redis]
 TEMPLATE_CACHE_SIZE = 10_000
 """Message templates kept (one per shape of message); the cache starts over when full."""
 BODY_CACHE_SIZE = 20_000
@@ -61,35 +57,6 @@ _delivery_mode: Callable[[Any], int] = entity.maybe_delivery_mode
 _json_encode: Callable[[Any], str] = kombu_json.JSONEncoder().encode
 
 
-@dataclass(frozen=True)
-class TaskMessage:
-    """One task message, as ``app.send_task(task_name, args, kwargs, queue=..., task_id=...,
-    headers=..., priority=..., expires=..., time_limit=..., soft_time_limit=...)`` takes it.
-
-    ``headers`` are custom message headers (``job_id``, ``scheduled_at``, ``trace_id``); a worker
-    exposes them as attributes of ``task.request``. They must not reuse a protocol header name
-    (``id``, ``task``, ``eta``...). ``priority`` is 0-9; kombu's Redis transport consumes *lower*
-    numbers first and folds them into its priority steps (default 0, 3, 6, 9). ``expires_s`` is
-    relative to the moment of publishing and may be negative (the worker then revokes the task
-    as expired). ``time_limit_s``/``soft_time_limit_s`` None: the worker's configured limits.
-    """
-
-    task_name: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    queue: str
-    task_id: str
-    headers: dict[str, str] = field(default_factory=dict)
-    priority: int | None = None
-    expires_s: float | None = None
-    time_limit_s: int | None = None
-    soft_time_limit_s: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.priority is not None and not 0 <= self.priority <= 9:
-            raise ValueError(f"task {self.task_id}: priority must be 0-9 or None, not {self.priority}")
-
-
 @dataclass(frozen=True, slots=True)
 class _Route:
     """Where one queue's messages go: the anonymous exchange, routing key = queue name."""
@@ -99,46 +66,34 @@ class _Route:
     delivery_mode: int
 
 
-class BatchPublisher:
-    """Publish :class:`TaskMessage` batches to the broker of a configured Celery app.
+class MessageEncoder:
+    """Encode :class:`TaskMessage` objects for the broker of a configured Celery app.
 
-    ``broker`` is the Redis to publish to: a URL, or a factory returning a redis-py client (for
-    example ``lambda: create_redis(settings.redis, settings.broker_url())``); None uses the app's
-    ``broker_write_url``/``broker_url`` with the socket timeouts and TLS options of its
-    ``broker_transport_options``/``broker_use_ssl``. The publisher owns that client and closes it
-    in :meth:`close` (or on leaving a ``with`` block). Creating a publisher connects to nothing.
-    ``batch_size`` is the number of messages per pipeline (one round trip).
-
-    Thread-safe: each :meth:`publish` takes its own pipeline from the client's connection pool,
-    and the only shared state is a cache of per-queue routes (two threads may both compute one;
-    they compute the same thing).
+    Creating an encoder connects to nothing (it reads the app's transport options once).
+    Thread-safe: the only shared state is caches of per-queue routes, templates and bodies (two
+    threads may both compute an entry; they compute the same thing).
 
     Raises ``ValueError`` when the app is not set up for protocol 2, JSON and no compression.
     """
 
-    def __init__(
-        self, app: Celery, broker: str | RedisFactory | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE
-    ) -> None:
+    def __init__(self, app: Celery) -> None:
         conf = app.conf
         if conf.task_protocol != 2 or conf.task_serializer != "json" or conf.task_compression:
             raise ValueError(
-                "BatchPublisher needs task_protocol=2, task_serializer='json' and no task_compression "
+                "MessageEncoder needs task_protocol=2, task_serializer='json' and no task_compression "
                 f"(got {conf.task_protocol}, {conf.task_serializer!r}, {conf.task_compression!r})"
             )
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         with app.connection_for_write() as connection:
             channel_cls = connection.transport.Channel
             options = dict(connection.transport_options)
         if not issubclass(channel_cls, kombu_redis.Channel):
-            raise ValueError(f"BatchPublisher only speaks kombu's Redis transport, not {channel_cls.__module__}")
+            raise ValueError(f"MessageEncoder only speaks kombu's Redis transport, not {channel_cls.__module__}")
 
         def option(name: str) -> Any:
             # The same precedence as kombu's Channel.__init__: transport option, else class default.
             return options.get(name, getattr(channel_cls, name))
 
         self._app = app
-        self._batch_size = batch_size
         self._sep: str = option("sep")
         self._steps: list[int] = list(option("priority_steps"))
         self._key_prefix: str = option("global_keyprefix") or ""
@@ -158,63 +113,13 @@ class BatchPublisher:
         self._timezone: tzinfo = app.timezone
         self._argsrepr_maxsize: int = app.amqp.argsrepr_maxsize
         self._kwargsrepr_maxsize: int = app.amqp.kwargsrepr_maxsize
-        if callable(broker):
-            self._client = broker()
-        else:
-            url = broker or conf.broker_write_url or conf.broker_url
-            tls = conf.broker_use_ssl if isinstance(conf.broker_use_ssl, dict) else {}
-            self._client = _redis_from_url(url, options, tls)
-
-    def __enter__(self) -> BatchPublisher:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the Redis client this publisher created."""
-        self._client.close()
-
-    def publish(self, messages: Sequence[TaskMessage]) -> None:
-        """Put every message on its queue; blocking (call it off the event loop).
-
-        Every message is encoded before anything is sent, so a bad message raises with nothing
-        published: ``kombu.exceptions.EncodeError`` for arguments JSON cannot encode,
-        ``ValueError`` for a header that clashes with the protocol's, ``QueueNotFound`` for an
-        unknown queue with ``task_create_missing_queues`` off. Messages then go in pipelines of
-        ``batch_size``, one round trip each, keeping their order within a queue.
-
-        Raises :class:`DispatchError` (``__cause__`` is the redis-py error) when Redis fails; the
-        batch in flight may have partly landed, so publish *all* ``messages`` again: duplicates
-        carry the same task id. The message says how many were confirmed before the failure.
-        """
-        encoded = self.encode(messages)
-        done = 0
-        for start in range(0, len(encoded), self._batch_size):
-            batch = encoded[start : start + self._batch_size]
-            # One LPUSH per list with many values: the same order as one LPUSH per message (the
-            # consumer pops from the tail), far fewer commands for Redis to parse.
-            by_key: dict[str, list[str]] = {}
-            for key, payload in batch:
-                by_key.setdefault(key, []).append(payload)
-            try:
-                with self._client.pipeline(transaction=False) as pipe:
-                    for key, payloads in by_key.items():
-                        pipe.lpush(key, *payloads)
-                    pipe.execute()
-            except redis.RedisError as exc:
-                raise DispatchError(
-                    f"publishing {len(encoded)} task messages failed after {done} were confirmed; the next "
-                    f"{len(batch)} may be partly on the broker. Publish all {len(encoded)} again (same "
-                    f"task ids, duplicates are harmless). Redis said: {exc}"
-                ) from exc
-            done += len(batch)
 
     def encode(self, messages: Sequence[TaskMessage]) -> list[tuple[str, str]]:
         """Each message as the Redis list key and the JSON payload kombu would LPUSH there:
-        what :meth:`publish` sends, for callers that push it themselves (the scheduler pushes
-        inside the script that decides a fire, so deciding and publishing are one step).
-        Pure CPU; raises like :meth:`publish` for a bad message.
+        the scheduler pushes it inside the script that decides a fire, so deciding and publishing
+        are one step. Pure CPU. Raises for a bad message: ``kombu.exceptions.EncodeError`` for
+        arguments JSON cannot encode, ``ValueError`` for a header that clashes with the
+        protocol's, ``QueueNotFound`` for an unknown queue with ``task_create_missing_queues`` off.
 
         The first message of each shape (task, queue, limits, priority, header names) is built
         by Celery's own ``as_task_v2`` and kept as a template: its JSON with a slot for each value
@@ -355,7 +260,7 @@ class BatchPublisher:
                 f"queue {queue_name!r} is bound to a {exchange.type} exchange; only direct queues are supported"
             )
         if queue.expires is not None:
-            raise ValueError(f"queue {queue_name!r} has x-expires; BatchPublisher does not refresh queue TTLs")
+            raise ValueError(f"queue {queue_name!r} has x-expires; MessageEncoder does not refresh queue TTLs")
         # A direct queue is published on the anonymous exchange with the queue name as routing
         # key (send_task_message), which kombu's Redis transport maps straight to the list name.
         keys = {
@@ -418,15 +323,3 @@ def _delivery_tag() -> str:
     GIL, and the encoder then waits up to the 5 ms switch interval to get it back) nor a UUID
     object per message (about 3 us) is needed for that."""
     return f"{_TAG_PREFIX}{next(_tag_numbers):012x}"
-
-
-def _redis_from_url(url: str, transport: dict[str, Any], tls: dict[str, Any]) -> redis.Redis:
-    """A client for the broker URL with the timeouts kombu would use, so a dead Redis fails fast."""
-    options: dict[str, Any] = {
-        name: transport[name]
-        for name in ("socket_timeout", "socket_connect_timeout")
-        if transport.get(name) is not None
-    }
-    if url.startswith("rediss://"):
-        options.update(tls)
-    return redis.Redis.from_url(url, **options)

@@ -1,0 +1,259 @@
+"""The fire planner: every rule that gives a nominal fire its outcome and its release time.
+
+Pure: no I/O, no asyncio, no clock of its own (``now`` is passed in). The dispatcher (intake,
+decide, retry after Redis came back, takeover and promotion), the manager's restart catch-up
+and the operator's manual trigger all call it, so each rule exists once.
+
+=====================  =================================================  ==========================  ============================
+Rule                   When                                               Outcome                     Released (decided) at
+=====================  =================================================  ==========================  ============================
+gone                   at decide: the job was removed or changed since    none (dropped; the          -
+                       its fire was handed over                           current job's fires stand)
+paused                 at hand-over or at decide: the job is paused       skipped ``paused``          due (+ takeover as follower)
+resumed                at decide: a fire handed over paused, job active   dispatched                  at once
+misfire grace          now > nominal + ``misfire_grace_time``: at         missed (``late`` or         at once
+                       hand-over, at decide, on a retry after Redis       ``Redis unavailable...``)
+                       came back
+catch-up               restart: fires since the job's last recorded fire  missed (at most              at once
+                       that are past grace (the rest are handed over)     MAX_CATCH_UP_RECORDS, then
+                                                                          the grid resumes at the
+                                                                          grace horizon)
+coalesce               ``coalesce: true`` and more than one fire of the   the newest dispatched,      at once
+                       job overdue (nominal <= now) together: at          the others coalesced
+                       hand-over, or when decided (look-ahead,            ``coalesced into <newest>``
+                       retry, takeover, catch-up, after a stall)
+jitter                 ``jitter`` > 0                                     -                           + 0..jitter s, derived from
+                                                                                                      (job, nominal): every replica
+                                                                                                      waits the same
+backup                 this replica follows                               checked first: decided by   + ``takeover_s``
+                                                                          the leader already?
+promote                a follower becomes the leader                      -                           min(held release, due + jitter)
+manual                 operator ``trigger`` (``--force``: overlap allow)  dispatched, trigger manual  now
+release grid           every release                                      -                           rounded up to 5 ms
+=====================  =================================================  ==========================  ============================
+
+Rules apply in the table's order: a fire past its grace is missed and never coalesced; only
+fires still to be dispatched coalesce. Whatever path a fire took, a job's fires are decided in
+the order of their nominal times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from scheduler.fires import MANUAL, SCHEDULE, Fire
+from shared.fleet import Outcome
+
+if TYPE_CHECKING:
+    from scheduler.specs import JobSpec
+
+RELEASE_TICK_S = 0.005
+"""Fires are released on a 5 ms grid (rounded up, never early): at 1,000 fires a second spread
+over the second, one decide call and one timer per 5 fires instead of per fire."""
+MAX_CATCH_UP_RECORDS = 1000
+"""A per-second job down for a day has 86,400 missed fires; past this many the first are
+recorded one by one and the grid resumes at the grace horizon."""
+PAUSED = "paused"
+MISSED_WHILE_DOWN = "due while no scheduler was running, past its misfire grace"
+REDIS_CAME_BACK_LATE = "Redis unavailable until past its grace"
+
+_COALESCING = (Outcome.DISPATCHED, Outcome.COALESCED)
+JobState = Callable[["JobSpec"], str]
+"""``active``, ``paused`` or ``gone`` for a job as it was handed over (see
+:meth:`scheduler.manager.SchedulerManager.job_state`)."""
+
+
+def release_tick(release_ts: float) -> float:
+    """``release_ts`` rounded up to the release grid."""
+    return math.ceil(release_ts / RELEASE_TICK_S) * RELEASE_TICK_S
+
+
+def deadline_of(job: JobSpec, scheduled_at: datetime) -> datetime | None:
+    """After this a fire is too late to run (None: no limit)."""
+    grace = job.misfire_grace_time
+    return None if grace is None else scheduled_at + timedelta(seconds=grace)
+
+
+def jitter_of(job: JobSpec, scheduled_at: datetime) -> float:
+    """The fire's dispatch delay in 0..jitter s: pseudo-random per fire, the same on every replica."""
+    if not job.jitter:
+        return 0.0
+    digest = hashlib.blake2b(f"{job.id}|{scheduled_at.isoformat()}".encode(), digest_size=8).digest()
+    return job.jitter * int.from_bytes(digest) / 2**64
+
+
+def _late(job: JobSpec, at_ts: float, now_ts: float) -> str:
+    return f"{now_ts - at_ts:.1f}s late, grace {job.misfire_grace_time}s"
+
+
+def _coalesced_into(newest: Fire) -> str:
+    return f"coalesced into {newest.stamp}"
+
+
+def plan_due(
+    job: JobSpec,
+    run_times: Sequence[datetime],
+    now: datetime,
+    *,
+    leader: bool = True,
+    takeover_s: float = 0.0,
+    paused: bool = False,
+) -> list[Fire]:
+    """Fires of ``job`` handed over (due, or due within the look-ahead), each with its outcome
+    so far and its release time. ``run_times`` are nominal times in order."""
+    now_ts = now.timestamp()
+    backup = not leader
+    delay_s = takeover_s if backup else 0.0
+    if paused:
+        return [
+            Fire(job, at, Outcome.SKIPPED, PAUSED, backup=backup, release_ts=release_tick(at.timestamp() + delay_s))
+            for at in run_times
+        ]
+    fires: list[Fire] = []
+    grace = job.misfire_grace_time
+    due: list[datetime] = []
+    for at in run_times:
+        at_ts = at.timestamp()
+        if grace is not None and now_ts > at_ts + grace:
+            fires.append(Fire(job, at, Outcome.MISSED, _late(job, at_ts, now_ts), release_ts=now_ts))
+        else:
+            due.append(at)
+    # Only fires already due coalesce: one handed over ahead of its time is not late.
+    overdue = [at for at in due if at <= now]
+    if job.coalesce and len(overdue) > 1:
+        newest = Fire(job, overdue[-1])
+        for at in overdue[:-1]:
+            fires.append(Fire(job, at, Outcome.COALESCED, _coalesced_into(newest), release_ts=now_ts))
+        due = due[len(overdue) - 1 :]
+    for at in due:
+        release_ts = release_tick(at.timestamp() + jitter_of(job, at) + delay_s)
+        fires.append(Fire(job, at, backup=backup, release_ts=release_ts))
+    return fires
+
+
+def plan_missed(job: JobSpec, times: Sequence[datetime], reason: str, now: datetime) -> list[Fire]:
+    """Fires recorded missed at once (a restart's catch-up past the grace)."""
+    now_ts = now.timestamp()
+    return [Fire(job, at, Outcome.MISSED, reason, release_ts=now_ts) for at in times]
+
+
+def plan_manual(job: JobSpec, now: datetime, *, force: bool = False) -> Fire:
+    """An operator's ``trigger``: one fire now, dispatched unless the overlap policy says no
+    (``force``: it ignores the policy)."""
+    return Fire(job, now, trigger=MANUAL, force=force, release_ts=now.timestamp())
+
+
+def promoted_release(fire: Fire, held_release_ts: float) -> float:
+    """When a fire held as a backup is decided once this replica leads: its own due time (still
+    checked first, in case the old leader decided it before it left)."""
+    return min(release_tick(fire.scheduled_at.timestamp() + jitter_of(fire.job, fire.scheduled_at)), held_release_ts)
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUp:
+    missed: list[datetime]
+    """Fires past their grace while no scheduler ran, recorded missed."""
+    first: datetime | None
+    """The first fire to hand APScheduler (None: the job has no fire left)."""
+    truncated: bool
+    """More than MAX_CATCH_UP_RECORDS were missed; the grid resumed at the grace horizon."""
+
+
+def plan_catch_up(
+    job: JobSpec,
+    last: datetime,
+    now: datetime,
+    next_fire: Callable[[datetime | None, datetime], datetime | None],
+) -> CatchUp:
+    """A job re-registered at start resumes its grid after ``last`` (its last recorded fire):
+    ``next_fire`` is the trigger's ``get_next_fire_time``. Fires within the grace are left to
+    the hand-over (and coalesce there); older ones are missed."""
+    grace = job.misfire_grace_time
+    horizon = None if grace is None else now - timedelta(seconds=grace)
+    missed: list[datetime] = []
+    fire = next_fire(last, now)
+    while fire is not None and horizon is not None and fire < horizon and len(missed) < MAX_CATCH_UP_RECORDS:
+        missed.append(fire)
+        fire = next_fire(fire, now)
+    if fire is not None and horizon is not None and fire < horizon:
+        return CatchUp(missed, next_fire(None, horizon), truncated=True)  # resume at the grace horizon
+    return CatchUp(missed, fire, truncated=False)
+
+
+def replan(
+    fires: list[Fire], now: datetime, job_state: JobState | None = None, *, late_reason: str | None = None
+) -> list[Fire]:
+    """The fires about to be decided, as they stand ``now``: the job's current state (gone,
+    paused, resumed), the misfire grace, and coalescing of a job's fires that are overdue
+    together (after a stall, a Redis outage, a takeover). Returns the fires to decide, each
+    job's in nominal order; changed fires are changed in place. ``late_reason`` names why a
+    fire is past its grace (default: how late it is)."""
+    now_ts = now.timestamp()
+    kept: list[Fire] = []
+    seen: set[str] = set()
+    repeated = False
+    for fire in fires:
+        if job_state is not None and fire.trigger == SCHEDULE:
+            state = _with_state(fire, job_state)
+            if state is None:
+                continue
+        if fire.outcome in _COALESCING:  # undecided: past its grace it is missed, coalesced or not
+            grace = fire.job.misfire_grace_time
+            if grace is not None:
+                at_ts = fire.scheduled_at.timestamp()
+                if now_ts > at_ts + grace:
+                    fire.becomes(Outcome.MISSED, late_reason or _late(fire.job, at_ts, now_ts))
+        job_id = fire.job.id
+        if job_id in seen:
+            repeated = True
+        else:
+            seen.add(job_id)
+        kept.append(fire)
+    return _coalesce(kept, now) if repeated else kept
+
+
+def _with_state(fire: Fire, job_state: JobState) -> Fire | None:
+    paused_skip = fire.outcome is Outcome.SKIPPED and fire.reason == PAUSED
+    if fire.outcome is not Outcome.DISPATCHED and not paused_skip:
+        return fire
+    state = job_state(fire.job)
+    if state == "gone":
+        return None
+    if state == "paused" and not paused_skip:
+        fire.becomes(Outcome.SKIPPED, PAUSED)
+    elif state == "active" and paused_skip:
+        fire.becomes(Outcome.DISPATCHED, "")
+    return fire
+
+
+def _coalesce(fires: list[Fire], now: datetime) -> list[Fire]:
+    """Of each coalescing job's fires still to be dispatched and overdue, only the newest is;
+    the older ones are coalesced into it, including fires an earlier plan coalesced into a fire
+    that is not decided yet either (a retry's). Each job's fires end up in nominal order."""
+    first_seen: dict[str, int] = {}
+    overdue: dict[str, list[Fire]] = {}
+    for index, fire in enumerate(fires):
+        job = fire.job
+        first_seen.setdefault(job.id, index)
+        if job.coalesce and fire.outcome in _COALESCING and fire.trigger == SCHEDULE and fire.scheduled_at <= now:
+            overdue.setdefault(job.id, []).append(fire)
+    for group in overdue.values():
+        newest = max((f for f in group if f.outcome is Outcome.DISPATCHED), key=_nominal, default=None)
+        if newest is None or len(group) == 1:
+            continue
+        reason = _coalesced_into(newest)
+        for fire in group:
+            if fire.scheduled_at < newest.scheduled_at and (
+                fire.outcome is not Outcome.COALESCED or fire.reason != reason
+            ):
+                fire.becomes(Outcome.COALESCED, reason)
+    return sorted(fires, key=lambda fire: (first_seen[fire.job.id], fire.scheduled_at))
+
+
+def _nominal(fire: Fire) -> datetime:
+    return fire.scheduled_at
