@@ -29,8 +29,9 @@ from scheduler.dispatch import Fire, Limits
 from scheduler.specs import JobSpec
 from scheduler.state import StateStore
 from scheduler.triggers import describe_trigger, next_fire_times
+from scheduler.views import fire_view
 from shared.errors import ChronoqError
-from shared.fleet import FireLedger, Outcome, fire_view
+from shared.fleet import FireLedger, Outcome
 from shared.names import RedisKeys, format_scheduled_at
 from shared.settings import AppSettings
 
@@ -71,7 +72,10 @@ class Operator:
         self.keys = RedisKeys(settings.redis.key_prefix)
         self.control = ControlStore(client, self.keys)
         self.state = StateStore(client, self.keys)
-        self.ledger = FireLedger(client, self.keys, history_limit=settings.scheduler.history_limit)
+        sched = settings.scheduler
+        self.ledger = FireLedger(
+            client, self.keys, history_limit=sched.history_limit, fence_window_s=sched.fence_window_s
+        )
         self.limits = Limits.from_settings(settings)
         self._encode = encode
         self._queue_keys = queue_keys or (lambda queue: [queue])
@@ -115,7 +119,7 @@ class Operator:
     def _summary(
         self, spec: JobSpec, now: datetime, last: dict[str, Any], paused: dict[str, Any] | None
     ) -> dict[str, Any]:
-        """``last``: the job's latest fire as :func:`shared.fleet.fire_view` shows it ({} if none)."""
+        """``last``: the job's latest fire as :func:`scheduler.views.fire_view` shows it ({} if none)."""
         upcoming = next_fire_times(spec, now, 1) if spec.enabled else []
         return {
             "id": spec.id,

@@ -106,7 +106,9 @@ class SchedulerService:
             self._stack.callback(encoder.close)
             keys = RedisKeys(settings.redis.key_prefix)
             sched = settings.scheduler
-            self.ledger = FireLedger(client, keys, history_limit=sched.history_limit)
+            self.ledger = FireLedger(
+                client, keys, history_limit=sched.history_limit, fence_window_s=sched.fence_window_s
+            )
             self.state = StateStore(client, keys)
             self.control = ControlStore(client, keys)
             self.leadership = Leadership(client, keys, self.owner, lease_ms=int(sched.takeover_s * 1000))
