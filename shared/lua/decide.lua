@@ -29,7 +29,7 @@ for i = 0, n - 1 do
   local payload = ARGV[7 + 2*i]
   local scheduled_at, job_id, task_id, outcome, reason = f[1], f[2], f[3], f[4], f[5]
   local trigger, max_instances, overlap = f[6], tonumber(f[7]), f[8]
-  local lapse, deadline, list_key = tonumber(f[9]), f[10], f[11]
+  local slot_lapse_ms, deadline_ms, list_key = tonumber(f[9]), f[10], f[11]
   local fire = key(T.fire, job_id, scheduled_at)
   if redis.call('EXISTS', fire) == 1 or fenced(fence, job_id, scheduled_at) then
     out[i + 1] = 'decided'
@@ -40,7 +40,7 @@ for i = 0, n - 1 do
       if overlap ~= 'allow' and redis.call('ZCARD', inflight) >= max_instances then
         if overlap == 'buffer_one' and redis.call('EXISTS', buffer) == 0 then
           redis.call('HSET', buffer, 'task_id', task_id, 'scheduled_at', scheduled_at, 'list_key', list_key,
-                     'payload', payload, 'slot_lapse_ms', lapse, 'deadline_ms', deadline, 'max_instances', max_instances)
+                     'payload', payload, 'slot_lapse_ms', slot_lapse_ms, 'deadline_ms', deadline_ms, 'max_instances', max_instances)
           redis.call('SADD', buffered, job_id)
           outcome, reason = 'buffered', 'waiting for one of ' .. max_instances .. ' slots'
         else
@@ -51,7 +51,7 @@ for i = 0, n - 1 do
       end
     end
     if outcome == 'dispatched' then
-      redis.call('ZADD', inflight, now_ms + lapse, task_id)
+      redis.call('ZADD', inflight, now_ms + slot_lapse_ms, task_id)
       redis.call('LPUSH', list_key, payload)
       last[#last + 1] = job_id
       last[#last + 1] = last_fire_json(scheduled_at, now_ms, task_id)
