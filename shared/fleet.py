@@ -133,8 +133,9 @@ class FireLedger:
     redis; each method returns what the client returns (a value or an awaitable).
 
     ``fence_window_s``: a record beyond the history limit is kept until its fire is this much
-    older than now (it must exceed the longest misfire grace plus jitter and take-over delay of
-    any job: a fire decided later than that after its nominal time would count as decided).
+    older than now. Fires of one job are decided in order except for jitter and a follower's
+    take-over delay, so the window must exceed those: a fire still undecided that long after
+    its nominal time, once later fires of its job were retired, would count as decided.
     """
 
     def __init__(

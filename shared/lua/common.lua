@@ -58,14 +58,13 @@ local function last_fire_json(scheduled_at, dispatched_ms, task_id)
          .. ',"task_id":"' .. task_id .. '"}'
 end
 
--- Retire the job's oldest records while its history holds more than `limit`: the oldest
+-- Retire the job's oldest records while its history (`depth` entries) holds more than `limit`: the oldest
 -- decided fire's hash is deleted and the fence watermark raised to it, once its nominal time is
 -- older than the fence window and nothing needs the record any more: it holds no live slot
 -- (queued, running or retried) and is not waiting for one (buffered). A record that is still
 -- needed stops the retiring until it is not. At most `budget` records per call.
-local function retire(fence, job_id, limit, window_ms, budget)
-  local history = key(T.history, job_id)
-  local n = redis.call('LLEN', history)
+local function retire(fence, job_id, depth, limit, window_ms, budget)
+  local history, n = key(T.history, job_id), depth
   local horizon = (now_ms - window_ms) * 1000
   while n > limit and budget > 0 do
     local stamp = redis.call('LINDEX', history, -1)

@@ -62,9 +62,8 @@ for i = 0, n - 1 do
                  'job_id', job_id, 'decided_ms', now_ms, 'owner', owner, 'trigger', trigger)
     end
     redis.call('EXPIRE', fire, fire_ttl)
-    if redis.call('LPUSH', key(T.history, job_id), scheduled_at) > limit then
-      retire(fence, job_id, limit, window_ms, 2)
-    end
+    local depth = redis.call('LPUSH', key(T.history, job_id), scheduled_at)
+    if depth > limit then retire(fence, job_id, depth, limit, window_ms, 2) end
     if outcome ~= 'buffered' then
       totals[outcome] = (totals[outcome] or 0) + 1
       redis.call('HINCRBY', key(T.job_counters, job_id), outcome, 1)
