@@ -198,9 +198,11 @@ def main() -> int:
                     "scheduler_rss_mb": round(sched_ps.memory_info().rss / 1e6, 2),
                     "scheduler_fds": sched_ps.num_fds(),
                     "worker_rss_mb": round(tree_rss_mb(worker_ps), 2),
+                    "worker_main_rss_mb": round(worker_ps.memory_info().rss / 1e6, 2),
                     "redis_used_memory": int(info["used_memory"]),
                     "redis_keys": int(client.dbsize()),
                     "runs": sum(runs.values()),
+                    "outcomes": {k.decode(): int(v) for k, v in client.hgetall(f"{PREFIX}counters").items()},
                 }
                 samples.append(sample)
                 print(json.dumps(sample), flush=True)
@@ -235,6 +237,17 @@ def main() -> int:
         due = expected_fires(job_id, args.cron_jobs, window_start, window_end)
         expected_total += len(due)
         gaps += sum(1 for at in due if (job_id, at) not in runs)
+    # What the scheduler recorded over (about) the ledger's window: a fire not run should be one
+    # recorded skipped (max_instances 1: the job's previous run still queued or running) or missed.
+    inside = [s for s in samples if window_start <= started + timedelta(seconds=s["t_s"]) <= window_end]
+    recorded = (
+        {
+            outcome: inside[-1]["outcomes"].get(outcome, 0) - inside[0]["outcomes"].get(outcome, 0)
+            for outcome in ("dispatched", "skipped", "missed", "coalesced")
+        }
+        if len(inside) > 1
+        else {}
+    )
     used = [s["redis_used_memory"] for s in steady]
     mean_used = statistics.fmean(used) if used else 0.0
     result = {
@@ -255,6 +268,9 @@ def main() -> int:
             "first": steady[0]["worker_rss_mb"] if steady else None,
             "last": steady[-1]["worker_rss_mb"] if steady else None,
             "slope_mb_per_10min": round(slope_per_10min([(s["t_s"], s["worker_rss_mb"]) for s in steady]), 3),
+            "main_process_slope_mb_per_10min": round(
+                slope_per_10min([(s["t_s"], s["worker_main_rss_mb"]) for s in steady]), 3
+            ),
         },
         "scheduler_fds": {
             "first": steady[0]["scheduler_fds"] if steady else None,
@@ -280,6 +296,7 @@ def main() -> int:
             "duplicates": duplicates,
             "expected_in_window": expected_total,
             "gaps": gaps,
+            "recorded_in_window": recorded,
             "window": [window_start.isoformat(), window_end.isoformat()],
         },
         "counters": counters,
