@@ -7,6 +7,7 @@ record beyond the history limit is retired as soon as nothing needs it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -159,6 +160,15 @@ def test_a_buffered_fire_is_kept_until_it_is_dispatched(ledger: Ledger) -> None:
     assert ledger.redis.exists(ledger.keys.fire("buf", stamp(0)), ledger.keys.fire("buf", stamp(1))) == 2
     ledger.run("buf", stamp(0))  # frees the slot: the buffered fire goes out
     assert ledger.redis.hget(ledger.keys.fire("buf", stamp(1)), "outcome") == "dispatched"
+    # last_fire is written by one Lua function, whether decide or a freed slot dispatched it.
+    released = json.loads(str(ledger.redis.hget(ledger.keys.last_fire, "buf")))
+    assert released == {
+        "scheduled_at": stamp(1),
+        "dispatched_ms": released["dispatched_ms"],
+        "task_id": fire_task_id_of("buf", stamp(1)),
+    }
+    ledger.fire("direct", stamp(0))
+    assert json.loads(str(ledger.redis.hget(ledger.keys.last_fire, "direct"))).keys() == released.keys()
     ledger.run("buf", stamp(1))
     for i in range(40, 80):
         assert ledger.fire("buf", stamp(i), **one) == "dispatched"
