@@ -30,8 +30,9 @@ from scheduler.planner import plan_manual
 from scheduler.specs import JobSpec
 from scheduler.state import StateStore
 from scheduler.triggers import describe_trigger, next_fire_times
+from scheduler.views import fire_view
 from shared.errors import ChronoqError, UnknownJobError
-from shared.fleet import FireLedger, Outcome, fire_view
+from shared.fleet import FireLedger, Outcome
 from shared.names import RedisKeys, format_scheduled_at
 from shared.settings import AppSettings
 
@@ -65,7 +66,10 @@ class Operator:
         self.keys = RedisKeys(settings.redis.key_prefix)
         self.control = ControlStore(client, self.keys)
         self.state = StateStore(client, self.keys)
-        self.ledger = FireLedger(client, self.keys, history_limit=settings.scheduler.history_limit)
+        sched = settings.scheduler
+        self.ledger = FireLedger(
+            client, self.keys, history_limit=sched.history_limit, fence_window_s=sched.fence_window_s
+        )
         self.limits = Limits.from_settings(settings)
         self._encode = encode
         self._queue_keys = queue_keys or (lambda queue: [queue])
@@ -109,7 +113,7 @@ class Operator:
     def _summary(
         self, spec: JobSpec, now: datetime, last: dict[str, Any], paused: dict[str, Any] | None
     ) -> dict[str, Any]:
-        """``last``: the job's latest fire as :func:`shared.fleet.fire_view` shows it ({} if none)."""
+        """``last``: the job's latest fire as :func:`scheduler.views.fire_view` shows it ({} if none)."""
         upcoming = next_fire_times(spec, now, 1) if spec.enabled else []
         return {
             "id": spec.id,

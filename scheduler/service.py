@@ -109,7 +109,9 @@ class SchedulerService:
             encoder = MessageEncoder(app)
             keys = RedisKeys(settings.redis.key_prefix)
             sched = settings.scheduler
-            self.ledger = FireLedger(client, keys, history_limit=sched.history_limit)
+            self.ledger = FireLedger(
+                client, keys, history_limit=sched.history_limit, fence_window_s=sched.fence_window_s
+            )
             self.state = StateStore(client, keys)
             self.control = ControlStore(client, keys)
             self.leadership = Leadership(

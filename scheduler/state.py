@@ -12,7 +12,7 @@ from typing import Any
 
 import redis.asyncio
 
-from shared.fleet import fire_view
+from scheduler.views import fire_view
 from shared.names import RedisKeys
 
 

