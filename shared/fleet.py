@@ -285,6 +285,21 @@ return {'applied', ''}
 )
 
 
+# KEYS: fire, inflight. ARGV: task_id, runner, attempt, lease_ms. Returns 1 if the attempt still
+# holds the fire (its run lease and its slot now end lease_ms from now), else 0 (nothing written).
+_RENEW = (
+    _NOW
+    + """
+local f = redis.call('HMGET', KEYS[1], 'run', 'runner', 'attempts')
+if f[1] ~= 'running' or f[2] ~= ARGV[2] or tonumber(f[3] or '0') ~= tonumber(ARGV[3]) then return 0 end
+local until_ms = now_ms + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'run_lease_ms', until_ms)
+redis.call('ZADD', KEYS[2], until_ms, ARGV[1])
+return 1
+"""
+)
+
+
 # KEYS: fire hashes. Returns 1 for each that exists (the fire is decided), else 0.
 _DECIDED = """
 local out = {}
@@ -313,6 +328,7 @@ class FireLedger:
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
         self._decided = client.register_script(_DECIDED)
+        self._renew = client.register_script(_RENEW)
 
     def decide(self, fires: Sequence[FireIntent], owner: str) -> Any:
         """Decide each fire once, fleet-wide; returns, per fire, the outcome this call decided
@@ -362,6 +378,13 @@ class FireLedger:
             keys=[self.keys.fire(job_id, scheduled_at), self.keys.inflight(job_id)],
             args=[task_id, runner, lease_ms, "1" if force else "0", self.fire_ttl_s, retries],
         )
+
+    def renew(self, job_id: str, scheduled_at: str, task_id: str, runner: str, attempt: int, lease_ms: int) -> Any:
+        """Extend a running attempt's run lease and its slot to ``lease_ms`` from now, while
+        ``runner``'s ``attempt`` (as :meth:`start` numbered it) still holds the fire. Returns
+        1, or 0 if it no longer does (finished, taken over): then nothing is written."""
+        keys = [self.keys.fire(job_id, scheduled_at), self.keys.inflight(job_id)]
+        return self._renew(keys=keys, args=[task_id, runner, attempt, lease_ms])
 
     def finish(
         self,
