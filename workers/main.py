@@ -43,6 +43,10 @@ def create_worker_app(settings: AppSettings) -> Celery:
         },
         # Wait for Redis for as long as it takes (Celery's default gives up after 100 tries).
         broker_connection_max_retries=None,
+        # Tasks running when the connection drops run on (Celery 6 will cancel them): their ack
+        # is lost with the connection, the message comes back after the visibility timeout,
+        # and the run lease turns that copy away (the fire succeeded, or is still running).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     return app
 
