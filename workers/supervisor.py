@@ -12,6 +12,9 @@ status 0 at that. ``run_worker.py`` therefore runs the Celery worker as a child 
 - it ends :data:`GIVE_UP_RESTARTS` times within :data:`GIVE_UP_WINDOW_S`, or with status 78
   (a configuration error): the supervisor gives up with one line and a non-zero status
   (:data:`EX_SOFTWARE`, or the child's 78), so systemd or Kubernetes take over;
+- it ends with 69 (Redis unreachable at its start, e.g. restarted during an outage): it is
+  started again every :data:`UNAVAILABLE_RETRY_S`, for as long as Redis stays away, without
+  counting towards giving up;
 - SIGTERM or SIGINT to the supervisor: a warm shutdown is forwarded (SIGTERM) to the child, and
   the supervisor exits 0 once it has ended. Exit 0 always means a requested shutdown.
 """
@@ -28,11 +31,12 @@ from types import FrameType
 
 from loguru import logger
 
-from shared.errors import EX_CONFIG
+from shared.errors import EX_CONFIG, EX_UNAVAILABLE
 
 EX_SOFTWARE = 70  # sysexits.h: internal software error (the worker kept dying)
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 10.0
+UNAVAILABLE_RETRY_S = 1.0
 GIVE_UP_RESTARTS = 5
 GIVE_UP_WINDOW_S = 60.0
 
@@ -67,6 +71,13 @@ def supervise(command: Sequence[str], env: Mapping[str, str] | None = None) -> i
             if code == EX_CONFIG:
                 logger.error("worker gave up: the Celery worker exited {} (a configuration error, see above)", code)
                 return code
+            if code == EX_UNAVAILABLE:
+                logger.warning(
+                    "Celery worker found Redis unreachable: starting it again in {:g} s", UNAVAILABLE_RETRY_S
+                )
+                if stop.wait(UNAVAILABLE_RETRY_S):
+                    return 0
+                continue
             now = time.monotonic()
             restarts.append(now)
             while restarts and now - restarts[0] > GIVE_UP_WINDOW_S:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import statistics
+import sys
 import threading
 import time
 from collections import Counter
@@ -221,3 +222,12 @@ def test_supervisor_restarts_a_killed_celery_worker_and_stops_on_sigterm(
         fleet.close()
     assert worker.stop() == 0  # SIGTERM to the supervisor: a warm shutdown, exit 0
     assert not restarted.is_running() or restarted.status() == psutil.STATUS_ZOMBIE
+
+
+def test_supervisor_gives_up_with_a_non_zero_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import supervisor
+
+    monkeypatch.setattr(supervisor, "BACKOFF_FIRST_S", 0.05)
+    dies = [sys.executable, "-c", "import sys; sys.exit(0)"]  # ends unasked, even with status 0
+    assert supervisor.supervise(dies) == supervisor.EX_SOFTWARE
+    assert supervisor.supervise([sys.executable, "-c", "import sys; sys.exit(78)"]) == 78
