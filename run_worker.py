@@ -24,6 +24,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("-l", "--loglevel", help="DEBUG, INFO, WARNING...")
     parser.add_argument("-n", "--hostname", help="worker node name (default chronoq@<host>)")
     parser.add_argument("--env-file", type=Path, help="dotenv file (default configs/.env.$APP_ENV)")
+    parser.add_argument(
+        "--no-supervise",
+        action="store_true",
+        help="run the Celery worker in this process, not as a child restarted when it ends unasked",
+    )
     return parser.parse_args(argv)
 
 
@@ -44,7 +49,8 @@ def main(argv: list[str]) -> int:
         return settings
     import workers
 
-    return workers.main(settings)
+    child = None if args.no_supervise else [sys.executable, str(Path(__file__).resolve()), *argv, "--no-supervise"]
+    return workers.main(settings, child)
 
 
 if __name__ == "__main__":

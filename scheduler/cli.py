@@ -192,6 +192,8 @@ async def _status(args: argparse.Namespace, settings: Any) -> int:
         f"jobs        {status['jobs']} registered, {status['paused']} paused, {status['buffered']} waiting for a slot"
     )
     lines.append("outcomes    " + (", ".join(f"{k} {v}" for k, v in sorted(status["counters"].items())) or "none yet"))
+    for task, job_ids in status["unserved_tasks"].items():
+        lines.append(f"WARNING     task {task} (jobs {', '.join(job_ids)}) is registered by no live worker")
     _emit(args, status, "\n".join(lines))
     healthy = any(r["alive"] for r in status["replicas"])
     return 0 if healthy else 1

@@ -31,6 +31,7 @@ from scheduler.specs import JobSpec
 from scheduler.state import StateStore
 from scheduler.triggers import describe_trigger, next_fire_times
 from scheduler.views import fire_view
+from shared.coverage import unserved_tasks
 from shared.errors import ChronoqError, UnknownJobError
 from shared.fleet import FireLedger, Outcome
 from shared.names import RedisKeys, format_scheduled_at
@@ -187,6 +188,9 @@ class Operator:
             "paused": await self.client.hlen(self.keys.paused),
             "buffered": await self.client.scard(self.keys.buffered),
             "counters": await self.state.counters(),
+            "unserved_tasks": unserved_tasks(
+                await self.client.hgetall(self.keys.jobs), await self.client.hgetall(self.keys.workers), now_ms
+            ),
         }
 
     async def _beats(self, key: str, field: str, now_ms: int) -> list[tuple[str, dict[str, Any], float]]:

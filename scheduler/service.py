@@ -396,5 +396,5 @@ def _stop_local_worker(process: subprocess.Popen[bytes]) -> None:
         process.wait(SHUTDOWN_BUDGET_S / 2)
     except subprocess.TimeoutExpired:
         logger.warning("local worker did not stop in time; killing it")
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)  # its own session: the supervisor and its Celery worker
         process.wait(5)

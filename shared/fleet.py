@@ -157,6 +157,7 @@ class FireLedger:
         self._start = client.register_script(lua.source("start"))
         self._finish = client.register_script(lua.source("finish"))
         self._decided = client.register_script(lua.source("decided"))
+        self._renew = client.register_script(lua.source("renew"))
 
     def decide(self, fires: Sequence[FireIntent], owner: str) -> Any:
         """Decide each fire once, fleet-wide; returns, per fire, the outcome this call decided
@@ -203,6 +204,12 @@ class FireLedger:
         """
         args: list[str | int] = [self._templates, job_id, scheduled_at, task_id, runner, lease_ms]
         return self._start(keys=[self.keys.fence], args=[*args, "1" if force else "0", self.fire_ttl_s, retries])
+
+    def renew(self, job_id: str, scheduled_at: str, task_id: str, runner: str, attempt: int, lease_ms: int) -> Any:
+        """Extend a running attempt's run lease and its slot to ``lease_ms`` from now, while
+        ``runner``'s ``attempt`` (as :meth:`start` numbered it) still holds the fire. Returns
+        1, or 0 if it no longer does (finished, taken over, retired): then nothing is written."""
+        return self._renew(keys=[], args=[self._templates, job_id, scheduled_at, task_id, runner, attempt, lease_ms])
 
     def finish(
         self,

@@ -137,8 +137,14 @@ class RedisKeys:
 
     @property
     def workers(self) -> str:
-        """Hash: worker hostname -> JSON (last_seen_ms, pid, queues)."""
+        """Hash: worker hostname -> JSON (last_seen_ms, pid, queues, tasks)."""
         return self.key("workers")
+
+    @property
+    def poison(self) -> str:
+        """List: messages workers could not read (JSON: queue, reason, size, sha256, seen_ms,
+        raw_b64), newest first, bounded; counted as ``poison`` in :attr:`counters`."""
+        return self.key("poison")
 
     @property
     def jobs(self) -> str:

@@ -17,12 +17,15 @@ HEARTBEAT_INTERVAL_S = 2.0
 
 
 class Heartbeat:
-    """``HSET workers hostname {last_seen_ms, pid, queues}`` every few seconds from a daemon
-    thread of the worker's main process (never on Celery's event loop); ``HDEL`` at stop."""
+    """``HSET workers hostname {last_seen_ms, pid, queues, tasks}`` every few seconds from a
+    daemon thread of the worker's main process (never on Celery's event loop); ``HDEL`` at stop.
+    ``tasks`` are the task names the worker has registered, so ``chronoq status`` can name the
+    jobs whose task no live worker runs."""
 
-    def __init__(self, settings: AppSettings, key: str, hostname: str, queues: list[str]) -> None:
+    def __init__(self, settings: AppSettings, key: str, hostname: str, queues: list[str], tasks: list[str]) -> None:
         self.hostname = hostname
         self.queues = queues
+        self.tasks = tasks
         self.key = key
         self.client = create_redis(settings.redis)
         self._stop = threading.Event()
@@ -43,7 +46,12 @@ class Heartbeat:
     def _run(self) -> None:
         failing = False
         while True:
-            beat = {"last_seen_ms": int(time.time() * 1000), "pid": os.getpid(), "queues": self.queues}
+            beat = {
+                "last_seen_ms": int(time.time() * 1000),
+                "pid": os.getpid(),
+                "queues": self.queues,
+                "tasks": self.tasks,
+            }
             try:
                 self.client.hset(self.key, self.hostname, json.dumps(beat))
                 failing = False

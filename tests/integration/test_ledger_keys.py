@@ -87,6 +87,7 @@ def run_every_script(ledger: FireLedger, keys: RedisKeys, queue: str) -> list[tu
     def run(job_id: str, at: str) -> None:
         task_id = fire_task_id_of(job_id, at)
         _, _, _, attempt = ledger.start(job_id, at, task_id, "h:1", 60_000)
+        assert ledger.renew(job_id, at, task_id, "h:1", int(attempt), 60_000) == 1
         ledger.finish(job_id, at, task_id, Outcome.SUCCEEDED, runner="h:1", attempt=int(attempt))
 
     buf = [intent(j, at, Overlap.BUFFER_ONE) for j, at in fires[:3]]

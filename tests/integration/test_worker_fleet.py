@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
+import psutil
 import pytest
 
 from scheduler.message import TaskMessage
@@ -366,7 +367,9 @@ def test_heartbeat_is_written_and_removed_at_shutdown(fleet: Fleet, start_worker
         return json.loads(raw) if raw else None
 
     first = wait_for(beat, 10, "the worker's heartbeat")
-    assert first["pid"] == worker.process.pid
+    # run_worker.py supervises: the heartbeat is the Celery worker's, its one child process.
+    assert [first["pid"]] == [child.pid for child in psutil.Process(worker.process.pid).children()]
+    assert set(first["tasks"]) >= {"demo.record_fire", "demo.number_sum"}
     assert first["queues"] == sorted([fleet.settings.celery.cron_queue, fleet.settings.celery.default_queue])
     assert abs(first["last_seen_ms"] - time.time() * 1000) < 10_000
     wait_for(lambda: (beat() or first)["last_seen_ms"] > first["last_seen_ms"], 10, "a later heartbeat")

@@ -21,7 +21,7 @@ from shared.names import RedisKeys
 from shared.redis import create_redis
 from shared.settings import AppSettings
 from tests.conftest import make_settings, wait_for
-from workers.hooks import WorkerFleet
+from workers.lease import WorkerFleet
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -1,0 +1,233 @@
+"""The worker fleet through Redis restarts (#16): no worker dies, no fire is lost or run twice.
+
+A prefork and a threads worker serve a steady stream of fires while the broker's Redis (with
+AOF) is restarted again and again. What ran is counted from a ledger on a second Redis that is
+never restarted (``tests/faults/ledger_tasks.py``); what was queued, from the fire hashes in
+the broker's Redis, which AOF keeps. The time from Redis answering again to the first task run
+is printed (run with ``-s``), never asserted: timings belong in ``bench/``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+import pytest
+import redis
+
+from shared.fleet import Overlap
+from shared.settings import AppSettings
+from tests.conftest import WorkerProcess, make_settings, wait_for
+from tests.faults.harness import RedisProcess
+from tests.faults.ledger_tasks import read_ledger
+from tests.integration.test_worker_fleet import Fleet
+
+pytestmark = pytest.mark.timeout(150)
+
+VISIBILITY_TIMEOUT_S = 10
+TIME_LIMIT_S = 5
+SLOT_MARGIN_S = 1
+JOBS = 5
+PUBLISH_EVERY_S = 0.1
+
+
+def fault_env(ledger: RedisProcess) -> dict[str, str]:
+    """What a worker of the fault suite needs beyond its settings: the ledger task, its Redis,
+    and a visibility timeout short enough that a message lost in flight comes back in time."""
+    return {
+        "TASK_MODULES": "tests.faults.ledger_tasks",
+        "FAULTS_LEDGER_URL": ledger.url,
+        "CELERY_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
+        "CELERY_TASK_TIME_LIMIT_S": str(TIME_LIMIT_S),
+        "SCHEDULER_SLOT_MARGIN_S": str(SLOT_MARGIN_S),
+    }
+
+
+def fault_settings(broker: RedisProcess, namespace: str) -> AppSettings:
+    return make_settings(
+        broker.url,
+        namespace,
+        celery={"visibility_timeout_s": VISIBILITY_TIMEOUT_S, "task_time_limit_s": TIME_LIMIT_S},
+        scheduler={"slot_margin_s": SLOT_MARGIN_S},
+    )
+
+
+@dataclass
+class Load:
+    """Publishes a fire every :data:`PUBLISH_EVERY_S` over :data:`JOBS` jobs, as the scheduler
+    does, from a thread; a publish that fails on a Redis error is simply not counted (its fire
+    hash says whether it was queued after all)."""
+
+    fleet: Fleet
+    published: int = 0
+    failed: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> Load:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(15)
+
+    def _run(self) -> None:
+        minute = 0
+        while not self._stop.is_set():
+            minute += 1
+            try:
+                self.fleet.fire(
+                    f"load-{minute % JOBS}",
+                    "faults.ledger",
+                    minute=minute,
+                    max_instances=1000,
+                    overlap=Overlap.ALLOW,
+                    slot_lapse_ms=60_000,
+                )
+                self.published += 1
+            except (redis.RedisError, OSError):
+                self.failed += 1
+            self._stop.wait(PUBLISH_EVERY_S)
+
+
+def queued_fires(broker: RedisProcess, settings: AppSettings) -> set[tuple[str, str]]:
+    """Every fire the broker's Redis recorded as dispatched: what must run exactly once."""
+    prefix = settings.redis.key_prefix
+    fires = set()
+    with broker.client() as client:
+        for key in client.scan_iter(f"{prefix}fire:*", count=1000):
+            if client.hget(key, "outcome") == "dispatched":
+                job_id, _, scheduled_at = key[len(prefix) + len("fire:") :].partition(":")
+                fires.add((job_id, scheduled_at))
+    return fires
+
+
+def where_are(broker: RedisProcess, settings: AppSettings, fires: set[tuple[str, str]]) -> str:
+    """Where the messages of fires that never ran are: for a failure message."""
+    with broker.client() as client:
+        unacked = client.hgetall("unacked")
+        queue = client.lrange(settings.celery.cron_queue, 0, -1)
+        lines = [f"{len(fires)} fires never ran; queue={len(queue)} unacked={len(unacked)}"]
+        for job_id, scheduled_at in sorted(fires)[:5]:
+            state = client.hgetall(settings.redis.key_prefix + f"fire:{job_id}:{scheduled_at}")
+            task_id = state.get("task_id", "?")
+            lines.append(
+                f"{job_id} {scheduled_at}: {state} in_queue={any(task_id in m for m in queue)} "
+                f"unacked={any(task_id in m for m in unacked.values())}"
+            )
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize(("restarts", "kill"), [(10, False), (3, True)], ids=["shutdown-x10", "sigkill-x3"])
+def test_workers_survive_redis_restarts(
+    restarts: int,
+    kill: bool,
+    redis_process: Callable[..., RedisProcess],
+    namespace: str,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    broker = redis_process(appendonly=True)
+    ledger_server = redis_process(appendonly=False)
+    ledger = ledger_server.client()
+    settings = fault_settings(broker, namespace)
+    env = fault_env(ledger_server)
+    workers = [
+        start_worker(settings, "-P", "prefork", "-c", "2", name="prefork", extra_env=env),
+        start_worker(settings, "-P", "threads", "-c", "4", name="threads", extra_env=env),
+    ]
+    fleet = Fleet(settings)
+    load = Load(fleet).start()
+    recovery_ms: list[int] = []
+    try:
+        wait_for(lambda: len(read_ledger(ledger)) >= 10, 30, "the load to run")
+        for _ in range(restarts):
+            time.sleep(3)
+            broker.restart(kill=kill)
+            back_ms = int(time.time() * 1000)
+
+            def ran_since(back_ms: int = back_ms) -> int | None:
+                starts = [e["ms"] for e in read_ledger(ledger) if e["event"] == "start" and e["ms"] >= back_ms]
+                return min(starts) if starts else None
+
+            first_ms = wait_for(ran_since, 60, "a task to run after Redis came back", interval_s=0.05)
+            recovery_ms.append(first_ms - back_ms)
+        time.sleep(2)
+    finally:
+        load.stop()
+
+    try:
+        expected = queued_fires(broker, settings)
+        assert load.published > 0 and len(expected) >= load.published
+
+        def not_run() -> set[tuple[str, str]]:
+            return expected - {(e["job_id"], e["scheduled_at"]) for e in read_ledger(ledger) if e["event"] == "start"}
+
+        # A message taken but not acknowledged when Redis went away comes back after the
+        # visibility timeout (plus one restore sweep).
+        deadline = time.monotonic() + VISIBILITY_TIMEOUT_S * 3
+        while not_run() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        missing = not_run()
+        assert not missing, where_are(broker, settings, missing)
+        runs = Counter((e["job_id"], e["scheduled_at"]) for e in read_ledger(ledger) if e["event"] == "start")
+        duplicates = {fire: n for fire, n in runs.items() if n > 1}
+        assert duplicates == {}
+        assert set(runs) <= expected  # nothing ran that was not queued
+
+        for worker in workers:
+            log = worker.log()
+            assert worker.process.poll() is None, f"{worker.hostname} died:\n{log[-3000:]}"
+            assert "Unrecoverable error" not in log, log[-3000:]
+            assert "ended without a shutdown request" not in log, log[-3000:]
+        print(
+            f"\n{'SIGKILL' if kill else 'SHUTDOWN'} x{restarts}: fires queued={len(expected)} "
+            f"publish errors={load.failed}; Redis back -> first task run ms: "
+            f"median={statistics.median(recovery_ms):.0f} max={max(recovery_ms)} all={recovery_ms}"
+        )
+    finally:
+        fleet.close()
+        ledger.close()
+
+
+def test_supervisor_restarts_a_killed_celery_worker_and_stops_on_sigterm(
+    redis_process: Callable[..., RedisProcess], namespace: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    broker = redis_process(appendonly=True)
+    ledger_server = redis_process(appendonly=False)
+    settings = fault_settings(broker, namespace)
+    worker = start_worker(settings, "-P", "threads", "-c", "2", extra_env=fault_env(ledger_server))
+    [celery] = psutil.Process(worker.process.pid).children()
+    os.kill(celery.pid, signal.SIGKILL)  # the Celery worker dies unasked
+
+    wait_for(lambda: worker.log().count(f"worker ready hostname={worker.hostname}") == 2, 30, "a restarted worker")
+    assert "ended without a shutdown request (exit status -9): restarting it" in worker.log()
+    [restarted] = psutil.Process(worker.process.pid).children()
+    fleet = Fleet(settings)
+    try:
+        fleet.fire("after-restart", "faults.ledger")
+        with ledger_server.client() as ledger:
+            wait_for(lambda: read_ledger(ledger), 20, "the restarted worker to run a fire")
+    finally:
+        fleet.close()
+    assert worker.stop() == 0  # SIGTERM to the supervisor: a warm shutdown, exit 0
+    assert not restarted.is_running() or restarted.status() == psutil.STATUS_ZOMBIE
+
+
+def test_supervisor_gives_up_with_a_non_zero_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import supervisor
+
+    monkeypatch.setattr(supervisor, "BACKOFF_FIRST_S", 0.05)
+    dies = [sys.executable, "-c", "import sys; sys.exit(0)"]  # ends unasked, even with status 0
+    assert supervisor.supervise(dies) == supervisor.EX_SOFTWARE
+    assert supervisor.supervise([sys.executable, "-c", "import sys; sys.exit(78)"]) == 78

@@ -1,0 +1,150 @@
+# mypy: disable-error-code="no-untyped-call"
+"""The worker's Redis broker transport: kombu's, with two faults of it closed where they start.
+
+Workers select it with ``broker_transport`` (``workers.main.create_worker_app``); producers
+(the scheduler, the CLI, clients) keep kombu's own, since neither fault touches them.
+
+1. **The reconnect race** (celery/kombu#582, celery/celery#4652, celery/celery#10205): when the
+   broker connection drops, Celery's consumer collects the connection, which detaches the
+   transport from it (``transport.client = None``), and then closes the channels. A channel
+   that still holds unacknowledged messages restores them on close through a new connection
+   pool whose parameters come from ``transport.client``: ``'NoneType' object has no attribute
+   'hostname'``, which is no connection error, so it escapes the consumer's restart and ends
+   the worker (with exit status 0). Each channel here keeps the connection parameters it was
+   opened with and uses them once the transport has lost them. The restore then works, or
+   fails with a Redis connection error that the consumer expects; either way the messages stay
+   in kombu's unacked index, which hands them out again after the visibility timeout.
+2. **A message taken when Redis goes away**: BRPOP removes a message from its queue, and kombu
+   records it as unacknowledged (so that it comes back if the worker dies) in a second round
+   trip. If Redis went away in between, the message existed only in this process, and was
+   lost. Here it is kept and pushed back onto its queue as soon as a channel consumes again.
+3. **A poison message**: one list item that is not a kombu message (not JSON, not an object,
+   no ``properties``, a body that cannot be decoded) raised out of the event loop and ended
+   the worker. Here it is set aside (:func:`workers.poison.set_aside`) and the worker goes on.
+"""
+
+from __future__ import annotations
+
+import threading
+from queue import Empty
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+from loguru import logger
+
+from workers.poison import PoisonSink
+
+KEY_PREFIX_OPTION = "chronoq_key_prefix"
+"""Transport option naming chronoq's key prefix, for the dead-letter list and the counter."""
+
+_swap = threading.Lock()
+_orphans: list[tuple[str, bytes]] = []
+"""(list key, raw item): messages taken off a queue but never recorded as unacknowledged."""
+_orphans_lock = threading.Lock()
+
+
+class Channel(kombu_redis.Channel):  # type: ignore[misc]
+    from_transport_options = (*kombu_redis.Channel.from_transport_options, KEY_PREFIX_OPTION)  # type: ignore[assignment]
+    chronoq_key_prefix = "chronoq:"
+
+    def __init__(self, connection: Any, *args: Any, **kwargs: Any) -> None:
+        self._conninfo = connection.client  # before super(): it may connect already
+        super().__init__(connection, *args, **kwargs)
+        self._poison = PoisonSink(self.chronoq_key_prefix)
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        transport = self.connection
+        if transport.client is not None or self._conninfo is None:
+            return super()._connparams(asynchronous=asynchronous)
+        # The transport was detached from its connection (see the module docstring): build the
+        # parameters from the connection this channel was opened with.
+        with _swap:
+            transport.client = self._conninfo
+            try:
+                return super()._connparams(asynchronous=asynchronous)
+            finally:
+                transport.client = None
+
+    def _brpop_read(self, **options: Any) -> bool:
+        # kombu 5.7's _brpop_read, except that an item that is no message is set aside instead
+        # of raising out of the event loop. BRPOP has removed it from the queue already.
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if not dest__item:
+                raise Empty()
+            list_key, item = bytes_to_str(dest__item[0]), dest__item[1]
+            dest = list_key.rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            message = self._parse(item, dest)
+            if message is not None:
+                try:
+                    self.connection._deliver(message, dest)
+                except self.connection_errors:
+                    if message["properties"]["delivery_tag"] not in self.qos._delivered:
+                        with _orphans_lock:
+                            _orphans.append((list_key, item))
+                        logger.warning("message taken as Redis went away, kept to re-queue queue={}", dest)
+                    raise
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            self._flush_brpop_reauth()
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        self._requeue_orphans()
+        return super().basic_consume(queue, *args, **kwargs)
+
+    def _requeue_orphans(self) -> None:
+        """Push the messages kept by :meth:`_brpop_read` back where BRPOP takes the next one."""
+        with _orphans_lock:
+            orphans = _orphans[:]
+            _orphans.clear()
+        if not orphans:
+            return
+        try:
+            with self.conn_or_acquire() as client:
+                for list_key, item in orphans:
+                    client.rpush(list_key, item)
+        except self.connection_errors:
+            with _orphans_lock:
+                _orphans[:0] = orphans
+            raise
+        logger.warning("re-queued {} message(s) taken as Redis went away", len(orphans))
+
+    def _get(self, queue: str, timeout: Any = None) -> Any:
+        # The synchronous path (drain_events without the event loop) reads one item the same way.
+        with self.conn_or_acquire() as client:
+            for pri in self.priority_steps:
+                item = client.rpop(self._q_for_pri(queue, pri))
+                if item:
+                    self._maybe_update_queues_expire(client, queue)
+                    message = self._parse(item, queue)
+                    if message is not None:
+                        return message
+            self._maybe_update_queues_expire(client, queue)
+            raise Empty()
+
+    def _parse(self, item: bytes | str, queue: str) -> dict[str, Any] | None:
+        """The message in a list item, or None once an item that is none has been set aside."""
+        raw = item if isinstance(item, bytes) else item.encode("utf-8", "surrogateescape")
+        try:
+            message = loads(bytes_to_str(item))
+            # What kombu's Message reads when the consumer receives it: fail here, not there.
+            self.Message(message, channel=self)
+        except Exception as exc:  # whatever the item makes kombu raise is the item's fault
+            self._poison.set_aside(self._poison_client, raw, queue, type(exc).__name__)
+            return None
+        return message  # type: ignore[no-any-return]
+
+    def _poison_client(self) -> Any:
+        return self._create_client()
+
+
+class Transport(kombu_redis.Transport):  # type: ignore[misc]
+    Channel = Channel
