@@ -26,6 +26,7 @@ from loguru import logger
 
 from scheduler.control import ControlStore
 from scheduler.dispatch import Fire, Limits
+from scheduler.epoch import redis_facts
 from scheduler.specs import JobSpec
 from scheduler.state import StateStore
 from scheduler.triggers import describe_trigger, next_fire_times
@@ -189,6 +190,7 @@ class Operator:
             "paused": await self.client.hlen(self.keys.paused),
             "buffered": await self.client.scard(self.keys.buffered),
             "counters": await self.state.counters(),
+            **await redis_facts(self.client, self.keys),
         }
 
     async def _beats(self, key: str, field: str, now_ms: int) -> list[tuple[str, dict[str, Any], float]]:

@@ -8,9 +8,10 @@ from celery import Celery
 from loguru import logger
 
 from shared.celery_app import create_celery_app
-from shared.errors import EX_CONFIG, EX_UNAVAILABLE, RedisAuthError, RedisUnavailableError
+from shared.cli_support import exit_code
+from shared.errors import ChronoqError
 from shared.redaction import redact_url
-from shared.redis import check_redis, resolve_redis
+from shared.redis import preflight, resolve_redis
 from shared.settings import AppSettings
 from workers.hooks import install_worker_hooks
 
@@ -53,19 +54,16 @@ def worker_argv(settings: AppSettings) -> list[str]:
 def main(settings: AppSettings) -> int:
     """Run one worker until it is told to stop (SIGTERM: warm shutdown). Returns the exit code.
 
-    Redis is checked first: wrong credentials end the process at once with a clear message
-    (78) instead of Celery retrying forever; an unreachable Redis gives 69.
+    Redis is checked first (:func:`shared.redis.preflight`): wrong credentials, a TLS mistake or
+    an evicting ``maxmemory-policy`` end the process at once with a clear message (78) instead
+    of Celery retrying forever; an unreachable Redis gives 69.
     """
     with resolve_redis(settings) as settings:
         try:
-            for url in {settings.broker_url(), settings.result_backend_url()}:
-                check_redis(settings.redis, url)
-        except RedisAuthError as exc:
+            preflight(settings)
+        except ChronoqError as exc:  # credentials, TLS, eviction: 78; unreachable: 69
             logger.error("worker not started: {}", exc)
-            return EX_CONFIG
-        except RedisUnavailableError as exc:
-            logger.error("worker not started: {}", exc)
-            return EX_UNAVAILABLE
+            return exit_code(exc)
         install_worker_hooks(settings)
         app = create_worker_app(settings)
         argv = worker_argv(settings)
