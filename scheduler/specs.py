@@ -41,7 +41,7 @@ from pydantic import (
     model_validator,
 )
 
-from scheduler.jobfiles import parse_job_file
+from scheduler.jobfiles import HugeNumber, parse_job_file
 from scheduler.triggers import parse_cron
 from shared.errors import ConfigError, JobSpecError
 from shared.names import DEFAULT_CRON_QUEUE
@@ -53,6 +53,15 @@ TRIGGER_KEYS = ("cron", "interval", "date")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 _TASK_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _INTERVAL_UNITS = {"weeks": 604800, "days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
+# Bounds on every number of a job, so that arithmetic on a hostile value (timedelta, float,
+# int -> str of a 5,000-digit integer) is a validation problem naming the field, never a crash.
+MAX_DURATION_S = 10 * 365 * 86400
+"""Ten years: the longest interval, jitter, misfire grace, expiry or time limit."""
+MAX_INSTANCES = 1_000_000
+MAX_YEAR = 9000
+"""date, start_date and end_date must be before this year (datetime ends at 9999)."""
+_JSON_INT_RANGE = (-(2**63), 2**64)
+"""Integers in args and kwargs: 64 bits, what every JSON consumer (and Lua) can read."""
 
 
 def _check_timezone(value: str) -> str:
@@ -71,12 +80,12 @@ class _JobOptions(BaseModel):
     timezone: StrictStr = "UTC"
     """IANA name; cron fields and naive dates are read in this zone."""
     queue: StrictStr = Field(DEFAULT_CRON_QUEUE, pattern=r"^\S{1,200}$")
-    jitter: float = Field(0.0, ge=0, strict=True)
+    jitter: float = Field(0.0, ge=0, le=MAX_DURATION_S, strict=True)
     """Seconds: each fire is dispatched 0..jitter s late; the schedule never moves."""
     coalesce: StrictBool = True
     """Several missed fires -> one catch-up dispatch."""
-    max_instances: StrictInt = Field(1, ge=1)
-    misfire_grace_time: StrictInt | None = Field(60, gt=0)
+    max_instances: StrictInt = Field(1, ge=1, le=MAX_INSTANCES)
+    misfire_grace_time: StrictInt | None = Field(60, gt=0, le=MAX_DURATION_S)
     """Seconds a fire may be late and still run; None: no limit."""
     overlap: Literal["skip", "buffer_one", "allow"] = "skip"
     """With max_instances queued or running fleet-wide: skip the fire, let one wait, or run anyway."""
@@ -123,11 +132,11 @@ class JobSpec(_JobOptions):
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     priority: StrictInt | None = Field(None, ge=0, le=9)
-    expires: float | None = Field(None, gt=0, strict=True)
+    expires: float | None = Field(None, gt=0, le=MAX_DURATION_S, strict=True)
     """Seconds after the nominal fire time after which a worker discards the message."""
-    time_limit: StrictInt | None = Field(None, gt=0)
+    time_limit: StrictInt | None = Field(None, gt=0, le=MAX_DURATION_S)
     """Hard time limit of the task, seconds (default: CELERY_TASK_TIME_LIMIT_S)."""
-    soft_time_limit: StrictInt | None = Field(None, gt=0)
+    soft_time_limit: StrictInt | None = Field(None, gt=0, le=MAX_DURATION_S)
     """Soft time limit of the task, seconds (default: CELERY_TASK_SOFT_TIME_LIMIT_S)."""
     start_date: datetime | None = None
     end_date: datetime | None = None
@@ -176,7 +185,9 @@ class JobSpec(_JobOptions):
         if isinstance(value, dict):
             for key, item in value.items():
                 if not isinstance(key, str) or isinstance(item, bool) or not isinstance(item, str | int):
-                    raise ValueError(f"{key!r}: {item!r} must be a string or an integer")
+                    raise ValueError(f"{safe_repr(key)}: {safe_repr(item)} must be a string or an integer")
+                if isinstance(item, int) and not 0 <= item <= 9999:
+                    raise ValueError(f"{key}: {safe_repr(item)} is out of range")
         elif value is not None and not isinstance(value, str):
             raise ValueError("must be a crontab string such as '0 2 * * *' or a mapping such as {second: '*/10'}")
         if value is not None:
@@ -190,12 +201,14 @@ class JobSpec(_JobOptions):
             return None
         if isinstance(value, dict):
             if unknown := [unit for unit in value if unit not in _INTERVAL_UNITS]:
-                raise ValueError(f"unknown unit {unknown[0]!r} (use {', '.join(_INTERVAL_UNITS)})")
+                raise ValueError(f"unknown unit {safe_repr(unknown[0])} (use {', '.join(_INTERVAL_UNITS)})")
             seconds = sum(_seconds(amount, f"{unit} ") * _INTERVAL_UNITS[unit] for unit, amount in value.items())
         else:
             seconds = _seconds(value, "")
         if seconds <= 0:
-            raise ValueError(f"must be positive, got {value!r}")
+            raise ValueError(f"must be positive, got {safe_repr(value)}")
+        if seconds > MAX_DURATION_S:
+            raise ValueError(f"must be at most {MAX_DURATION_S} seconds (ten years), got {safe_repr(value)}")
         return seconds
 
     @field_validator("date", "start_date", "end_date", mode="before")
@@ -203,7 +216,7 @@ class JobSpec(_JobOptions):
     def _check_datetime_type(cls, value: Any) -> Any:
         # Pydantic would read a bare number as a Unix timestamp: a typo, not a date.
         if value is not None and not isinstance(value, str | date):
-            raise ValueError(f"must be a date-time such as 2026-12-01T09:00:00+01:00, got {value!r}")
+            raise ValueError(f"must be a date-time such as 2026-12-01T09:00:00+01:00, got {safe_repr(value)}")
         return value
 
     @field_validator("date", "start_date", "end_date")
@@ -212,6 +225,8 @@ class JobSpec(_JobOptions):
         zone = info.data.get("timezone")  # absent when the timezone itself is invalid
         if value is None or zone is None:
             return value
+        if value.year >= MAX_YEAR:
+            raise ValueError(f"{value.isoformat()} is too far ahead (before the year {MAX_YEAR}, please)")
         tz = ZoneInfo(zone)
         value = (value.replace(tzinfo=tz) if value.tzinfo is None else value).astimezone(UTC).astimezone(tz)
         if info.field_name != "date" and info.data.get("date") is not None:
@@ -261,8 +276,24 @@ def trigger_problem(*triggers: object) -> str | None:
 
 def _seconds(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{what}must be a number of seconds or a mapping such as {{minutes: 5}}, got {value!r}")
+        raise ValueError(
+            f"{what}must be a number of seconds or a mapping such as {{minutes: 5}}, got {safe_repr(value)}"
+        )
+    if abs(value) > MAX_DURATION_S:  # before float(): a 400-digit integer overflows it
+        raise ValueError(f"{what}must be at most {MAX_DURATION_S} seconds (ten years), got {safe_repr(value)}")
     return float(value)
+
+
+def safe_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, and never an error: an integer of more than
+    4,300 digits cannot be turned into text (Python >= 3.11), it is described instead."""
+    if isinstance(value, int) and value.bit_length() > 1000:
+        return f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
+    try:
+        text = repr(value)
+    except ValueError:  # a container holding such an integer
+        return f"<a {type(value).__name__} holding a huge integer>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _LONGEST_NUMBER = 24
@@ -306,17 +337,26 @@ def json_problem(value: Any, where: str, depth: int = 0) -> str | None:
     """Why ``value`` is not plain JSON, or None; ``where`` names the element (``[0]['when']``)."""
     if depth > MAX_JSON_DEPTH:
         return f"{where or 'value'} is nested more than {MAX_JSON_DEPTH} levels deep"
-    if value is None or isinstance(value, str | bool | int):
+    if value is None or isinstance(value, str | bool):
         return None
+    if isinstance(value, int):
+        low, high = _JSON_INT_RANGE
+        if low <= value < high:
+            return None
+        return (
+            f"{where or 'value'} is {safe_repr(value)}: integers must fit in 64 bits (pass a huge number as a string)"
+        )
     if isinstance(value, float):
         return None if math.isfinite(value) else f"{where or 'value'} is {value}, which JSON cannot carry"
     if isinstance(value, list | tuple):
         items: list[tuple[str, Any]] = [(f"{where}[{i}]", item) for i, item in enumerate(value)]
     elif isinstance(value, dict):
         if bad := [key for key in value if not isinstance(key, str)]:
-            return f"{where or 'mapping'} has a key {bad[0]!r} that is not a string"
+            return f"{where or 'mapping'} has a key {safe_repr(bad[0])} that is not a string"
         items = [(f"{where}[{key!r}]", item) for key, item in value.items()]
     else:
+        if isinstance(value, HugeNumber):
+            return f"{where or 'value'} is {value!r}: integers must fit in 64 bits (pass a huge number as a string)"
         hint = " (quote it to pass a string)" if isinstance(value, date | time) else ""
         return f"{where or 'value'} is a {type(value).__name__}, not a JSON value{hint}"
     return next((p for place, item in items if (p := json_problem(item, place, depth + 1)) is not None), None)
@@ -422,10 +462,10 @@ def _describe(exc: ValidationError, scope: str = "") -> list[str]:
         if error["type"] == "extra_forbidden":
             field, message = "", f"unknown key {loc[-1]!r}"
         else:
-            field = f"cron {error['input']!r}" if loc[:1] == ["cron"] else ".".join(loc)
+            field = f"cron {safe_repr(error['input'])}" if loc[:1] == ["cron"] else ".".join(loc)
             message = "missing" if error["type"] == "missing" else error["msg"].removeprefix("Value error, ")
             if error["type"] not in ("value_error", "missing"):  # pydantic's own wording: show the value
-                message = f"{message[:1].lower()}{message[1:]} (got {error['input']!r:.80})"
+                message = f"{message[:1].lower()}{message[1:]} (got {safe_repr(error['input'])})"
         field = ".".join(part for part in (scope, field) if part)
         lines.append(f"{field}: {message}" if field else message)
     return lines
