@@ -44,6 +44,7 @@ class DataEpoch:
         """Rewrites what this replica owns (called once per loss, after it is logged)."""
         self.id: str | None = None
         self.losses = 0
+        self._rewrite_pending = False
 
     async def claim(self) -> None:
         """At start: write a new marker on an empty Redis, else adopt the one there."""
@@ -51,9 +52,11 @@ class DataEpoch:
 
     async def check(self) -> bool:
         """Read the marker once; True when Redis lost its data since the last check (the loss
-        is then logged, counted and :attr:`on_loss` has run)."""
+        is then logged and counted, and :attr:`on_loss` is run, again at every check until it
+        succeeds)."""
         found = await self.client.get(self.keys.epoch)
         if found is not None and self._parse(str(found)).get("id") == self.id:
+            await self._rewrite()
             return False
         raw, created = (str(found), False) if found is not None else await self._create(self.losses + 1)
         previous = self.id
@@ -65,8 +68,15 @@ class DataEpoch:
             "gone" if created else f"replaced by {self.id}",
             self.losses,
         )
-        await self.on_loss()
+        self._rewrite_pending = True
+        await self._rewrite()
         return True
+
+    async def _rewrite(self) -> None:
+        # Until it succeeds: Redis may fail again while the registry is being written.
+        if self._rewrite_pending:
+            await self.on_loss()
+            self._rewrite_pending = False
 
     async def watch(self) -> None:
         """Check every CHECK_EVERY_S until cancelled; Redis errors are retried (an outage is

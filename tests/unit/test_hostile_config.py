@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,7 +112,8 @@ def test_url_parameters_that_name_code_are_refused(variable: str, parameter: str
     group, field = variable.split("_", 1)
     url = f"redis://:pw@127.0.0.1:6379/0?db=0&{parameter}"
     with pytest.raises(ConfigError) as caught:
-        AppSettings.load(**{group: {"url" if field == "url" else field: url}})
+        overrides: dict[str, Any] = {group: {"url" if field == "url" else field: url}}
+        AppSettings.load(None, **overrides)
     (problem,) = caught.value.problems
     assert variable.upper() in problem and parameter.split("=")[0] in problem
     assert "names Python code" in problem and "pw" not in problem
