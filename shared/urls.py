@@ -17,6 +17,8 @@ from urllib.parse import parse_qsl, urlsplit
 ALLOWED_QUERY_PARAMETERS = frozenset(
     {
         "db",
+        "username",
+        "password",
         "socket_timeout",
         "socket_connect_timeout",
         "socket_keepalive",
