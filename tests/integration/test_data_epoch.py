@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import redis.asyncio
 
 from scheduler.epoch import DataEpoch, redis_facts
@@ -59,10 +60,8 @@ async def test_a_failed_rewrite_is_retried_at_the_next_check(settings: AppSettin
     try:
         await epoch.claim()
         await client.delete(keys.epoch)
-        try:
+        with pytest.raises(redis.ConnectionError):
             await epoch.check()
-        except redis.ConnectionError:
-            pass
         assert not await epoch.check()
         assert calls == 2
     finally:

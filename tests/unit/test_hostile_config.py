@@ -111,8 +111,8 @@ def test_safe_repr_never_raises() -> None:
 def test_url_parameters_that_name_code_are_refused(variable: str, parameter: str) -> None:
     group, field = variable.split("_", 1)
     url = f"redis://:pw@127.0.0.1:6379/0?db=0&{parameter}"
+    overrides: dict[str, Any] = {group: {"url" if field == "url" else field: url}}
     with pytest.raises(ConfigError) as caught:
-        overrides: dict[str, Any] = {group: {"url" if field == "url" else field: url}}
         AppSettings.load(None, **overrides)
     (problem,) = caught.value.problems
     assert variable.upper() in problem and parameter.split("=")[0] in problem
