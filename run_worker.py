@@ -43,8 +43,9 @@ def main(argv: list[str]) -> int:
     if isinstance(settings, int):
         return settings
     import workers
+    from shared.cli_support import report_errors
 
-    return workers.main(settings)
+    return report_errors("worker", lambda: workers.main(settings))
 
 
 if __name__ == "__main__":

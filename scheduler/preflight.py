@@ -31,7 +31,7 @@ async def wait_for_redis(settings: AppSettings) -> str | None:
     delay = 0.5
     while True:
         try:
-            return await asyncio.to_thread(preflight, settings)
+            return await asyncio.to_thread(lambda: preflight(settings, result_backend=False))
         except RedisUnavailableError as exc:
             if is_config_error(exc):
                 raise

@@ -41,6 +41,7 @@ from pydantic import (
     model_validator,
 )
 
+from scheduler.bounds import JSON_INT_RANGE, MAX_DURATION_S, MAX_INSTANCES, MAX_YEAR, safe_repr
 from scheduler.jobfiles import HugeNumber, parse_job_file
 from scheduler.triggers import parse_cron
 from shared.errors import ConfigError, JobSpecError
@@ -53,15 +54,6 @@ TRIGGER_KEYS = ("cron", "interval", "date")
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 _TASK_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _INTERVAL_UNITS = {"weeks": 604800, "days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
-# Bounds on every number of a job, so that arithmetic on a hostile value (timedelta, float,
-# int -> str of a 5,000-digit integer) is a validation problem naming the field, never a crash.
-MAX_DURATION_S = 10 * 365 * 86400
-"""Ten years: the longest interval, jitter, misfire grace, expiry or time limit."""
-MAX_INSTANCES = 1_000_000
-MAX_YEAR = 9000
-"""date, start_date and end_date must be before this year (datetime ends at 9999)."""
-_JSON_INT_RANGE = (-(2**63), 2**64)
-"""Integers in args and kwargs: 64 bits, what every JSON consumer (and Lua) can read."""
 
 
 def _check_timezone(value: str) -> str:
@@ -284,18 +276,6 @@ def _seconds(value: Any, what: str) -> float:
     return float(value)
 
 
-def safe_repr(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters, and never an error: an integer of more than
-    4,300 digits cannot be turned into text (Python >= 3.11), it is described instead."""
-    if isinstance(value, int) and value.bit_length() > 1000:
-        return f"<an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits>"
-    try:
-        text = repr(value)
-    except ValueError:  # a container holding such an integer
-        return f"<a {type(value).__name__} holding a huge integer>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 _LONGEST_NUMBER = 24
 """Characters of the longest JSON a finite float or an int of up to 64 bits is written as."""
 
@@ -340,7 +320,7 @@ def json_problem(value: Any, where: str, depth: int = 0) -> str | None:
     if value is None or isinstance(value, str | bool):
         return None
     if isinstance(value, int):
-        low, high = _JSON_INT_RANGE
+        low, high = JSON_INT_RANGE
         if low <= value < high:
             return None
         return (

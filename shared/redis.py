@@ -63,14 +63,16 @@ def check_redis(settings: RedisSettings, url: str | None = None) -> float:
         client.close()
 
 
-def preflight(settings: AppSettings) -> str | None:
-    """What every process checks before it starts work: each of the broker, the result backend
-    and chronoq's Redis answers (raises as :func:`check_redis`), the broker's eviction policy
-    is safe (raises :class:`ConfigError`, see :func:`shared.redis_checks.check_eviction`), and
-    TLS warnings are logged. Returns the eviction policy (None if the server would not say)."""
+def preflight(settings: AppSettings, *, result_backend: bool = True) -> str | None:
+    """What every process checks before it starts work: chronoq's Redis, the broker and (unless
+    ``result_backend`` is False: the scheduler never reads results) the result backend answer
+    (raises as :func:`check_redis`), the broker's eviction policy is safe (raises
+    :class:`ConfigError`, see :func:`shared.redis_checks.check_eviction`), and TLS warnings are
+    logged. Returns the eviction policy (None if the server would not say)."""
     for warning in tls_warnings(settings.redis):
         logger.warning("{}", warning)
-    urls = dict.fromkeys((settings.redis.connection_url(), settings.broker_url(), settings.result_backend_url()))
+    backend = (settings.result_backend_url(),) if result_backend else ()
+    urls = dict.fromkeys((settings.redis.connection_url(), settings.broker_url(), *backend))
     for url in urls:
         check_redis(settings.redis, url)
     client = create_redis(settings.redis, settings.broker_url())

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from scheduler.specs import MAX_DURATION_S, load_job_specs, safe_repr
+from scheduler.bounds import MAX_DURATION_S, safe_repr
+from scheduler.specs import load_job_specs
 from shared.errors import ConfigError, JobSpecError
 from shared.redis_checks import eviction_policy, eviction_problem, tls_warnings
 from shared.settings import AppSettings, RedisSettings, SchedulerSettings
