@@ -42,7 +42,11 @@ def build_settings(env_file: Path | None, *, process: str, **groups: dict[str, A
         for line in exc.problems:
             print(f"chronoq {process}: {line}", file=sys.stderr)
         return EX_CONFIG
-    configure_logging(settings, process=process)
+    try:
+        configure_logging(settings, process=process)
+    except OSError as exc:
+        print(f"chronoq {process}: LOG_FILE: cannot write {settings.log.file}: {exc.strerror or exc}", file=sys.stderr)
+        return EX_CONFIG
     return settings
 
 
@@ -56,8 +60,9 @@ def exit_code(error: ChronoqError) -> int:
 def report_errors(process: str, body: Callable[[], int]) -> int:
     """Run an entry point's ``body`` and turn whatever escapes it into one line per problem on
     stderr and an exit code: :func:`exit_code` for chronoq's own errors, 69 for a Redis or
-    network error that got past the start-up checks, 1 for anything else (a task's own error
-    re-raised by ``chronoq task result``, a wait that timed out). URL credentials are masked."""
+    network error that got past the start-up checks, 78 for a configured path or module that
+    is not there, 1 for anything else (a task's own error re-raised by ``chronoq task
+    result``, a wait that timed out). URL credentials are masked."""
     import redis
     from kombu.exceptions import OperationalError
 
@@ -72,8 +77,17 @@ def report_errors(process: str, body: Callable[[], int]) -> int:
     except ChronoqError as exc:
         say(str(exc))
         return exit_code(exc)
-    except (redis.RedisError, OperationalError, OSError) as exc:
+    except (redis.RedisError, OperationalError) as exc:
         say(f"redis unavailable: {exc}")
+        return EX_UNAVAILABLE
+    except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        say(f"{exc.strerror or exc}: {exc.filename}")  # a configured path (REDIS_EMBEDDED_DIR...)
+        return EX_CONFIG
+    except ImportError as exc:  # TASK_MODULES
+        say(f"cannot import {exc.name or ''}: {exc} (check TASK_MODULES and PYTHONPATH)")
+        return EX_CONFIG
+    except OSError as exc:
+        say(str(exc))
         return EX_UNAVAILABLE
     except Exception as exc:  # an entry point never ends in a traceback
         say(f"{type(exc).__name__}: {exc}")

@@ -84,6 +84,14 @@ class RedisSettings(_Group):
                 raise ValueError(f"must start with redis://, rediss:// or unix://, not {scheme or 'nothing'}://")
         return _check_query(value)
 
+    @field_validator("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+    @classmethod
+    def _check_tls_file(cls, value: Path | None) -> Path | None:
+        # Else redis-py reports a missing CA as "Error 2 connecting", which looks like a network fault.
+        if value is not None and not value.is_file():
+            raise ValueError(f"TLS file {value} does not exist or is not a file")
+        return value
+
     @field_validator("key_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:

@@ -94,7 +94,8 @@ def _assert_one_line(done: subprocess.CompletedProcess[str], code: int, *words: 
     output = done.stdout + done.stderr
     assert done.returncode == code, output
     assert "Traceback" not in output, output
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    # The error: one line (a process may have logged progress at INFO before it).
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not re.search(r"\| (INFO|DEBUG) ", line)]
     assert len(lines) == 1, output
     for word in words:
         assert word in lines[0], lines[0]
@@ -242,6 +243,38 @@ def test_a_url_naming_python_code_imports_nothing(variable: str, redis_server: R
         assert f"{variable}: URL query parameter 'credential_provider' names Python code" in done.stderr
         assert "Traceback" not in done.stderr
     assert not marker.exists()
+
+
+def test_every_start_up_error_of_every_entry_point_is_one_line_and_78(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Paths and modules that are not there: a log file, the embedded server's directory, a TLS
+    CA file, a task module."""
+    url = f"redis://127.0.0.1:{redis_server.port}/0"
+    jobs = write_jobs(tmp_path / "jobs.yaml", [{"id": "tick", "task": "demo.sleep", "interval": 60}])
+    missing = tmp_path / "not-there" / "x"
+    no_url = {k: v for k, v in _env(url).items() if k != "REDIS_URL"}
+    cases = {
+        "LOG_FILE": ({**_env(url), "LOG_FILE": f"{tmp_path / 'jobs.yaml'}/x.log"}, "LOG_FILE"),
+        "REDIS_EMBEDDED_DIR": ({**no_url, "REDIS_EMBEDDED_DIR": str(tmp_path / "jobs.yaml")}, str(tmp_path)),
+        "REDIS_SSL_CA_CERTS": (_env("rediss://127.0.0.1:1/0", REDIS_SSL_CA_CERTS=str(missing)), "REDIS_SSL_CA_CERTS"),
+        "TASK_MODULES": (_env(url, TASK_MODULES="no_such_module_here"), "TASK_MODULES"),
+    }
+    entry_points = {
+        "scheduler": ["run_scheduler.py", "--jobs", str(jobs), "--no-worker"],
+        "worker": ["run_worker.py", "--pool", "solo"],
+        "cli": ["-m", "scheduler.cli", "status"],
+    }
+    runs = [(case, name) for case in cases for name in entry_points if (case, name) != ("TASK_MODULES", "cli")]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda run: _run(entry_points[run[1]], cases[run[0]][0], 30), runs))
+    failures = []
+    for (case, name), done in zip(runs, results, strict=True):
+        try:
+            _assert_one_line(done, 78, cases[case][1])
+        except AssertionError as exc:
+            failures.append(f"{name} with a bad {case}: {exc}")
+    assert not failures, "\n\n".join(failures)
 
 
 def test_broker_on_another_database_is_one_line_and_78(redis_server: RedisServer, tmp_path: Path) -> None:
