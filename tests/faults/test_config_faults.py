@@ -328,7 +328,7 @@ def test_redis_data_loss_is_noticed_logged_once_and_repaired(
         wait_for(pause_works, 15, "`chronoq jobs pause tick` to work again", interval_s=0.5)
         status = json.loads(_run(["-m", "scheduler.cli", "status", "--json"], env).stdout)
         assert status["data_losses"] == 1
-        wait_for(lambda: "fire skipped" in log.read_text(), 10, "the pause to reach the scheduler")
+        wait_for(lambda: "fire skipped (paused)" in log.read_text(), 10, "the pause to reach the scheduler")
         text = log.read_text()
         lines = [line for line in text.splitlines() if "redis lost its data" in line]
         assert len(lines) == 1 and "| ERROR " in lines[0], text[-3000:]
