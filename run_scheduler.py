@@ -41,9 +41,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    from shared.cli_support import build_settings
+    from shared.cli_support import report_errors
 
     args = parse_args(argv)
+    return report_errors("scheduler", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from shared.cli_support import build_settings
+
     settings = build_settings(args.env_file, process="scheduler")
     if isinstance(settings, int):
         return settings

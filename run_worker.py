@@ -48,9 +48,10 @@ def main(argv: list[str]) -> int:
     if isinstance(settings, int):
         return settings
     import workers
+    from shared.cli_support import report_errors
 
     child = None if args.no_supervise else [sys.executable, str(Path(__file__).resolve()), *argv, "--no-supervise"]
-    return workers.main(settings, child)
+    return report_errors("worker", lambda: workers.main(settings, child))
 
 
 if __name__ == "__main__":

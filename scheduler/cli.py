@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.errors import EX_UNAVAILABLE, ChronoqError
+from shared.errors import EX_UNAVAILABLE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,12 +98,16 @@ def _emit(args: argparse.Namespace, payload: Any, text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from shared.cli_support import build_settings
-    from shared.redis import resolve_redis
+    from shared.redis import check_redis, resolve_redis
 
     settings = build_settings(args.env_file, process="cli")
     if isinstance(settings, int):
         return settings
     with resolve_redis(settings) as settings:
+        # Every command first: a wrong password, a TLS mistake or a closed port is one line and
+        # 78 or 69 (raised here, reported by main()), whatever the command goes on to do.
+        for url in dict.fromkeys((settings.redis.connection_url(), settings.broker_url())):
+            check_redis(settings.redis, url)
         if args.command == "status":
             return asyncio.run(_status(args, settings))
         if args.command == "jobs" and args.action in ("outcomes", "history"):
@@ -192,6 +196,12 @@ async def _status(args: argparse.Namespace, settings: Any) -> int:
         f"jobs        {status['jobs']} registered, {status['paused']} paused, {status['buffered']} waiting for a slot"
     )
     lines.append("outcomes    " + (", ".join(f"{k} {v}" for k, v in sorted(status["counters"].items())) or "none yet"))
+    risk = "  EVICTS KEYS: set noeviction" if status["eviction_risk"] else ""
+    lost = f" (last {status['last_data_loss']})" if status["last_data_loss"] else ""
+    lines.append(
+        f"redis       maxmemory-policy {status['maxmemory_policy'] or 'unknown'}{risk}; "
+        f"data losses noticed {status['data_losses']}{lost}"
+    )
     for task, job_ids in status["unserved_tasks"].items():
         lines.append(f"WARNING     task {task} (jobs {', '.join(job_ids)}) is registered by no live worker")
     _emit(args, status, "\n".join(lines))
@@ -260,12 +270,10 @@ def _describe_steer(action: str, result: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shared.cli_support import report_errors
+
     args = _parser().parse_args(argv)
-    try:
-        return run(args)
-    except ChronoqError as exc:
-        print(f"chronoq: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
+    return report_errors("cli", lambda: run(args))
 
 
 if __name__ == "__main__":

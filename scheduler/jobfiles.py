@@ -29,6 +29,26 @@ class _Refused(Exception):
     """A YAML document refused for its shape (aliases, expansion)."""
 
 
+MAX_INT_DIGITS = 100
+
+
+class HugeNumber:
+    """An integer literal of more than MAX_INT_DIGITS digits, kept as its size: Python refuses to
+    read one of over 4,300 digits (and reading one takes quadratic time), so the file loads and
+    validation names the job and the field that holds it."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<a number of {self.digits} digits>"
+
+
+def _int_or_huge(text: str) -> int | HugeNumber:
+    digits = sum(c.isdigit() for c in text)
+    return HugeNumber(digits) if digits > MAX_INT_DIGITS else int(text)
+
+
 # libyaml's parser when PyYAML was built with it (its wheels are): a 10,000-job file parses in
 # a tenth of the pure-Python time. Only the parser is C; construction stays SafeConstructor.
 _BaseSafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -47,6 +67,15 @@ class _SafeLoader(_BaseSafeLoader):  # type: ignore[valid-type,misc]
                 seen.add((key.tag, key.value))
         mapping: dict[Any, Any] = super().construct_mapping(node, deep)
         return mapping
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:
+        value = self.construct_scalar(node)
+        if sum(c.isdigit() for c in str(value)) > MAX_INT_DIGITS:
+            return HugeNumber(sum(c.isdigit() for c in str(value)))
+        return super().construct_yaml_int(node)
+
+
+_SafeLoader.add_constructor("tag:yaml.org,2002:int", _SafeLoader.construct_yaml_int)
 
 
 def _expanded_size(node: yaml.Node, sizes: dict[int, int], aliases: list[int]) -> int:
@@ -108,7 +137,7 @@ def _load_yaml(text: str) -> Any:
         # JSON is YAML, and generated job files often are JSON: read it with the json module,
         # fifty times faster than a YAML parser. Anything json rejects goes to the YAML path.
         try:
-            return json.loads(text, object_pairs_hook=_json_object)
+            return json.loads(text, object_pairs_hook=_json_object, parse_int=_int_or_huge)
         except (json.JSONDecodeError, RecursionError):
             pass
     _check_nesting(text)
@@ -158,6 +187,8 @@ def parse_job_file(path: Path) -> dict[str, Any]:
         raise JobSpecError(f"{path}: YAML refused: {exc}") from None
     except RecursionError:
         raise JobSpecError(f"{path}: nested too deeply") from None
+    except ValueError as exc:  # tomllib: an integer of over 4,300 digits
+        raise JobSpecError(f"{path}: a value cannot be read: {exc}") from None
     if document is None:
         return {}
     if not isinstance(document, dict):

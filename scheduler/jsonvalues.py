@@ -7,6 +7,9 @@ import math
 from datetime import date, time
 from typing import Any
 
+from scheduler.bounds import JSON_INT_RANGE, safe_repr
+from scheduler.jobfiles import HugeNumber
+
 MAX_JSON_DEPTH = 64
 
 
@@ -51,17 +54,26 @@ def json_problem(value: Any, where: str, depth: int = 0) -> str | None:
     """Why ``value`` is not plain JSON, or None; ``where`` names the element (``[0]['when']``)."""
     if depth > MAX_JSON_DEPTH:
         return f"{where or 'value'} is nested more than {MAX_JSON_DEPTH} levels deep"
-    if value is None or isinstance(value, str | bool | int):
+    if value is None or isinstance(value, str | bool):
         return None
+    if isinstance(value, int):
+        low, high = JSON_INT_RANGE
+        if low <= value < high:
+            return None
+        return (
+            f"{where or 'value'} is {safe_repr(value)}: integers must fit in 64 bits (pass a huge number as a string)"
+        )
     if isinstance(value, float):
         return None if math.isfinite(value) else f"{where or 'value'} is {value}, which JSON cannot carry"
     if isinstance(value, list | tuple):
         items: list[tuple[str, Any]] = [(f"{where}[{i}]", item) for i, item in enumerate(value)]
     elif isinstance(value, dict):
         if bad := [key for key in value if not isinstance(key, str)]:
-            return f"{where or 'mapping'} has a key {bad[0]!r} that is not a string"
+            return f"{where or 'mapping'} has a key {safe_repr(bad[0])} that is not a string"
         items = [(f"{where}[{key!r}]", item) for key, item in value.items()]
     else:
+        if isinstance(value, HugeNumber):
+            return f"{where or 'value'} is {value!r}: integers must fit in 64 bits (pass a huge number as a string)"
         hint = " (quote it to pass a string)" if isinstance(value, date | time) else ""
         return f"{where or 'value'} is a {type(value).__name__}, not a JSON value{hint}"
     return next((p for place, item in items if (p := json_problem(item, place, depth + 1)) is not None), None)

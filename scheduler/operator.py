@@ -25,6 +25,7 @@ import redis.asyncio
 from loguru import logger
 
 from scheduler.control import ControlStore
+from scheduler.epoch import redis_facts
 from scheduler.fires import Fire, Limits
 from scheduler.planner import plan_manual
 from scheduler.specs import JobSpec
@@ -191,6 +192,7 @@ class Operator:
             "unserved_tasks": unserved_tasks(
                 await self.client.hgetall(self.keys.jobs), await self.client.hgetall(self.keys.workers), now_ms
             ),
+            **await redis_facts(self.client, self.keys),
         }
 
     async def _beats(self, key: str, field: str, now_ms: int) -> list[tuple[str, dict[str, Any], float]]:

@@ -18,7 +18,6 @@ import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import redis
 from loguru import logger
@@ -26,13 +25,16 @@ from loguru import logger
 from scheduler.control import ControlStore, file_hashes, source_hash
 from scheduler.dispatch import Dispatcher, Limits
 from scheduler.encoder import MessageEncoder
+from scheduler.epoch import DataEpoch
 from scheduler.leadership import Leadership
 from scheduler.manager import SchedulerManager
+from scheduler.preflight import wait_for_redis
 from scheduler.specs import JobDefaults, JobSpec, load_job_specs, time_limit_problems
 from scheduler.state import StateStore
 from shared.celery_app import create_celery_app
+from shared.cli_support import exit_code
 from shared.clock import SYSTEM_CLOCK, Clock
-from shared.errors import EX_CONFIG, ConfigError, RedisUnavailableError
+from shared.errors import EX_CONFIG, ChronoqError, ConfigError
 from shared.fleet import FireLedger
 from shared.names import RedisKeys
 from shared.redis import create_async_redis, raise_if_cancelling, resolve_redis
@@ -41,6 +43,7 @@ from shared.settings import AppSettings
 
 DEFAULT_JOB_FILES = (Path("configs/jobs.yaml"),)
 SHUTDOWN_BUDGET_S = 10.0
+RELEASE_TIMEOUT_S = 1.0
 CONTROL_POLL_S = 0.5
 
 
@@ -96,14 +99,14 @@ class SchedulerService:
         self.control: ControlStore
         self.leadership: Leadership
         self._registry: asyncio.Task[None]
+        self.epoch: DataEpoch
 
     async def __aenter__(self) -> SchedulerService:
         settings = self.settings
         try:
-            _check_one_redis(settings)
+            await wait_for_redis(settings)
             client = create_async_redis(settings.redis)
             self._stack.push_async_callback(client.aclose)
-            await _wait_for_redis(client, settings)
             app = create_celery_app(settings, name="chronoq-scheduler")
             self._stack.callback(app.close)
             encoder = MessageEncoder(app)
@@ -117,8 +120,10 @@ class SchedulerService:
             self.leadership = Leadership(
                 client, keys, self.owner, lease_ms=int(sched.takeover_s * 1000), clock=self.clock
             )
+            self.epoch = DataEpoch(client, keys, self._after_data_loss)
+            await self.epoch.claim()
             await self.leadership.tick()
-            self._stack.push_async_callback(self.leadership.release)
+            self._stack.push_async_callback(self._release_lease)
             self.dispatcher = Dispatcher(
                 self.ledger,
                 encoder,
@@ -150,7 +155,7 @@ class SchedulerService:
             self.leadership.jobs = len(self.manager.list())
             _freeze_heap()
             self.leadership.outcomes = self.dispatcher.outcomes
-            for loop_fn in (self.leadership.run, self._follow_control, self._sweep_buffers):
+            for loop_fn in (self.leadership.run, self._follow_control, self._sweep_buffers, self.epoch.watch):
                 self._tasks.append(asyncio.get_running_loop().create_task(loop_fn()))
             # The registry is for operators; at 100,000 jobs writing it takes seconds, which
             # the first fires should not wait for.
@@ -173,6 +178,22 @@ class SchedulerService:
         _, stuck = await asyncio.wait(self._tasks, timeout=2.0)
         for task in stuck:
             logger.error("background task {} did not stop when cancelled", task.get_name())
+
+    async def _release_lease(self) -> None:
+        # Bounded: during a Redis stall an unbounded release waits out the socket timeout and
+        # shutdown overruns its budget. An unreleased lease lapses by itself in takeover_s.
+        try:
+            await asyncio.wait_for(self.leadership.release(), RELEASE_TIMEOUT_S)
+        except TimeoutError:
+            logger.warning(
+                "shutdown: leader lease not released within {}s (redis stalled); it lapses", RELEASE_TIMEOUT_S
+            )
+
+    async def _after_data_loss(self) -> None:
+        """Redis lost its data: put back what this replica owns (scheduler.epoch)."""
+        await asyncio.wait([self._registry])
+        await self.control.publish_jobs(self.manager.list(), self._hashes)
+        await self.leadership.tick()
 
     async def _drain(self) -> None:
         if not await self.dispatcher.drain(timeout_s=SHUTDOWN_BUDGET_S / 2):
@@ -273,39 +294,6 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-def _check_one_redis(settings: AppSettings) -> None:
-    """Deciding a fire and publishing it are one Lua script, so the broker must be the Redis
-    server and database that holds chronoq's state."""
-
-    def where(url: str) -> tuple[str | None, int | None, str]:
-        parts = urlsplit(url)
-        return parts.hostname, parts.port or 6379, (parts.path.strip("/") or "0")
-
-    if where(settings.broker_url()) != where(settings.redis.connection_url()):
-        raise ConfigError(
-            "CELERY_BROKER_URL must name the same Redis server and database as REDIS_URL: chronoq decides and "
-            "publishes each fire in one atomic step, so its state lives next to the queues"
-        )
-
-
-async def _wait_for_redis(client: object, settings: AppSettings) -> None:
-    """Retry until Redis answers, reporting each failure; never give up on our own."""
-    import redis
-
-    delay = 0.5
-    while True:
-        try:
-            await client.ping()  # type: ignore[attr-defined]
-            return
-        except redis.AuthenticationError as exc:
-            raise RedisUnavailableError(f"redis rejected our credentials: {exc}") from None
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            raise_if_cancelling()
-            logger.warning("redis unavailable ({}); retrying in {:.1f}s", exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
-
-
 def _file_stamps(paths: list[Path]) -> list[tuple[float, int] | None]:
     stamps: list[tuple[float, int] | None] = []
     for path in paths:
@@ -370,9 +358,10 @@ def serve(settings: AppSettings, options: ServiceOptions) -> int:
         workers = [_start_local_worker(settings)] if local_worker else []
         try:
             return asyncio.run(run_service(settings, options, specs, on_stop=workers))
-        except RedisUnavailableError as exc:
-            logger.error("{}", exc)
-            return EX_CONFIG
+        except ChronoqError as exc:  # a wrong password, TLS, eviction, the broker elsewhere
+            for line in str(exc).splitlines():
+                logger.error("not started: {}", line)
+            return exit_code(exc)
         finally:
             for worker in workers:
                 _stop_local_worker(worker)

@@ -41,6 +41,7 @@ from pydantic import (
     model_validator,
 )
 
+from scheduler.bounds import MAX_DURATION_S, MAX_INSTANCES, MAX_YEAR, safe_repr
 from scheduler.cron import parse_cron
 from scheduler.jobfiles import parse_job_file
 from scheduler.jsonvalues import flat_json_size_bound, json_problem
@@ -71,12 +72,12 @@ class _JobOptions(BaseModel):
     timezone: StrictStr = "UTC"
     """IANA name; cron fields and naive dates are read in this zone."""
     queue: StrictStr = Field(DEFAULT_CRON_QUEUE, pattern=r"^\S{1,200}$")
-    jitter: float = Field(0.0, ge=0, strict=True)
+    jitter: float = Field(0.0, ge=0, le=MAX_DURATION_S, strict=True)
     """Seconds: each fire is dispatched 0..jitter s late; the schedule never moves."""
     coalesce: StrictBool = True
     """Several missed fires -> one catch-up dispatch."""
-    max_instances: StrictInt = Field(1, ge=1)
-    misfire_grace_time: StrictInt | None = Field(60, gt=0)
+    max_instances: StrictInt = Field(1, ge=1, le=MAX_INSTANCES)
+    misfire_grace_time: StrictInt | None = Field(60, gt=0, le=MAX_DURATION_S)
     """Seconds a fire may be late and still run; None: no limit."""
     overlap: Literal["skip", "buffer_one", "allow"] = "skip"
     """With max_instances queued or running fleet-wide: skip the fire, let one wait, or run anyway."""
@@ -123,11 +124,11 @@ class JobSpec(_JobOptions):
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     priority: StrictInt | None = Field(None, ge=0, le=9)
-    expires: float | None = Field(None, gt=0, strict=True)
+    expires: float | None = Field(None, gt=0, le=MAX_DURATION_S, strict=True)
     """Seconds after the nominal fire time after which a worker discards the message."""
-    time_limit: StrictInt | None = Field(None, gt=0)
+    time_limit: StrictInt | None = Field(None, gt=0, le=MAX_DURATION_S)
     """Hard time limit of the task, seconds (default: CELERY_TASK_TIME_LIMIT_S)."""
-    soft_time_limit: StrictInt | None = Field(None, gt=0)
+    soft_time_limit: StrictInt | None = Field(None, gt=0, le=MAX_DURATION_S)
     """Soft time limit of the task, seconds (default: CELERY_TASK_SOFT_TIME_LIMIT_S)."""
     start_date: datetime | None = None
     end_date: datetime | None = None
@@ -176,7 +177,9 @@ class JobSpec(_JobOptions):
         if isinstance(value, dict):
             for key, item in value.items():
                 if not isinstance(key, str) or isinstance(item, bool) or not isinstance(item, str | int):
-                    raise ValueError(f"{key!r}: {item!r} must be a string or an integer")
+                    raise ValueError(f"{safe_repr(key)}: {safe_repr(item)} must be a string or an integer")
+                if isinstance(item, int) and not 0 <= item <= 9999:
+                    raise ValueError(f"{key}: {safe_repr(item)} is out of range")
         elif value is not None and not isinstance(value, str):
             raise ValueError("must be a crontab string such as '0 2 * * *' or a mapping such as {second: '*/10'}")
         if value is not None:
@@ -190,12 +193,14 @@ class JobSpec(_JobOptions):
             return None
         if isinstance(value, dict):
             if unknown := [unit for unit in value if unit not in _INTERVAL_UNITS]:
-                raise ValueError(f"unknown unit {unknown[0]!r} (use {', '.join(_INTERVAL_UNITS)})")
+                raise ValueError(f"unknown unit {safe_repr(unknown[0])} (use {', '.join(_INTERVAL_UNITS)})")
             seconds = sum(_seconds(amount, f"{unit} ") * _INTERVAL_UNITS[unit] for unit, amount in value.items())
         else:
             seconds = _seconds(value, "")
         if seconds <= 0:
-            raise ValueError(f"must be positive, got {value!r}")
+            raise ValueError(f"must be positive, got {safe_repr(value)}")
+        if seconds > MAX_DURATION_S:
+            raise ValueError(f"must be at most {MAX_DURATION_S} seconds (ten years), got {safe_repr(value)}")
         return seconds
 
     @field_validator("date", "start_date", "end_date", mode="before")
@@ -203,7 +208,7 @@ class JobSpec(_JobOptions):
     def _check_datetime_type(cls, value: Any) -> Any:
         # Pydantic would read a bare number as a Unix timestamp: a typo, not a date.
         if value is not None and not isinstance(value, str | date):
-            raise ValueError(f"must be a date-time such as 2026-12-01T09:00:00+01:00, got {value!r}")
+            raise ValueError(f"must be a date-time such as 2026-12-01T09:00:00+01:00, got {safe_repr(value)}")
         return value
 
     @field_validator("date", "start_date", "end_date")
@@ -212,6 +217,8 @@ class JobSpec(_JobOptions):
         zone = info.data.get("timezone")  # absent when the timezone itself is invalid
         if value is None or zone is None:
             return value
+        if value.year >= MAX_YEAR:
+            raise ValueError(f"{value.isoformat()} is too far ahead (before the year {MAX_YEAR}, please)")
         tz = ZoneInfo(zone)
         value = (value.replace(tzinfo=tz) if value.tzinfo is None else value).astimezone(UTC).astimezone(tz)
         if info.field_name != "date" and info.data.get("date") is not None:
@@ -261,7 +268,11 @@ def trigger_problem(*triggers: object) -> str | None:
 
 def _seconds(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{what}must be a number of seconds or a mapping such as {{minutes: 5}}, got {value!r}")
+        raise ValueError(
+            f"{what}must be a number of seconds or a mapping such as {{minutes: 5}}, got {safe_repr(value)}"
+        )
+    if abs(value) > MAX_DURATION_S:  # before float(): a 400-digit integer overflows it
+        raise ValueError(f"{what}must be at most {MAX_DURATION_S} seconds (ten years), got {safe_repr(value)}")
     return float(value)
 
 
@@ -365,10 +376,10 @@ def _describe(exc: ValidationError, scope: str = "") -> list[str]:
         if error["type"] == "extra_forbidden":
             field, message = "", f"unknown key {loc[-1]!r}"
         else:
-            field = f"cron {error['input']!r}" if loc[:1] == ["cron"] else ".".join(loc)
+            field = f"cron {safe_repr(error['input'])}" if loc[:1] == ["cron"] else ".".join(loc)
             message = "missing" if error["type"] == "missing" else error["msg"].removeprefix("Value error, ")
             if error["type"] not in ("value_error", "missing"):  # pydantic's own wording: show the value
-                message = f"{message[:1].lower()}{message[1:]} (got {error['input']!r:.80})"
+                message = f"{message[:1].lower()}{message[1:]} (got {safe_repr(error['input'])})"
         field = ".".join(part for part in (scope, field) if part)
         lines.append(f"{field}: {message}" if field else message)
     return lines

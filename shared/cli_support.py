@@ -1,14 +1,16 @@
-"""What every entry point does first: settings built once, command-line overrides, logging."""
+"""What every entry point does first (settings built once, command-line overrides, logging)
+and last (every error is one line on stderr and an exit code, never a traceback)."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from shared.errors import EX_CONFIG, ConfigError
+from shared.errors import EX_CONFIG, EX_UNAVAILABLE, ChronoqError, ConfigError
 from shared.logging import configure_logging
 from shared.settings import AppSettings, describe_errors
 
@@ -40,5 +42,53 @@ def build_settings(env_file: Path | None, *, process: str, **groups: dict[str, A
         for line in exc.problems:
             print(f"chronoq {process}: {line}", file=sys.stderr)
         return EX_CONFIG
-    configure_logging(settings, process=process)
+    try:
+        configure_logging(settings, process=process)
+    except OSError as exc:
+        print(f"chronoq {process}: LOG_FILE: cannot write {settings.log.file}: {exc.strerror or exc}", file=sys.stderr)
+        return EX_CONFIG
     return settings
+
+
+def exit_code(error: ChronoqError) -> int:
+    """78 when retrying cannot help (settings, credentials, TLS), else 69 (Redis unavailable)."""
+    from shared.redis_checks import is_config_error
+
+    return EX_CONFIG if is_config_error(error) else EX_UNAVAILABLE
+
+
+def report_errors(process: str, body: Callable[[], int]) -> int:
+    """Run an entry point's ``body`` and turn whatever escapes it into one line per problem on
+    stderr and an exit code: :func:`exit_code` for chronoq's own errors, 69 for a Redis or
+    network error that got past the start-up checks, 78 for a configured path or module that
+    is not there, 1 for anything else (a task's own error re-raised by ``chronoq task
+    result``, a wait that timed out). URL credentials are masked."""
+    import redis
+    from kombu.exceptions import OperationalError
+
+    from shared.redaction import redact_text
+
+    def say(message: str) -> None:
+        for line in redact_text(message).splitlines() or [""]:
+            print(f"chronoq {process}: {line}", file=sys.stderr)
+
+    try:
+        return body()
+    except ChronoqError as exc:
+        say(str(exc))
+        return exit_code(exc)
+    except (redis.RedisError, OperationalError) as exc:
+        say(f"redis unavailable: {exc}")
+        return EX_UNAVAILABLE
+    except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        say(f"{exc.strerror or exc}: {exc.filename}")  # a configured path (REDIS_EMBEDDED_DIR...)
+        return EX_CONFIG
+    except ImportError as exc:  # TASK_MODULES
+        say(f"cannot import {exc.name or ''}: {exc} (check TASK_MODULES and PYTHONPATH)")
+        return EX_CONFIG
+    except OSError as exc:
+        say(str(exc))
+        return EX_UNAVAILABLE
+    except Exception as exc:  # an entry point never ends in a traceback
+        say(f"{type(exc).__name__}: {exc}")
+        return 1

@@ -172,6 +172,12 @@ class RedisKeys:
         return self.key("control")
 
     @property
+    def epoch(self) -> str:
+        """String: JSON (id, losses, since) written by the first replica to start on an empty
+        Redis; a replica that finds it gone knows Redis lost its data (scheduler.epoch)."""
+        return self.key("epoch")
+
+    @property
     def pattern(self) -> str:
         """A SCAN pattern matching every key under the prefix."""
         return self.prefix + "*"

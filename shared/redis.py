@@ -15,8 +15,7 @@ import redis
 import redis.asyncio
 from loguru import logger
 
-from shared.errors import RedisAuthError, RedisUnavailableError
-from shared.redaction import redact_url
+from shared.redis_checks import check_eviction, describe_failure, tls_warnings
 from shared.settings import AppSettings, RedisSettings
 
 
@@ -47,29 +46,40 @@ def create_async_redis(settings: RedisSettings, url: str | None = None) -> redis
 def check_redis(settings: RedisSettings, url: str | None = None) -> float:
     """PING once; return the round trip in milliseconds.
 
-    Raises :class:`RedisAuthError` when the server rejects our credentials (retrying cannot
-    help) and :class:`RedisUnavailableError` when it cannot be reached in time. Messages show
-    the URL redacted.
+    Raises :class:`RedisAuthError` when the server rejects our credentials,
+    :class:`ConfigError` when TLS is misconfigured (retrying cannot help either) and
+    :class:`RedisUnavailableError` when it cannot be reached in time. Messages show the URL
+    redacted (see :func:`shared.redis_checks.describe_failure`).
     """
     target = url or settings.connection_url()
-    shown = redact_url(target)
     client = create_redis(settings, target)
     try:
         started = time.perf_counter()
         client.ping()
         return (time.perf_counter() - started) * 1000
-    except redis.AuthenticationError as exc:
-        raise RedisAuthError(
-            f"redis at {shown} rejected our credentials ({exc}); fix the password in REDIS_URL or REDIS_PASSWORD"
-        ) from None
-    except redis.ResponseError as exc:
-        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
-            raise RedisAuthError(
-                f"redis at {shown} requires a password ({exc}); set it in REDIS_URL or REDIS_PASSWORD"
-            ) from None
-        raise RedisUnavailableError(f"redis at {shown} answered PING with an error: {exc}") from None
+    except (redis.RedisError, OSError) as exc:
+        raise describe_failure(exc, target, settings) from None
+    finally:
+        client.close()
+
+
+def preflight(settings: AppSettings, *, result_backend: bool = True) -> str | None:
+    """What every process checks before it starts work: chronoq's Redis, the broker and (unless
+    ``result_backend`` is False: the scheduler never reads results) the result backend answer
+    (raises as :func:`check_redis`), the broker's eviction policy is safe (raises
+    :class:`ConfigError`, see :func:`shared.redis_checks.check_eviction`), and TLS warnings are
+    logged. Returns the eviction policy (None if the server would not say)."""
+    for warning in tls_warnings(settings.redis):
+        logger.warning("{}", warning)
+    backend = (settings.result_backend_url(),) if result_backend else ()
+    urls = dict.fromkeys((settings.redis.connection_url(), settings.broker_url(), *backend))
+    for url in urls:
+        check_redis(settings.redis, url)
+    client = create_redis(settings.redis, settings.broker_url())
+    try:
+        return check_eviction(client, settings.redis, settings.broker_url())
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise RedisUnavailableError(f"redis at {shown} is unreachable: {exc}") from None
+        raise describe_failure(exc, settings.broker_url(), settings.redis) from None
     finally:
         client.close()
 

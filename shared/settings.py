@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from shared.errors import ConfigError
 from shared.names import DEFAULT_ADHOC_QUEUE, DEFAULT_CRON_QUEUE
 from shared.redaction import redact_url
+from shared.urls import url_query_problem
 
 CONFIG_DIR = Path("configs")
 _NULLS = {"", "none", "null"}
@@ -57,6 +58,10 @@ class RedisSettings(_Group):
     socket_connect_timeout_s: float = Field(5.0, gt=0)
     health_check_interval_s: int = Field(15, ge=0)
     ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
+    """``none`` turns certificate verification off (logged as a warning at every start)."""
+    allow_eviction: bool = False
+    """Start even when Redis's ``maxmemory-policy`` may evict keys (``allkeys-*``, ``volatile-*``),
+    with a warning: evicted registry, fire or queue keys are lost silently."""
     ssl_ca_certs: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
@@ -77,6 +82,14 @@ class RedisSettings(_Group):
             scheme = urlsplit(value.get_secret_value()).scheme
             if scheme not in ("redis", "rediss", "unix"):
                 raise ValueError(f"must start with redis://, rediss:// or unix://, not {scheme or 'nothing'}://")
+        return _check_query(value)
+
+    @field_validator("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+    @classmethod
+    def _check_tls_file(cls, value: Path | None) -> Path | None:
+        # Else redis-py reports a missing CA as "Error 2 connecting", which looks like a network fault.
+        if value is not None and not value.is_file():
+            raise ValueError(f"TLS file {value} does not exist or is not a file")
         return value
 
     @field_validator("key_prefix")
@@ -133,6 +146,11 @@ class CelerySettings(_Group):
     @classmethod
     def _nullable(cls, value: Any) -> Any:
         return _none_if_null(value)
+
+    @field_validator("broker_url", "result_backend")
+    @classmethod
+    def _check_urls(cls, value: SecretUrl | None) -> SecretUrl | None:
+        return _check_query(value)
 
     @model_validator(mode="after")
     def _check_limits(self) -> CelerySettings:
@@ -243,6 +261,12 @@ class LogSettings(_Group):
     @classmethod
     def _nullable(cls, value: Any) -> Any:
         return _none_if_null(value)
+
+
+def _check_query(value: SecretUrl | None) -> SecretUrl | None:
+    if value is not None and (problem := url_query_problem(value.get_secret_value())) is not None:
+        raise ValueError(problem)
+    return value
 
 
 def _split_csv(value: Any) -> Any:

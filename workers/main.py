@@ -12,9 +12,10 @@ from celery import Celery, signals
 from loguru import logger
 
 from shared.celery_app import create_celery_app
-from shared.errors import EX_CONFIG, EX_UNAVAILABLE, RedisAuthError, RedisUnavailableError
+from shared.cli_support import exit_code
+from shared.errors import ChronoqError
 from shared.redaction import redact_url
-from shared.redis import check_redis, resolve_redis
+from shared.redis import preflight, resolve_redis
 from shared.settings import AppSettings
 from workers.hooks import install_worker_hooks
 from workers.supervisor import EX_SOFTWARE, supervise
@@ -78,22 +79,19 @@ def worker_argv(settings: AppSettings) -> list[str]:
 def main(settings: AppSettings, child_command: Sequence[str] | None = None) -> int:
     """Run one worker until it is told to stop (SIGTERM or SIGINT: warm shutdown, exit 0).
 
-    Redis is checked first: wrong credentials end the process at once with a clear message
-    (78) instead of Celery retrying forever; an unreachable Redis gives 69. With
-    ``child_command`` (how to start this worker with ``--no-supervise``) the Celery worker runs
-    in that child process, restarted whenever it ends unasked (:func:`supervise`); without it,
-    in this process (:func:`run_celery_worker`).
+    Redis is checked first (:func:`shared.redis.preflight`): wrong credentials, a TLS mistake or
+    an evicting ``maxmemory-policy`` end the process at once with a clear message (78) instead
+    of Celery retrying forever; an unreachable Redis gives 69. With ``child_command`` (how to
+    start this worker with ``--no-supervise``) the Celery worker runs in that child process,
+    restarted whenever it ends unasked (:func:`supervise`); without it, in this process
+    (:func:`run_celery_worker`).
     """
     with resolve_redis(settings) as settings:
         try:
-            for url in {settings.broker_url(), settings.result_backend_url()}:
-                check_redis(settings.redis, url)
-        except RedisAuthError as exc:
+            preflight(settings)
+        except ChronoqError as exc:  # credentials, TLS, eviction: 78; unreachable: 69
             logger.error("worker not started: {}", exc)
-            return EX_CONFIG
-        except RedisUnavailableError as exc:
-            logger.error("worker not started: {}", exc)
-            return EX_UNAVAILABLE
+            return exit_code(exc)
         if child_command is None:
             return run_celery_worker(settings)
         # The child finds the same Redis, embedded here or not; everything else it reads from
