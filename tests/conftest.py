@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from shared.embedded import find_redis_server_binary
+from shared.redis_binary import find_redis_server_binary
 from shared.settings import AppSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,7 +259,7 @@ class SchedulerProcess:
 
 
 @pytest.fixture
-def start_scheduler(tmp_path: Path) -> Iterator[Callable[..., SchedulerProcess]]:
+def start_scheduler(tmp_path: Path) -> Iterator[Callable[..., list[SchedulerProcess]]]:
     """Start ``run_scheduler.py --no-worker`` replicas; each is stopped at teardown.
 
     ``start(settings, jobs, count=1)`` launches ``count`` replicas at once and waits until every

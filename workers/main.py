@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 from collections.abc import Sequence
@@ -94,6 +95,11 @@ def main(settings: AppSettings, child_command: Sequence[str] | None = None) -> i
             return exit_code(exc)
         if child_command is None:
             return run_celery_worker(settings)
+        # A missing task module is a configuration error of this process, said once here
+        # rather than by every restarted child.
+        for module in settings.task_modules:
+            if importlib.util.find_spec(module) is None:
+                raise ModuleNotFoundError(f"No module named {module!r}", name=module)
         # The child finds the same Redis, embedded here or not; everything else it reads from
         # the same environment and command line.
         env = {**os.environ, "REDIS_URL": settings.redis.connection_url()}

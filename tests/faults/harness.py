@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from shared.embedded import find_redis_server_binary
+from shared.redis_binary import find_redis_server_binary
 from tests.conftest import free_port, wait_for
 
 

@@ -49,7 +49,7 @@ def records(client: redis.Redis, settings: AppSettings, job_id: str) -> list[dic
     """The job's fire records, oldest first."""
     keys = RedisKeys(settings.redis.key_prefix)
     stamps = [str(s) for s in client.lrange(keys.history(job_id), 0, -1)]
-    return [dict(client.hgetall(keys.fire(job_id, stamp))) for stamp in reversed(stamps)]
+    return [{str(k): str(v) for k, v in client.hgetall(keys.fire(job_id, stamp)).items()} for stamp in reversed(stamps)]
 
 
 def check_one_dispatch_for_the_gap(

@@ -122,7 +122,7 @@ def test_threads_pool_keeps_the_slot_of_a_task_past_its_time_limit(
     assert first.outcome == "dispatched"
     wait_for(lambda: read_ledger(ledger), 15, "the long task to start")
     started = time.monotonic()
-    later = []
+    later: list[Any] = []
     # Fires every second, well past time limit + margin (4 s): each finds the slot still held.
     while time.monotonic() - started < 9:
         later.append(fleet.fire("long", "faults.ledger", minute=len(later) + 1, **options))

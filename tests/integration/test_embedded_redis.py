@@ -17,8 +17,9 @@ import pytest
 import redis
 
 from shared import redis_binary
-from shared.embedded import PID_FILE, STATE_FILE, EmbeddedRedis, find_redis_server_binary
+from shared.embedded import PID_FILE, STATE_FILE, EmbeddedRedis
 from shared.errors import EmbeddedRedisError
+from shared.redis_binary import find_redis_server_binary
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -62,7 +63,7 @@ def servers_in(directory: Path) -> set[int]:
 
 def gone(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 

@@ -38,7 +38,7 @@ class ScriptCommands:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self.commands: list[list[str]] = []
-        self._monitor = client.monitor()
+        self._monitor = client.monitor()  # type: ignore[no-untyped-call]
         self._monitor.__enter__()
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()

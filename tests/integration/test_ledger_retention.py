@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -152,7 +153,7 @@ def test_records_still_needed_are_kept(ledger: Ledger) -> None:
 
 
 def test_a_buffered_fire_is_kept_until_it_is_dispatched(ledger: Ledger) -> None:
-    one = {"overlap": Overlap.BUFFER_ONE}
+    one: dict[str, Any] = {"overlap": Overlap.BUFFER_ONE}
     assert ledger.fire("buf", stamp(0), run=False, **one) == "dispatched"
     assert ledger.fire("buf", stamp(1), run=False, **one) == "buffered"
     for i in range(2, 40):

@@ -44,7 +44,7 @@ async def test_no_fire_is_published_before_its_time_plus_jitter(
     settings = make_settings(redis_server.url, namespace, scheduler={"lookahead_s": 1.5})
     client = redis_server.client()
     queue = settings.celery.cron_queue
-    jobs = [
+    jobs: list[dict[str, Any]] = [
         {"id": "plain", "task": "demo.sleep", "interval": 0.3, "args": [0], "coalesce": False},
         {"id": "jittery", "task": "demo.sleep", "interval": 0.3, "jitter": 0.25, "args": [0], "coalesce": False},
         {"id": "minute", "task": "demo.sleep", "cron": {"second": "*"}, "args": [0]},

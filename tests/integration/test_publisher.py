@@ -124,11 +124,11 @@ def test_messages_equal_what_send_task_writes(
     key = queue + list_suffix
     assert {k for k in broker.scan_iter(f"{queue}*")} == {key}  # the same list, kombu's priority naming
     # LPUSH: the newest entry is first.
-    ours, template, celerys = (decoded(raw) for raw in broker.lrange(key, 0, -1))
+    ours, template, celerys = (decoded(str(raw)) for raw in broker.lrange(key, 0, -1))
     assert template["headers"]["id"] == f"{namespace}-first"
     assert template["body"] == [["other"], {"z": [1]}, ours["body"][2]]
-    for message in (ours, celerys):
-        message["properties"].pop("delivery_tag")  # a fresh uuid per message, by design
+    for sent in (ours, celerys):
+        sent["properties"].pop("delivery_tag")  # a fresh uuid per message, by design
     if expires_s is None:
         assert ours["headers"]["expires"] is None
     else:

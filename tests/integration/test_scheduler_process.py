@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from scheduler.service import SchedulerService, ServiceOptions, load_specs
-from shared.embedded import find_redis_server_binary
+from shared.redis_binary import find_redis_server_binary
 from shared.settings import AppSettings
 from tests.conftest import ROOT, RedisServer, free_port, make_settings, queued_fires, settings_env, wait_for, write_jobs
 

@@ -188,7 +188,7 @@ def test_duplicate_publish_executes_once(fleet: Fleet, start_worker: Callable[..
     for published in (fire, async_fire):
         fleet.redis.lpush(published.list_key, published.payload)
     for job_id, count in before.items():
-        wait_for(lambda job_id=job_id, count=count: skips(job_id) > count, 15, f"the late copy of {job_id} skipped")
+        wait_for(lambda job_id=job_id, count=count: skips(job_id) > count, 15, f"the late copy of {job_id} skipped")  # type: ignore[misc]
     never(lambda: len(fleet.executions()) > 1, 1.0)
     for published, value in ((fire, None), (async_fire, {"slept": 0.2})):
         result = fleet.app.AsyncResult(published.task_id)

@@ -78,7 +78,10 @@ def test_duplicate_of_a_running_fire_is_deferred_and_takes_over_when_the_holder_
     # all there is.
     tag = json.loads(fire.payload)["properties"]["delivery_tag"]
     with fleet.redis.pipeline() as pipe:
-        pipe.zrem("unacked_index", tag).hdel("unacked", tag).lpush(fire.list_key, fire.payload).execute()
+        pipe.zrem("unacked_index", tag)
+        pipe.hdel("unacked", tag)
+        pipe.lpush(fire.list_key, fire.payload)
+        pipe.execute()
     deferred = f"duplicate delivery deferred job_id=handover holder={holder.hostname}:{first['pid']}"
     wait_for(lambda: logged(other, text=deferred), 10, "the copy to be deferred, not dropped")
 

@@ -13,7 +13,8 @@ import yaml
 from pydantic import ValidationError
 
 from scheduler.jobfiles import MAX_FILE_BYTES, parse_job_file
-from scheduler.specs import JobDefaults, JobSpec, flat_json_size_bound, load_job_specs, validate_job_documents
+from scheduler.jsonvalues import flat_json_size_bound
+from scheduler.specs import JobDefaults, JobSpec, load_job_specs, validate_job_documents
 from shared.errors import ConfigError, JobSpecError
 from shared.settings import SchedulerSettings
 
