@@ -209,7 +209,8 @@ class FireLedger:
         """Extend a running attempt's run lease and its slot to ``lease_ms`` from now, while
         ``runner``'s ``attempt`` (as :meth:`start` numbered it) still holds the fire. Returns
         1, or 0 if it no longer does (finished, taken over, retired): then nothing is written."""
-        return self._renew(keys=[], args=[self._templates, job_id, scheduled_at, task_id, runner, attempt, lease_ms])
+        keys = [self.keys.fire(job_id, scheduled_at), self.keys.inflight(job_id)]
+        return self._renew(keys=keys, args=[self._templates, task_id, runner, attempt, lease_ms])
 
     def finish(
         self,
