@@ -181,7 +181,8 @@ class WorkerFleet:
             self._keeper.hold(key, Held(job_id, scheduled_at, task_id, runner, int(attempt), lease_ms, time_limit_s))
             return
         if verdict == "done":
-            logger.info("duplicate delivery skipped job_id={} holder=- (the fire already succeeded)", job_id)
+            why = "its record was retired long ago" if holder == "retired" else "the fire already succeeded"
+            logger.info("duplicate delivery skipped job_id={} holder=- ({})", job_id, why)
             raise Ignore()
         self.defer(task, request, job_id, str(holder), int(left_ms) / 1000, time_limit_s)
 

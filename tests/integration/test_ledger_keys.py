@@ -103,7 +103,7 @@ def run_every_script(ledger: FireLedger, keys: RedisKeys, queue: str) -> list[tu
     assert ledger.decided([retired]) == [1]
     assert ledger.decide([intent(*retired, Overlap.ALLOW)], owner="t") == ["decided"]
     task_id = fire_task_id_of(*retired)
-    assert ledger.start(*retired, task_id, "h:2", 1000) == ["done", "", 0, 0]
+    assert ledger.start(*retired, task_id, "h:2", 1000) == ["done", "retired", 0, 0]
     assert ledger.finish(*retired, task_id, Outcome.FAILED, runner="h:2") == ["stale", "retired"]
     return [*fires, undecided]
 

@@ -184,7 +184,7 @@ def test_a_worker_reporting_on_a_retired_fire_writes_nothing(ledger: Ledger) -> 
     assert not ledger.redis.exists(fire)
     counters = ledger.redis.hgetall(ledger.keys.counters)
     task_id = fire_task_id_of("late", stamp(0))
-    assert ledger.ledger.start("late", stamp(0), task_id, "h:2", 60_000) == ["done", "", 0, 0]
+    assert ledger.ledger.start("late", stamp(0), task_id, "h:2", 60_000) == ["done", "retired", 0, 0]
     assert ledger.ledger.finish("late", stamp(0), task_id, Outcome.EXPIRED, runner="") == ["stale", "retired"]
     assert ledger.ledger.finish("late", stamp(0), task_id, Outcome.FAILED, runner="h:2") == ["stale", "retired"]
     assert not ledger.redis.exists(fire)
