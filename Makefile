@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# pytest-xdist processes: the suite mostly waits on real processes, so 3 share 2 cores well
+TEST_WORKERS ?= 3
 
 .PHONY: install run worker test lint format bench clean
 
@@ -31,7 +33,7 @@ format: install
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 bench: install
 	$(BIN)/python -m bench.compare $(BENCH_ARGS)

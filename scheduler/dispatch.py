@@ -28,10 +28,11 @@ import redis
 from loguru import logger
 
 from scheduler.decisionlog import DecisionLog
-from scheduler.fires import Fire, Limits
+from scheduler.fires import SCHEDULE, Fire, Limits
 from scheduler.planner import (
     REDIS_CAME_BACK_LATE,
     JobState,
+    LastDispatch,
     plan_due,
     plan_missed,
     promoted_release,
@@ -50,6 +51,9 @@ __all__ = ["Dispatcher", "Encoder", "Ledger", "Limits"]
 
 _RETRYABLE = (redis.RedisError, OSError, DispatchError)
 DECIDE_LANES = 2
+LAST_DISPATCH_KEPT_S = 600.0
+"""A job's last dispatch is remembered this long for the coalesce rule "overdue at the last
+dispatch" (then forgotten, so removed jobs leave nothing behind)."""
 """Past one batch of fires ready at once (a burst), they are decided in this many lanes at once,
 each for its own share of the jobs (so a job's fires stay in order): while Redis runs one
 lane's script, another lane's batch is built and sent. A steady stream is one call per turn."""
@@ -97,6 +101,10 @@ class Dispatcher:
         self.job_state: JobState | None = None
         """Set by the service to :meth:`SchedulerManager.job_state`: a pause, resume or removal
         that lands between a fire's hand-over (look-ahead) and its due time still applies."""
+        self.last_dispatch: dict[str, LastDispatch] = {}
+        """Per coalescing job, its newest fire dispatched here: a fire of it that was due before
+        then and comes late is coalesced into it (:func:`scheduler.planner.replan`)."""
+        self._last_dispatch_pruned = 0.0
         self.log = DecisionLog(clock)
         self.outcomes = self.log.outcomes
         self.timeline = Timeline(clock, self._release)
@@ -181,7 +189,9 @@ class Dispatcher:
             while (attempt or len(self._pending) < limit) and not queue.empty():
                 self._pending.append(queue.get_nowait())
             late = REDIS_CAME_BACK_LATE if attempt else None
-            fires = replan(self._pending, self.clock.now(), self.job_state, late_reason=late)
+            fires = replan(
+                self._pending, self.clock.now(), self.job_state, late_reason=late, dispatched=self.last_dispatch
+            )
             failed, error = await self._decide_in_lanes(fires)
             self._pending = failed
             if error is None:
@@ -226,8 +236,21 @@ class Dispatcher:
         to_send = [f for f in fires if f.outcome is Outcome.DISPATCHED and f.prepared is None]
         fresh = dict(zip(map(id, to_send), await self.preparer.encode(to_send, now), strict=True))
         intents = [f.prepared or fresh.get(id(f)) or f.intent(now, self.limits) for f in fires]
-        results = await self.ledger.decide(intents, self.owner)
-        self.log.record(fires, [str(r) for r in results], now)
+        results = [str(r) for r in await self.ledger.decide(intents, self.owner)]
+        self.log.record(fires, results, now)
+        self._remember_dispatches(fires, results, now.timestamp())
+
+    def _remember_dispatches(self, fires: list[Fire], results: list[str], now_ts: float) -> None:
+        last = self.last_dispatch
+        for fire, result in zip(fires, results, strict=True):
+            if result == Outcome.DISPATCHED.value and fire.trigger == SCHEDULE and fire.job.coalesce:
+                known = last.get(fire.job.id)
+                if known is None or known.scheduled_at < fire.scheduled_at:
+                    last[fire.job.id] = LastDispatch(fire.scheduled_at, now_ts, fire.stamp)
+        if now_ts - self._last_dispatch_pruned > LAST_DISPATCH_KEPT_S / 10:
+            self._last_dispatch_pruned = now_ts
+            for job_id in [j for j, d in last.items() if now_ts - d.decided_ts > LAST_DISPATCH_KEPT_S]:
+                del last[job_id]
 
     def _check_idle(self) -> None:
         if not (self._pending or self.preparer or self.timeline) and self._queue.empty():

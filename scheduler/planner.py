@@ -22,6 +22,10 @@ coalesce               ``coalesce: true`` and more than one fire of the   the ne
                        job overdue (nominal <= now) together: at          the others coalesced
                        hand-over, or when decided (look-ahead,            ``coalesced into <newest>``
                        retry, takeover, catch-up, after a stall)
+overdue at the last    ``coalesce: true``, and the fire was due (+ its    coalesced into that         at once
+dispatch               jitter) already when this replica dispatched an    dispatch
+                       earlier fire of the job (it came late: a backup
+                       promoted as Redis came back, a stall)
 jitter                 ``jitter`` > 0                                     -                           + 0..jitter s, derived from
                                                                                                       (job, nominal): every replica
                                                                                                       waits the same
@@ -41,7 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -185,14 +189,29 @@ def plan_catch_up(
     return CatchUp(missed, fire, truncated=False)
 
 
+@dataclass(frozen=True, slots=True)
+class LastDispatch:
+    """A job's newest fire this replica dispatched, and when it decided it."""
+
+    scheduled_at: datetime
+    decided_ts: float
+    stamp: str
+
+
 def replan(
-    fires: list[Fire], now: datetime, job_state: JobState | None = None, *, late_reason: str | None = None
+    fires: list[Fire],
+    now: datetime,
+    job_state: JobState | None = None,
+    *,
+    late_reason: str | None = None,
+    dispatched: Mapping[str, LastDispatch] | None = None,
 ) -> list[Fire]:
     """The fires about to be decided, as they stand ``now``: the job's current state (gone,
     paused, resumed), the misfire grace, and coalescing of a job's fires that are overdue
-    together (after a stall, a Redis outage, a takeover). Returns the fires to decide, each
-    job's in nominal order; changed fires are changed in place. ``late_reason`` names why a
-    fire is past its grace (default: how late it is)."""
+    together (after a stall, a Redis outage, a takeover), or that were overdue already when
+    the job's last dispatch (``dispatched``, by job id) was decided. Returns the fires to
+    decide, each job's in nominal order; changed fires are changed in place. ``late_reason``
+    names why a fire is past its grace (default: how late it is)."""
     now_ts = now.timestamp()
     kept: list[Fire] = []
     seen: set[str] = set()
@@ -214,7 +233,33 @@ def replan(
         else:
             seen.add(job_id)
         kept.append(fire)
-    return _coalesce(kept, now) if repeated else kept
+    planned = _coalesce(kept, now) if repeated else kept
+    return _into_last_dispatch(planned, dispatched) if dispatched else planned
+
+
+def _into_last_dispatch(fires: list[Fire], dispatched: Mapping[str, LastDispatch]) -> list[Fire]:
+    """A coalescing job's fire still to be dispatched that was due before its last dispatch was
+    decided is coalesced into that dispatch, with every fire coalesced into it here: the
+    backlog it belongs to has run once already."""
+    moved: dict[str, str] = {}
+    for fire in fires:
+        last = dispatched.get(fire.job.id)
+        if (
+            last is not None
+            and fire.outcome is Outcome.DISPATCHED
+            and fire.trigger == SCHEDULE
+            and fire.job.coalesce
+            and last.scheduled_at < fire.scheduled_at
+            and fire.scheduled_at.timestamp() + jitter_of(fire.job, fire.scheduled_at) <= last.decided_ts
+        ):
+            reason = f"coalesced into {last.stamp}"
+            moved[_coalesced_into(fire)] = reason
+            fire.becomes(Outcome.COALESCED, reason)
+    if moved:
+        for fire in fires:
+            if fire.outcome is Outcome.COALESCED and fire.reason in moved:
+                fire.becomes(Outcome.COALESCED, moved[fire.reason])
+    return fires
 
 
 def _with_state(fire: Fire, job_state: JobState) -> Fire | None:

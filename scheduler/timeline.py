@@ -50,6 +50,10 @@ class Timeline:
     def __bool__(self) -> bool:
         return bool(self._groups)
 
+    def held(self) -> list[Fire]:
+        """The fires waiting for their release, soonest first (for operators and tests)."""
+        return [fire for release_ts in sorted(self._groups) for fire in self._groups[release_ts]]
+
     def add(self, fire: Fire, now_ts: float) -> bool:
         """Hold ``fire`` until its release; False (not held) if it is due already."""
         release_ts = fire.release_ts

@@ -52,6 +52,15 @@ def records(client: redis.Redis, settings: AppSettings, job_id: str) -> list[dic
     return [{str(k): str(v) for k, v in client.hgetall(keys.fire(job_id, stamp)).items()} for stamp in reversed(stamps)]
 
 
+def brief(fires: list[dict[str, str]], since: float) -> list[str]:
+    """The fires from ``since`` on, one short line each, for failure messages."""
+    return [
+        f"{f['scheduled_at'][11:19]} {f['outcome']} {f.get('reason', '')[-8:]} decided={f.get('decided_ms', '')}"
+        for f in fires
+        if epoch(f["scheduled_at"]) > since - 2
+    ]
+
+
 def check_one_dispatch_for_the_gap(
     client: redis.Redis, settings: AppSettings, job_id: str, fault_from: float, fault_until: float
 ) -> dict[str, Any]:
@@ -69,7 +78,7 @@ def check_one_dispatch_for_the_gap(
     # newest overdue when they were finally decided), or missed past their grace; that one fire
     # is the only dispatch from the start of the fault up to it.
     into = {f["reason"].removeprefix("coalesced into ") for f in gap if f["outcome"] == "coalesced"}
-    assert len(into) == 1, f"{job_id}: coalesced into {into}"
+    assert len(into) == 1, f"{job_id}: coalesced into {into}: {brief(fires, fault_from)}"
     target = next(f for f in fires if f["scheduled_at"] == next(iter(into)))
     assert target["outcome"] == "dispatched"
     between = [f for f in fires if fault_from < epoch(f["scheduled_at"]) <= epoch(target["scheduled_at"])]
@@ -108,10 +117,11 @@ def running_fleet(
     *,
     scheduler_url: Callable[[RedisProcess], str] | None = None,
     count: int = 1,
+    appendonly: bool = False,
 ) -> tuple[RedisProcess, redis.Redis, AppSettings, list[SchedulerProcess]]:
     """Redis, one worker (straight to Redis), ``count`` schedulers (through ``scheduler_url``)
     running JOBS until a few fires of each have run."""
-    server = redis_process(appendonly=False)
+    server = redis_process(appendonly=appendonly)
     settings = make_settings(server.url, namespace, redis={"socket_timeout_s": 2})
     start_worker(settings, "--pool", "threads", "--concurrency", "4")
     url = scheduler_url(server) if scheduler_url else server.url
@@ -169,6 +179,46 @@ def test_redis_cut_off_from_the_scheduler_for_9s(
         else:
             assert seen["outcomes"]["missed"] == 0, seen
     no_duplicate_runs(client, settings)
+
+
+def test_redis_down_30s_then_back_from_its_aof(
+    redis_process: Callable[..., RedisProcess],
+    start_worker: Callable[..., WorkerProcess],
+    start_scheduler: Callable[..., list[SchedulerProcess]],
+    tmp_path: Path,
+    namespace: str,
+) -> None:
+    """The whole Redis gone for 30 s (scheduler and worker both lose it), back with its AOF:
+    both processes ride it out, the scheduler retries and says so, and the 30 fires of the gap
+    end as one dispatch per job (plus misses past a 4 s grace), each run once."""
+    server, client, settings, replicas = running_fleet(
+        redis_process, start_worker, start_scheduler, tmp_path, namespace, appendonly=True
+    )
+    (scheduler,) = replicas
+    down_at = time.time()
+    server.stop()
+    time.sleep(30)  # the outage itself; what it did is counted afterwards
+    server.start()
+    back_at = time.time()
+    # Retried, not given up: a fire due after Redis came back is decided and run.
+    wait_for(
+        lambda: any(epoch(r["scheduled_at"]) > back_at for r in executions(client, settings)),
+        30,
+        "a fire due after the outage to run",
+    )
+    assert scheduler.process.poll() is None, scheduler.log()[-2000:]
+    finish(client, settings, replicas, after_s=4)
+    for job_id in GRACE_S:
+        seen = check_one_dispatch_for_the_gap(client, settings, job_id, down_at, back_at)
+        assert seen["gap"] >= 28, seen
+        if job_id == "c4":
+            assert seen["outcomes"]["missed"] >= 20, seen  # most of a 30 s gap is past a 4 s grace
+        else:
+            assert seen["outcomes"]["missed"] == 0, seen  # all within a 60 s grace: coalesced
+    no_duplicate_runs(client, settings)
+    log = scheduler.log()
+    assert "dispatch failed" in log, "the outage was not reported"
+    assert "Traceback" not in log, log[-3000:]
 
 
 def test_redis_paused_6s(

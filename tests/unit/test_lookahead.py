@@ -109,8 +109,11 @@ async def test_a_promoted_follower_moves_its_backup_fires_to_their_due_time() ->
     d = Dispatcher(ledger, encoder, "test", Limits(time_limit_s=60), takeover_s=30, is_leader=lambda: leader)
     d.start()
     at = datetime.now(UTC) + timedelta(seconds=0.3)
-    d.submit(spec(), [at])  # held as a backup until at + 30 s
-    await asyncio.sleep(0.5)
+    d.submit(spec(), [at])
+    # Held as a backup until at + 30 s, and still held once its own due time has passed.
+    await wait_until(lambda: [f.release_ts >= at.timestamp() + 29.9 for f in d.timeline.held()] == [True])
+    await wait_until(lambda: time.time() > at.timestamp() + 0.1)
+    assert [f.backup for f in d.timeline.held()] == [True]
     assert ledger.log == []
     leader = True
     d.promote()

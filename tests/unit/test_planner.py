@@ -12,6 +12,7 @@ from scheduler.planner import (
     MAX_CATCH_UP_RECORDS,
     PAUSED,
     REDIS_CAME_BACK_LATE,
+    LastDispatch,
     jitter_of,
     plan_catch_up,
     plan_due,
@@ -244,6 +245,45 @@ def test_replan_applies_the_jobs_state_at_decide_time(
     fire = held(job(), -1, outcome, reason)
     planned = replan([fire], NOW, lambda _: state)
     assert [(f.outcome, f.reason) for f in planned] == ([expected] if expected else [])
+
+
+def last_dispatch(offset_s: float, decided_offset_s: float) -> LastDispatch:
+    fire = Fire(job(), at(offset_s))
+    return LastDispatch(fire.scheduled_at, at(decided_offset_s).timestamp(), fire.stamp)
+
+
+@pytest.mark.parametrize(
+    ("fields", "last", "offsets", "expected"),
+    [
+        # due before the last dispatch (-10) was decided (-8): they came late, coalesced into it
+        ({"coalesce": True}, (-10, -8), [-9, -8], [(-9, "-10"), (-8, "-10")]),
+        # one due before, one after: the newer runs, the older coalesces into it (one batch)
+        ({"coalesce": True}, (-10, -8), [-9, -7], [(-9, "-7"), (-7, "")]),
+        # due after the last dispatch was decided: an ordinary fire
+        ({"coalesce": True}, (-10, -8), [-7], [(-7, "")]),
+        # not coalescing: every fire runs
+        ({"coalesce": False}, (-10, -8), [-9, -8], [(-9, ""), (-8, "")]),
+        # older than the last dispatch (decided out of order by jitter): not this rule's
+        ({"coalesce": True}, (-5, -4), [-6], [(-6, "")]),
+        # a jitter that put the fire after the decision: it was not due yet, so it runs
+        ({"coalesce": True, "jitter": 30}, (-40, -39.5), [-39.9], [(-39.9, "")]),
+    ],
+)
+def test_replan_coalesces_a_late_fire_into_the_jobs_last_dispatch(
+    fields: dict[str, Any],
+    last: tuple[float, float],
+    offsets: list[float],
+    expected: list[tuple[float, str]],
+) -> None:
+    spec = job(**fields)
+    planned = replan([held(spec, s) for s in offsets], NOW, dispatched={"job": last_dispatch(*last)})
+    into = {f"coalesced into {Fire(spec, at(s)).stamp}": str(s) for s in (last[0], *offsets)}
+    got = [((f.scheduled_at - NOW).total_seconds(), into.get(f.reason, f.reason)) for f in planned]
+    if fields.get("jitter"):  # the case needs a jitter that puts the fire past the decision
+        assert all(jitter_of(spec, f.scheduled_at) > 0.4 for f in planned)
+    assert got == expected
+    for fire in planned:
+        assert (fire.outcome is C) is bool(fire.reason)
 
 
 def test_replan_after_redis_came_back_names_the_cause() -> None:
