@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,10 +25,28 @@ from shared.settings import AppSettings
 ROOT = Path(__file__).resolve().parent.parent
 
 
+PORT_BASE = 20000
+PORT_BLOCK = 3000
+"""Each pytest process (xdist worker ``gwN``) takes its ports from its own block of
+:data:`PORT_BLOCK` below the kernel's ephemeral range (32768 and up), in turn from a random
+start. A port the kernel hands out for ``bind(0)`` could be taken by another test process while
+a server of this one is down for a restart on it; these are handed out by nobody else."""
+_port_turn = itertools.count(random.randrange(PORT_BLOCK))
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on, from this test process's block."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    start = PORT_BASE + (int(worker) % 4 if worker.isdigit() else 0) * PORT_BLOCK
+    for _ in range(PORT_BLOCK):
+        port = start + next(_port_turn) % PORT_BLOCK
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {start}..{start + PORT_BLOCK - 1}")
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
