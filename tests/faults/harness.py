@@ -67,6 +67,8 @@ class RedisProcess:
             args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self.answers, 15, f"redis-server on port {self.port} to answer")
+        with self.client() as client:  # this server, not another one that had the port already
+            assert client.info("server")["process_id"] == self.process.pid, f"port {self.port} was taken"
         return self
 
     def answers(self) -> bool:

@@ -231,3 +231,46 @@ def test_supervisor_gives_up_with_a_non_zero_status(monkeypatch: pytest.MonkeyPa
     dies = [sys.executable, "-c", "import sys; sys.exit(0)"]  # ends unasked, even with status 0
     assert supervisor.supervise(dies) == supervisor.EX_SOFTWARE
     assert supervisor.supervise([sys.executable, "-c", "import sys; sys.exit(78)"]) == 78
+
+
+def test_a_result_stored_while_its_redis_is_away_is_retried_and_the_fire_runs(
+    redis_process: Callable[..., RedisProcess],
+    namespace: str,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """The lease is taken, then STARTED cannot be stored (the result backend's Redis is away):
+    Celery's Redis backend retries the store (20 tries, up to 1 s apart) and the task runs,
+    instead of the fire being recorded failed with a ConnectionError and its body never run."""
+    broker = redis_process(appendonly=True)
+    results = redis_process(appendonly=False)
+    ledger_server = redis_process(appendonly=False)
+    ledger = ledger_server.client()
+    settings = make_settings(
+        broker.url,
+        namespace,
+        celery={
+            "visibility_timeout_s": VISIBILITY_TIMEOUT_S,
+            "task_time_limit_s": TIME_LIMIT_S,
+            "result_backend": results.url,
+        },
+        scheduler={"slot_margin_s": SLOT_MARGIN_S},
+    )
+    start_worker(settings, "-P", "threads", "-c", "2", extra_env=fault_env(ledger_server))
+    fleet = Fleet(settings)
+    try:
+        results.stop()
+        fire = fleet.fire("away", "faults.ledger")
+        record_key = f"{settings.redis.key_prefix}fire:{fire.job_id}:{fire.scheduled_at}"
+        with broker.client() as client:
+            wait_for(lambda: client.hget(record_key, "started_ms"), 30, "the worker to take the run lease")
+            results.start()
+            wait_for(
+                lambda: any(e["event"] == "end" for e in read_ledger(ledger)), 30, "the task to run once Redis is back"
+            )
+            record = wait_for(
+                lambda: client.hgetall(record_key) if client.hget(record_key, "run") else None, 30, "its outcome"
+            )
+        assert record["run"] == "succeeded", record
+        assert [e["event"] for e in read_ledger(ledger)] == ["start", "end"]
+    finally:
+        fleet.close()
