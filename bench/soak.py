@@ -12,8 +12,8 @@ the worker appends each run to ``<prefix>executions``, which this script drains 
 into memory (so the ground truth itself takes no Redis memory) and counts.
 
 Every ``--sample-s`` it samples the scheduler's RSS and open file descriptors, the worker's
-RSS (main process and pool children), Redis ``used_memory`` and the number of keys. Reported,
-over the samples after ``--warmup-minutes``:
+RSS (all its processes, and the Celery main process under the supervisor), Redis
+``used_memory`` and the number of keys. Reported, over the samples after ``--warmup-minutes``:
 
 - scheduler RSS slope (MB per 10 minutes, least-squares line) and its range;
 - file descriptors (first and last, max);
@@ -94,6 +94,12 @@ def tree_rss_mb(process: psutil.Process) -> float:
         with contextlib.suppress(psutil.NoSuchProcess):
             total += p.memory_info().rss
     return total / 1e6
+
+
+def celery_main(supervisor: psutil.Process) -> psutil.Process:
+    """The Celery worker's main process: ``run_worker.py`` supervises it as its one child."""
+    children = supervisor.children()
+    return children[0] if children else supervisor
 
 
 def key_census(client: redis.Redis) -> Counter[str]:
@@ -198,7 +204,7 @@ def main() -> int:
                     "scheduler_rss_mb": round(sched_ps.memory_info().rss / 1e6, 2),
                     "scheduler_fds": sched_ps.num_fds(),
                     "worker_rss_mb": round(tree_rss_mb(worker_ps), 2),
-                    "worker_main_rss_mb": round(worker_ps.memory_info().rss / 1e6, 2),
+                    "worker_main_rss_mb": round(celery_main(worker_ps).memory_info().rss / 1e6, 2),
                     "redis_used_memory": int(info["used_memory"]),
                     "redis_keys": int(client.dbsize()),
                     "runs": sum(runs.values()),

@@ -20,6 +20,7 @@ from shared.redis import preflight, resolve_redis
 from shared.settings import AppSettings
 from workers.hooks import install_worker_hooks
 from workers.supervisor import EX_SOFTWARE, supervise
+from workers.timers import TimerCompaction
 from workers.transport import KEY_PREFIX_OPTION
 
 DEMO_TASK_MODULES = ("workers.tasks.demo",)
@@ -50,6 +51,7 @@ def create_worker_app(settings: AppSettings) -> Celery:
         # and the run lease turns that copy away (the fire succeeded, or is still running).
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
+    app.steps["worker"].add(TimerCompaction)
     return app
 
 
