@@ -51,12 +51,12 @@ __all__ = ["Dispatcher", "Encoder", "Ledger", "Limits"]
 
 _RETRYABLE = (redis.RedisError, OSError, DispatchError)
 DECIDE_LANES = 2
-LAST_DISPATCH_KEPT_S = 600.0
-"""A job's last dispatch is remembered this long for the coalesce rule "overdue at the last
-dispatch" (then forgotten, so removed jobs leave nothing behind)."""
 """Past one batch of fires ready at once (a burst), they are decided in this many lanes at once,
 each for its own share of the jobs (so a job's fires stay in order): while Redis runs one
 lane's script, another lane's batch is built and sent. A steady stream is one call per turn."""
+LAST_DISPATCH_KEPT_S = 600.0
+"""A job's last catch-up is remembered this long for the coalesce rule "overdue at the last
+catch-up" (then forgotten, so removed jobs leave nothing behind)."""
 
 
 class Ledger(Protocol):
@@ -102,8 +102,8 @@ class Dispatcher:
         """Set by the service to :meth:`SchedulerManager.job_state`: a pause, resume or removal
         that lands between a fire's hand-over (look-ahead) and its due time still applies."""
         self.last_dispatch: dict[str, LastDispatch] = {}
-        """Per coalescing job, its newest fire dispatched here: a fire of it that was due before
-        then and comes late is coalesced into it (:func:`scheduler.planner.replan`)."""
+        """Per coalescing job, its newest catch-up dispatched here: a fire of it that was due
+        before then and comes late is coalesced into it (:func:`scheduler.planner.replan`)."""
         self._last_dispatch_pruned = 0.0
         self.log = DecisionLog(clock)
         self.outcomes = self.log.outcomes
@@ -243,7 +243,7 @@ class Dispatcher:
     def _remember_dispatches(self, fires: list[Fire], results: list[str], now_ts: float) -> None:
         last = self.last_dispatch
         for fire, result in zip(fires, results, strict=True):
-            if result == Outcome.DISPATCHED.value and fire.trigger == SCHEDULE and fire.job.coalesce:
+            if fire.catch_up and result == Outcome.DISPATCHED.value and fire.trigger == SCHEDULE:
                 known = last.get(fire.job.id)
                 if known is None or known.scheduled_at < fire.scheduled_at:
                     last[fire.job.id] = LastDispatch(fire.scheduled_at, now_ts, fire.stamp)

@@ -56,6 +56,9 @@ class Fire:
     release_ts: float = 0.0
     """Epoch seconds at which it is decided, never before (set by the planner)."""
     prepared: FireIntent | None = None
+    catch_up: bool = False
+    """Dispatched for a backlog: others were coalesced into it, or it waited for Redis to come
+    back (the planner's "overdue at the last catch-up" rule then covers its late siblings)."""
     """The fire encoded ahead of its time, ready to decide (only while it is to be dispatched)."""
     _stamp: str = field(default="", repr=False)
     _task_id: str = field(default="", repr=False)

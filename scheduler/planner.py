@@ -23,9 +23,11 @@ coalesce               ``coalesce: true`` and more than one fire of the   the ne
                        hand-over, or when decided (look-ahead,            ``coalesced into <newest>``
                        retry, takeover, catch-up, after a stall)
 overdue at the last    ``coalesce: true``, and the fire was due (+ its    coalesced into that         at once
-dispatch               jitter) already when this replica dispatched an    dispatch
-                       earlier fire of the job (it came late: a backup
-                       promoted as Redis came back, a stall)
+catch-up               jitter) already when this replica decided the      catch-up
+                       job's last catch-up (a dispatch others coalesced
+                       into, or one decided once Redis came back): it
+                       came late, e.g. a backup promoted as Redis came
+                       back
 jitter                 ``jitter`` > 0                                     -                           + 0..jitter s, derived from
                                                                                                       (job, nominal): every replica
                                                                                                       waits the same
@@ -129,14 +131,16 @@ def plan_due(
             due.append(at)
     # Only fires already due coalesce: one handed over ahead of its time is not late.
     overdue = [at for at in due if at <= now]
+    catch_up = None
     if job.coalesce and len(overdue) > 1:
-        newest = Fire(job, overdue[-1])
+        catch_up = overdue[-1]
+        into = _coalesced_into(Fire(job, catch_up))
         for at in overdue[:-1]:
-            fires.append(Fire(job, at, Outcome.COALESCED, _coalesced_into(newest), release_ts=now_ts))
+            fires.append(Fire(job, at, Outcome.COALESCED, into, release_ts=now_ts))
         due = due[len(overdue) - 1 :]
     for at in due:
         release_ts = release_tick(at.timestamp() + jitter_of(job, at) + delay_s)
-        fires.append(Fire(job, at, backup=backup, release_ts=release_ts))
+        fires.append(Fire(job, at, backup=backup, release_ts=release_ts, catch_up=at == catch_up))
     return fires
 
 
@@ -191,7 +195,7 @@ def plan_catch_up(
 
 @dataclass(frozen=True, slots=True)
 class LastDispatch:
-    """A job's newest fire this replica dispatched, and when it decided it."""
+    """A job's newest catch-up this replica dispatched (``Fire.catch_up``), and when it decided it."""
 
     scheduled_at: datetime
     decided_ts: float
@@ -209,9 +213,11 @@ def replan(
     """The fires about to be decided, as they stand ``now``: the job's current state (gone,
     paused, resumed), the misfire grace, and coalescing of a job's fires that are overdue
     together (after a stall, a Redis outage, a takeover), or that were overdue already when
-    the job's last dispatch (``dispatched``, by job id) was decided. Returns the fires to
-    decide, each job's in nominal order; changed fires are changed in place. ``late_reason``
-    names why a fire is past its grace (default: how late it is)."""
+    the job's last catch-up (``dispatched``, by job id) was decided. Returns the fires to
+    decide, each job's in nominal order; changed fires are changed in place, and each fire
+    that others coalesced into, or (``late_reason`` given: a retry once Redis came back) that
+    is still to be dispatched, is marked ``catch_up``. ``late_reason`` names why a fire is
+    past its grace (default: how late it is)."""
     now_ts = now.timestamp()
     kept: list[Fire] = []
     seen: set[str] = set()
@@ -227,6 +233,8 @@ def replan(
                 at_ts = fire.scheduled_at.timestamp()
                 if now_ts > at_ts + grace:
                     fire.becomes(Outcome.MISSED, late_reason or _late(fire.job, at_ts, now_ts))
+        if late_reason is not None and fire.outcome is Outcome.DISPATCHED:
+            fire.catch_up = True
         job_id = fire.job.id
         if job_id in seen:
             repeated = True
@@ -238,8 +246,8 @@ def replan(
 
 
 def _into_last_dispatch(fires: list[Fire], dispatched: Mapping[str, LastDispatch]) -> list[Fire]:
-    """A coalescing job's fire still to be dispatched that was due before its last dispatch was
-    decided is coalesced into that dispatch, with every fire coalesced into it here: the
+    """A coalescing job's fire still to be dispatched that was due before its last catch-up was
+    decided is coalesced into that catch-up, with every fire coalesced into it here: the
     backlog it belongs to has run once already."""
     moved: dict[str, str] = {}
     for fire in fires:
@@ -291,6 +299,7 @@ def _coalesce(fires: list[Fire], now: datetime) -> list[Fire]:
         newest = max((f for f in group if f.outcome is Outcome.DISPATCHED), key=_nominal, default=None)
         if newest is None or len(group) == 1:
             continue
+        newest.catch_up = True
         reason = _coalesced_into(newest)
         for fire in group:
             if fire.scheduled_at < newest.scheduled_at and (

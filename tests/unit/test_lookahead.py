@@ -302,3 +302,22 @@ def test_heap_job_store_orders_updates_and_removes() -> None:
         store.remove_job(job_id)
     assert [j.id for j in store.get_all_jobs()] == ["c"]
     assert store.get_next_run_time() == t0 + timedelta(seconds=20)
+
+
+async def test_a_fire_that_comes_after_its_jobs_catch_up_is_coalesced_into_it() -> None:
+    ledger, encoder = FakeLedger(), FakeEncoder()
+    d = dispatcher(ledger, encoder)
+    d.start()
+    now = datetime.now(UTC)
+    backlog, ordinary = spec(id="backlog", coalesce=True), spec(id="ordinary", coalesce=True)
+    d.submit(backlog, [now - timedelta(seconds=3), now - timedelta(seconds=2)])
+    d.submit(ordinary, [now - timedelta(seconds=0.01)])
+    await wait_until(lambda: len(ledger.log) == 3)
+    assert set(d.last_dispatch) == {"backlog"}  # only a catch-up is remembered
+    # A fire of the backlog that reached the dispatcher only now (held as a backup, say).
+    d.submit(backlog, [now - timedelta(seconds=1)])
+    await wait_until(lambda: len(ledger.log) == 4)
+    (catch_up,) = [i for _, i in ledger.log if i.job_id == "backlog" and i.outcome is Outcome.DISPATCHED]
+    late = ledger.log[-1][1]
+    assert (late.outcome, late.reason) == (Outcome.COALESCED, f"coalesced into {catch_up.scheduled_at}")
+    assert await d.drain(timeout_s=2)

@@ -255,21 +255,21 @@ def last_dispatch(offset_s: float, decided_offset_s: float) -> LastDispatch:
 @pytest.mark.parametrize(
     ("fields", "last", "offsets", "expected"),
     [
-        # due before the last dispatch (-10) was decided (-8): they came late, coalesced into it
+        # due before the last catch-up (-10) was decided (-8): they came late, coalesced into it
         ({"coalesce": True}, (-10, -8), [-9, -8], [(-9, "-10"), (-8, "-10")]),
         # one due before, one after: the newer runs, the older coalesces into it (one batch)
         ({"coalesce": True}, (-10, -8), [-9, -7], [(-9, "-7"), (-7, "")]),
-        # due after the last dispatch was decided: an ordinary fire
+        # due after the last catch-up was decided: an ordinary fire
         ({"coalesce": True}, (-10, -8), [-7], [(-7, "")]),
         # not coalescing: every fire runs
         ({"coalesce": False}, (-10, -8), [-9, -8], [(-9, ""), (-8, "")]),
-        # older than the last dispatch (decided out of order by jitter): not this rule's
+        # older than the last catch-up (decided out of order by jitter): not this rule's
         ({"coalesce": True}, (-5, -4), [-6], [(-6, "")]),
         # a jitter that put the fire after the decision: it was not due yet, so it runs
         ({"coalesce": True, "jitter": 30}, (-40, -39.5), [-39.9], [(-39.9, "")]),
     ],
 )
-def test_replan_coalesces_a_late_fire_into_the_jobs_last_dispatch(
+def test_replan_coalesces_a_late_fire_into_the_jobs_last_catch_up(
     fields: dict[str, Any],
     last: tuple[float, float],
     offsets: list[float],
@@ -284,6 +284,23 @@ def test_replan_coalesces_a_late_fire_into_the_jobs_last_dispatch(
     assert got == expected
     for fire in planned:
         assert (fire.outcome is C) is bool(fire.reason)
+
+
+def test_catch_ups_are_marked_where_a_backlog_is_dispatched() -> None:
+    spec = job(coalesce=True)
+    # at hand-over: the newest of the overdue fires
+    assert [(f.outcome, f.catch_up) for f in plan_due(spec, [at(-3), at(-2), at(-1)], NOW)] == [
+        (C, False),
+        (C, False),
+        (D, True),
+    ]
+    # at decide: the fire others were coalesced into; an ordinary fire is none
+    planned = replan([held(spec, -2), held(spec, -1)], NOW)
+    assert [(f.outcome, f.catch_up) for f in planned] == [(C, False), (D, True)]
+    assert [f.catch_up for f in replan([held(spec, -1)], NOW)] == [False]
+    # a retry once Redis came back: whatever is still to be dispatched
+    retried = replan([held(job(coalesce=False), -1)], NOW, late_reason=REDIS_CAME_BACK_LATE)
+    assert [(f.outcome, f.catch_up) for f in retried] == [(D, True)]
 
 
 def test_replan_after_redis_came_back_names_the_cause() -> None:
