@@ -188,6 +188,7 @@ class Operator:
             "jobs": await self.client.hlen(self.keys.jobs),
             "paused": await self.client.hlen(self.keys.paused),
             "buffered": await self.client.scard(self.keys.buffered),
+            "invalid_jobs": {k: json.loads(v) for k, v in (await self.client.hgetall(self.keys.invalid_jobs)).items()},
             "counters": await self.state.counters(),
             "unserved_tasks": unserved_tasks(
                 await self.client.hgetall(self.keys.jobs), await self.client.hgetall(self.keys.workers), now_ms
