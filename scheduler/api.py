@@ -112,9 +112,16 @@ class AsyncClient:
         return await self.ops.export()
 
     async def apply(
-        self, document: dict[str, Any], *, prune: bool = False, dry_run: bool = False, note: str = ""
+        self,
+        document: dict[str, Any],
+        *,
+        prune: bool = False,
+        dry_run: bool = False,
+        note: str = "",
+        label: str = "apply",
     ) -> ApplyPlan:
-        return await self.ops.apply(document, prune=prune, dry_run=dry_run, note=note)
+        """Make the API jobs equal a job-file ``document`` (``label`` names it in messages)."""
+        return await self.ops.apply(document, label=label, prune=prune, dry_run=dry_run, note=note)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -208,9 +215,15 @@ class Client(TaskClient):
         return self._call(self.jobs.export)
 
     def apply(
-        self, document: dict[str, Any], *, prune: bool = False, dry_run: bool = False, note: str = ""
+        self,
+        document: dict[str, Any],
+        *,
+        prune: bool = False,
+        dry_run: bool = False,
+        note: str = "",
+        label: str = "apply",
     ) -> ApplyPlan:
-        return self._call(self.jobs.apply, document, prune=prune, dry_run=dry_run, note=note)
+        return self._call(self.jobs.apply, document, prune=prune, dry_run=dry_run, note=note, label=label)
 
     def close(self) -> None:
         if self._loop.is_running():

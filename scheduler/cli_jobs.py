@@ -142,7 +142,9 @@ async def _run(args: argparse.Namespace, client: AsyncClient) -> int:
         return 0
     elif args.action == "apply":
         document = parse_job_file(args.file, client.settings.scheduler.job_file_max_bytes)
-        result = await client.apply(document, prune=args.prune, dry_run=args.dry_run, note=args.note)
+        result = await client.apply(
+            document, prune=args.prune, dry_run=args.dry_run, note=args.note, label=str(args.file)
+        )
     else:
         result = await client.backfill(args.job_id, args.start, args.end, overlap=args.overlap, note=args.note)
     print(result.model_dump_json() if args.json else _describe(result))

@@ -70,16 +70,21 @@ class JobFeed:
         self.owners: dict[str, str] = {}
         """API job id -> who created it and when (named when a job file uses the same id)."""
         self.resync_needed = False
+        self.invalid: set[str] = set()
+        """Ids listed in ``invalid_jobs`` (as read at the last load or resync, plus own reports)."""
 
     async def load(self) -> list[JobSpec]:
         """At start: the valid stored API jobs (to register before the manager starts)."""
+        started = time.perf_counter()
         self.last_id = await self.store.position()
+        self.invalid = {str(job_id) for job_id in await self.client.hkeys(self.keys.invalid_jobs)}
         specs = []
         for job_id, raw in (await self.store.all_raw()).items():
             spec = await self._parse(job_id, raw)
             if spec is not None:
                 specs.append(spec)
-        logger.info("loaded {} API jobs (change feed at {})", len(specs), self.last_id)
+        elapsed = time.perf_counter() - started
+        logger.info("loaded {} API jobs in {:.2f}s (change feed at {})", len(specs), elapsed, self.last_id)
         return specs
 
     def admit(self, specs: list[JobSpec]) -> list[JobSpec]:
@@ -92,6 +97,7 @@ class JobFeed:
     async def resync(self) -> None:
         """Make the running API jobs equal the stored ones (after a gap or a data loss)."""
         self.last_id = await self.store.position()
+        self.invalid = {str(job_id) for job_id in await self.client.hkeys(self.keys.invalid_jobs)}
         stored = await self.store.all_raw()
         for spec in self.manager.list():
             if spec.source == API and spec.id not in stored:
@@ -133,7 +139,9 @@ class JobFeed:
             return None
         self.versions[job_id] = record.version
         self.owners[job_id] = f"created by {record.created_by} at {record.created_at}"
-        if await self.client.hdel(self.keys.invalid_jobs, job_id):
+        if job_id in self.invalid:  # listed as invalid: one HDEL, not one per job
+            self.invalid.discard(job_id)
+            await self.client.hdel(self.keys.invalid_jobs, job_id)
             logger.bind(job_id=job_id).info("stored API job is valid again (version {})", record.version)
         return spec
 
@@ -144,6 +152,7 @@ class JobFeed:
         self.versions[job_id] = -version  # reported once per version
         entry = {"problem": problem, "replica": self.owner, "at_ms": int(time.time() * 1000), "version": version}
         await self.client.hset(self.keys.invalid_jobs, job_id, json.dumps(entry))
+        self.invalid.add(job_id)
 
     async def _apply(self, job_id: str, raw: str | None) -> None:
         if raw is None:

@@ -11,22 +11,39 @@ edit does) and :mod:`scheduler.specs` (validation).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+import redis
 from pydantic import BaseModel
 
 from scheduler.fires import Fire, Limits
-from scheduler.jobstore import API, JobRecord, JobStore, now_iso, source_kind, spec_document, validate_api_spec
+from scheduler.jobstore import (
+    API,
+    JobRecord,
+    JobStore,
+    now_iso,
+    owned_message,
+    source_kind,
+    spec_document,
+    validate_api_spec,
+)
 from scheduler.message import TaskMessage
 from scheduler.operator import Operator
 from scheduler.planner import backfill_problem, plan_backfill, refusal
 from scheduler.specs import JobDefaults, JobSpec, validate_job_documents
 from scheduler.triggers import next_fire_times
-from shared.errors import BackfillLimitError, OwnershipError, UnknownJobError, VersionConflictError
+from shared.errors import (
+    BackfillLimitError,
+    OwnershipError,
+    RedisUnavailableError,
+    UnknownJobError,
+    VersionConflictError,
+)
 from shared.fleet import FireIntent
 from shared.names import format_scheduled_at
 
@@ -79,6 +96,27 @@ def backfill_intent(fire: Fire, now: datetime, limits: Limits, encode: Encode) -
     expires = job.expires if job.expires is not None else job.misfire_grace_time
     message = fire.message(now, limits, expires_s=None if expires is None else float(expires))
     return fire.intent(now, limits, encode([message])[0], expires_s=None if expires is None else float(expires))
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _reported(method: F) -> F:
+    """Redis down during an operation: one RedisUnavailableError naming the job (the write
+    itself is one script, so a change is stored whole or not at all)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(self, *args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            first = args[0] if args else None
+            job_id = first if isinstance(first, str) else getattr(first, "id", None) or (first or {}).get("id", "?")
+            raise RedisUnavailableError(
+                f"job {job_id!r}: {method.__name__} not stored: redis unavailable ({exc})"
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -153,13 +191,14 @@ class JobOps:
             document = spec_document(document)
         return validate_api_spec(document, self.defaults)
 
+    @_reported
     async def create(self, document: dict[str, Any] | JobSpec, note: str = "") -> JobRecord:
         """Store a new API job (version 1); every replica runs it within a second. Its first
         fire is the first after now (a start in the past replays nothing)."""
         spec = self.validate(document)
-        refused = refusal("create", await self._owner(spec.id))
-        if refused is not None:
-            raise OwnershipError(spec.id, "id is already used: it " + refused.removeprefix("is "))
+        owner = await self._owner(spec.id)
+        if owner != API:
+            raise OwnershipError(spec.id, owned_message(owner, "create"), owner=owner)
         stamp = now_iso()
         record = JobRecord(id=spec.id, spec=spec_document(spec), created_at=stamp, created_by=self.by,
                            updated_at=stamp, updated_by=self.by, note=note)  # fmt: skip
@@ -170,6 +209,7 @@ class JobOps:
         )
         return record.model_copy(update={"version": version})
 
+    @_reported
     async def update(
         self,
         job_id: str,
@@ -212,6 +252,7 @@ class JobOps:
             return record.model_copy(update={"version": version})
         raise VersionConflictError(job_id, current.version, -1)
 
+    @_reported
     async def delete(self, job_id: str, *, expected_version: int | None = None, note: str = "") -> JobRecord:
         """Delete an API job: every replica stops it within a second; running tasks go on.
         Its pause, last fire and failure count go with it (a later create is a new job)."""
@@ -237,18 +278,22 @@ class JobOps:
         raise UnknownJobError(job_id)
 
     # -- steering any job ----------------------------------------------------------------
+    @_reported
     async def pause(self, job_id: str, note: str = "") -> JobRecord:
         await self.operator.pause(job_id, note=note)
         return await self.get(job_id)
 
+    @_reported
     async def resume(self, job_id: str, note: str = "") -> JobRecord:
         """Dispatch again from the next fire on; the paused ones are not caught up."""
         await self.operator.resume(job_id, note=note)
         return await self.get(job_id)
 
+    @_reported
     async def trigger(self, job_id: str, *, force: bool = False, note: str = "") -> TriggerResult:
         return TriggerResult.model_validate(await self.operator.trigger(job_id, force=force, note=note))
 
+    @_reported
     async def backfill(
         self,
         job_id: str,
@@ -304,6 +349,7 @@ class JobOps:
         page = await self.list(limit=10**9)
         return {"jobs": [record.spec for record in page.items]}
 
+    @_reported
     async def apply(
         self, document: dict[str, Any], *, label: str = "apply", prune: bool = False, dry_run: bool = False,
         note: str = "",

@@ -24,7 +24,13 @@ from pydantic import BaseModel, ValidationError
 from scheduler.planner import refusal
 from scheduler.specs import TRIGGER_KEYS, JobDefaults, JobSpec, _describe, trigger_problem
 from shared import lua
-from shared.errors import JobSpecError, OwnershipError, UnknownJobError, VersionConflictError
+from shared.errors import (
+    JobSpecError,
+    OwnershipError,
+    RedisUnavailableError,
+    UnknownJobError,
+    VersionConflictError,
+)
 from shared.names import RedisKeys
 
 API = "api"
@@ -137,23 +143,21 @@ class JobStore:
     ) -> tuple[int, bool]:
         """Apply one change atomically; returns (the new version, whether the id had fires of
         an earlier, deleted job). Raises VersionConflictError, OwnershipError, UnknownJobError
-        (nothing written) or a redis error (nothing written either: one script)."""
+        (nothing written), or RedisUnavailableError (one script: all of it or nothing)."""
         k = self.keys
         body = "{}" if record is None else record.model_dump_json(exclude={"version", "paused", "paused_note"})
         registry = "" if spec is None else f'{{"spec": {spec.model_dump_json(by_alias=True)}, "source_hash": ""}}'
-        result = await self._write(
-            keys=[k.api_jobs, k.changes, k.audit, k.jobs, k.paused, k.last_fire, k.fail_streak, k.history(job_id)],
-            args=[
-                op,
-                job_id,
-                "" if expected is None else expected,
-                body,
-                registry,
-                json.dumps(audit),
-                AUDIT_LIMIT,
-                self.changes_maxlen,
-            ],
-        )
+        keys = [k.api_jobs, k.changes, k.audit, k.jobs, k.paused, k.last_fire, k.fail_streak, k.history(job_id)]
+        args = [op, job_id, "" if expected is None else expected, body, registry, json.dumps(audit)]
+        try:
+            result = await self._write(keys=[*keys, k.invalid_jobs], args=[*args, AUDIT_LIMIT, self.changes_maxlen])
+        except redis.TimeoutError as exc:
+            raise RedisUnavailableError(
+                f"job {job_id!r}: {op}: redis did not answer in time ({exc}); the change was applied whole or "
+                "not at all: read the job to see which (its version tells)"
+            ) from None
+        except (redis.ConnectionError, OSError) as exc:
+            raise RedisUnavailableError(f"job {job_id!r}: {op} not stored: redis unavailable ({exc})") from None
         verdict, value = str(result[0]), str(result[1])
         if verdict == "ok":
             return int(value), bool(int(result[2]))
@@ -167,7 +171,7 @@ class JobStore:
 
     # -- the change feed -------------------------------------------------------------------
     async def position(self) -> str:
-        """The id of the newest change-feed entry ('0-0' when there is none)."""
+        """The id of the feed's newest entry ('0-0' when there is none)."""
         newest = await self.client.xrevrange(self.keys.changes, "+", "-", count=1)
         return str(newest[0][0]) if newest else "0-0"
 
@@ -177,19 +181,15 @@ class JobStore:
         return [(str(i), {str(a): str(b) for a, b in f.items()}) for _, entries in found for i, f in entries]
 
     async def trimmed_past(self, after: str) -> bool:
-        """Whether entries newer than ``after`` were trimmed away (a replica that far behind
-        must resync). False when there is no stream."""
-        try:
-            info = await self.client.xinfo_stream(self.keys.changes)
-        except redis.ResponseError:
-            return False
-        deleted = str(info.get("max-deleted-entry-id", "0-0"))
-        return stream_id(deleted) > stream_id(after)
+        """Whether entries after ``after`` that a reader has not read were trimmed away. Entry
+        ids are a sequence (``N-0``, see jobwrite.lua): the oldest entry left is past N + 1."""
+        oldest: Any = await self.client.xrange(self.keys.changes, "-", "+", count=1)
+        return bool(oldest) and sequence(str(oldest[0][0])) > sequence(after) + 1
 
 
-def stream_id(value: str) -> tuple[int, int]:
-    ms, _, seq = value.partition("-")
-    return int(ms), int(seq or 0)
+def sequence(entry_id: str) -> int:
+    """The sequence number of a change-feed entry id ``N-0``."""
+    return int(entry_id.partition("-")[0])
 
 
 def owned_message(owner: str, op: str) -> str:

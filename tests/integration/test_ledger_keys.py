@@ -153,6 +153,7 @@ def test_scripts_touch_only_the_keys_redis_keys_names(client: redis.Redis, setti
     job_ids = {job_id for job_id, _ in fires}
     named = {keys.counters, keys.last_fire, keys.buffered, keys.fence, queue}
     named |= {keys.api_jobs, keys.changes, keys.audit, keys.jobs, keys.paused, keys.fail_streak, keys.history("api")}
+    named.add(keys.invalid_jobs)
     named |= {keys.fire(job_id, at) for job_id, at in fires}
     for job_id in job_ids:
         named |= {keys.history(job_id), keys.job_counters(job_id), keys.inflight(job_id), keys.buffer(job_id)}

@@ -20,7 +20,7 @@ from scheduler.api import Client
 from shared.errors import OwnershipError
 from shared.names import RedisKeys
 from shared.settings import AppSettings
-from tests.conftest import RedisServer, SchedulerProcess, WorkerProcess, executions, wait_for, write_jobs
+from tests.conftest import RedisServer, SchedulerProcess, WorkerProcess, executions, make_settings, wait_for, write_jobs
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -239,3 +239,92 @@ def test_file_jobs_are_owned_by_their_file_and_a_reload_keeps_api_jobs(
     record = client.get("api-only")
     assert (record.source, record.spec["task"]) == ("api", "demo.record_fire")
     assert client.list(source="api").total == 1
+
+
+def test_an_edit_that_keeps_the_trigger_keeps_the_grid_and_the_next_fire_carries_it(
+    settings: AppSettings, redis_server: RedisServer, fleet: list[SchedulerProcess], client: Client
+) -> None:
+    redis_client = redis_server.client()
+    client.create({"id": "sum", "task": "demo.number_sum", "args": [1], "interval": 1, "coalesce": False})
+    wait_for(lambda: len(fire_records(redis_client, settings, "sum")) >= 2, 20, "sum to fire")
+    client.update("sum", {"args": [41]})
+    edited_at = time.time()
+
+    def after_edit() -> list[dict[str, str]]:
+        return [f for f in fire_records(redis_client, settings, "sum") if epoch(f["scheduled_at"]) > edited_at + 1]
+
+    wait_for(lambda: len(after_edit()) >= 3, 20, "fires after the edit")
+    stamps = [epoch(f["scheduled_at"]) for f in fire_records(redis_client, settings, "sum")]
+    assert all(t == int(t) for t in stamps), "the grid moved"
+    assert len(stamps) == len(set(stamps))
+    results = [client.result(f["task_id"], timeout=20) for f in after_edit()[:3]]
+    assert results == [41, 41, 41], "a fire after the edit carried the old args"
+
+
+def test_an_invalid_stored_job_is_reported_and_not_run_and_others_run_on(
+    settings: AppSettings, redis_server: RedisServer, fleet: list[SchedulerProcess], client: Client
+) -> None:
+    from tests.conftest import chronoq
+
+    redis_client = redis_server.client()
+    keys = RedisKeys(settings.redis.key_prefix)
+    client.create(job("fine", interval=1))
+    # Hand-written into Redis, past the API's validation (61 is no minute).
+    bad = {"id": "bad", "source": "api", "spec": {"id": "bad", "task": "demo.record_fire", "cron": "61 * * * *"}}
+    redis_client.hset(keys.api_jobs, "bad", json.dumps({"version": 1, **bad}))
+    redis_client.xadd(keys.changes, {"op": "update", "job": "bad", "version": "1"})
+    for replica in fleet:
+        wait_for(lambda r=replica: "stored API job refused, not run" in r.log(), 10, "each replica to refuse it")
+        assert "cron '61 * * * *': minute must be 0-59" in replica.log()
+    status = chronoq(settings, "status", check=False).stdout
+    assert "INVALID     API job bad (version 1) not run: " in status
+    started = time.time()
+    wait_for(
+        lambda: len([s for s in runs_of(redis_client, settings, "fine") if epoch(s) > started]) >= 2,
+        20,
+        "the valid job to run on",
+    )
+    assert runs_of(redis_client, settings, "bad") == []
+    # Fixed through the API: valid again, reported no more.
+    client.update("bad", {"cron": "* * * * *"})
+    wait_for(lambda: not redis_client.hexists(keys.invalid_jobs, "bad"), 10, "the report to clear")
+
+
+def test_a_replica_that_fell_behind_the_trimmed_feed_resyncs(
+    settings: AppSettings,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    start_scheduler: Callable[..., list[SchedulerProcess]],
+    start_worker: Callable[..., WorkerProcess],
+    client: Client,
+) -> None:
+    import signal
+
+    redis_client = redis_server.client()
+    start_worker(settings, "--pool", "threads", "--concurrency", "4")
+    jobs = write_jobs(tmp_path / "jobs.yaml", [])
+    client.create(job("doomed", interval=1))
+    client.create(job("busy", interval=3600))
+    (replica,) = start_scheduler(settings, jobs)
+    wait_for(lambda: len(runs_of(redis_client, settings, "doomed")) >= 1, 20, "doomed to run")
+    replica.signal(signal.SIGSTOP)
+    short_feed = make_settings(
+        settings.redis.connection_url(), settings.redis.key_prefix[1:-1], scheduler={"changes_maxlen": 100}
+    )
+    try:
+        with Client(short_feed) as writer:  # the writer trims the feed (XADD MAXLEN ~ 100)
+            for n in range(400):  # the entries this replica has not read are trimmed away
+                writer.update("busy", {"args": [n]})
+            writer.delete("doomed")
+            writer.create(job("newcomer", interval=1))
+    finally:
+        replica.signal(signal.SIGCONT)
+    wait_for(lambda: "change feed trimmed past" in replica.log(), 15, "the replica to notice the gap")
+    wait_for(lambda: "API jobs resynced" in replica.log(), 15, "the resync")
+    resumed = time.time()
+    wait_for(
+        lambda: len([s for s in runs_of(redis_client, settings, "newcomer") if epoch(s) > resumed]) >= 2,
+        20,
+        "the job created during the gap to run",
+    )
+    assert [s for s in runs_of(redis_client, settings, "doomed") if epoch(s) > resumed] == []
