@@ -225,6 +225,9 @@ class Client(TaskClient):
     ) -> ApplyPlan:
         return self._call(self.jobs.apply, document, prune=prune, dry_run=dry_run, note=note, label=label)
 
+    def __enter__(self) -> Client:
+        return self
+
     def close(self) -> None:
         if self._loop.is_running():
             self._run(self.jobs.aclose())

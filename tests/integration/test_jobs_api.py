@@ -231,3 +231,28 @@ def test_apply_prune_round_trips_with_export(settings: AppSettings, tmp_path: Pa
     assert refused.returncode == 78
     assert f"{broken}: jobs[0] (a0): interval: must be positive" in refused.stderr
     assert snapshot(settings) == before
+
+
+def test_a_success_resets_the_failure_count(client: Client, settings: AppSettings) -> None:
+    from shared.fleet import FireLedger, Outcome
+    from shared.redis import create_redis
+
+    client.create({"id": "flaky", "task": "demo.sleep", "interval": 60, "pause_after_failures": 2})
+    sync = create_redis(settings.redis)
+    ledger = FireLedger(sync, RedisKeys(settings.redis.key_prefix))
+    at = "2026-12-01T00:0{}:00+00:00"
+    assert ledger.streak("flaky", at.format(0), Outcome.FAILED, "ValueError: x", by="w") == [1, 0]
+    assert ledger.streak("flaky", at.format(1), Outcome.SUCCEEDED, by="w") == [0, 0]
+    assert ledger.streak("flaky", at.format(2), Outcome.FAILED, "ValueError: y", by="w") == [1, 0]
+    assert not client.get("flaky").paused
+    assert ledger.streak("flaky", at.format(3), Outcome.FAILED, "KeyError: z", by="w") == [2, 1]
+    paused = client.get("flaky")
+    assert paused.paused
+    assert paused.paused_note == (
+        "2 consecutive failures (pause_after_failures: 2); last: fire 2026-12-01T00:03:00+00:00: KeyError: z"
+    )
+    # A job without the option is never paused by failures.
+    client.create({"id": "sturdy", "task": "demo.sleep", "interval": 60})
+    for n in range(5):
+        assert ledger.streak("sturdy", at.format(n), Outcome.FAILED, "e", by="w") == [n + 1, 0]
+    sync.close()

@@ -62,6 +62,10 @@ def client(settings: AppSettings) -> Iterator[Client]:
         yield api
 
 
+def logged(replica: SchedulerProcess, text: str) -> Callable[[], bool]:
+    return lambda: text in replica.log()
+
+
 def job(job_id: str, **options: Any) -> dict[str, Any]:
     return {"id": job_id, "task": "demo.record_fire", "overlap": "allow", "coalesce": False, **options}
 
@@ -77,7 +81,7 @@ def test_api_job_fires_on_grid_once_and_an_interval_edit_switches_the_grid(
     edited_at = time.time()
     assert edited.version == 2
     for replica in fleet:  # every replica runs the new definition
-        wait_for(lambda r=replica: "API job updated (version 2)" in r.log(), 10, "both replicas to apply it")
+        wait_for(logged(replica, "API job updated (version 2)"), 10, "both replicas to apply it")
 
     def new_grid_fires() -> list[str]:
         return [s for s in runs_of(redis_client, settings, "tick") if epoch(s) > edited_at + 1.0]
@@ -234,7 +238,7 @@ def test_file_jobs_are_owned_by_their_file_and_a_reload_keeps_api_jobs(
     for replica in fleet:
         replica.signal(signal.SIGHUP)
     for replica in fleet:
-        wait_for(lambda r=replica: "reloaded job files" in r.log(), 20, "the reload")
+        wait_for(logged(replica, "reloaded job files"), 20, "the reload")
         assert "id is already used by an API job" in replica.log()
     record = client.get("api-only")
     assert (record.source, record.spec["task"]) == ("api", "demo.record_fire")
@@ -274,7 +278,7 @@ def test_an_invalid_stored_job_is_reported_and_not_run_and_others_run_on(
     redis_client.hset(keys.api_jobs, "bad", json.dumps({"version": 1, **bad}))
     redis_client.xadd(keys.changes, {"op": "update", "job": "bad", "version": "1"})
     for replica in fleet:
-        wait_for(lambda r=replica: "stored API job refused, not run" in r.log(), 10, "each replica to refuse it")
+        wait_for(logged(replica, "stored API job refused, not run"), 10, "each replica to refuse it")
         assert "cron '61 * * * *': minute must be 0-59" in replica.log()
     status = chronoq(settings, "status", check=False).stdout
     assert "INVALID     API job bad (version 1) not run: " in status
