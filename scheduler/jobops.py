@@ -39,6 +39,7 @@ from scheduler.specs import JobDefaults, JobSpec, validate_job_documents
 from scheduler.triggers import next_fire_times
 from shared.errors import (
     BackfillLimitError,
+    JobSpecError,
     OwnershipError,
     RedisUnavailableError,
     UnknownJobError,
@@ -235,7 +236,7 @@ class JobOps:
                         document.pop(key, None)
                 document.update(changes or {})
             if document.get("id", job_id) != job_id:
-                raise OwnershipError(job_id, f"id: cannot be changed (to {document['id']!r}); create a new job")
+                raise JobSpecError(f"job {job_id!r}: id: cannot be changed (to {document['id']!r}); create a new job")
             new_spec = self.validate({**document, "id": job_id})
             record = current.model_copy(
                 update={"spec": spec_document(new_spec), "updated_at": now_iso(), "updated_by": self.by, "note": note}
@@ -362,7 +363,7 @@ class JobOps:
         specs = validate_job_documents([(Path(label), document)], self.defaults)
         registry = await self.operator.control.jobs()
         api = {k: JobRecord.model_validate_json(v) for k, v in (await self.store.all_raw()).items()}
-        plan, owned_problems = ApplyPlan(), []
+        plan, owned_problems = ApplyPlan(), {}
         for spec in specs:
             wanted = spec_document(spec)
             if spec.id in api:
@@ -372,7 +373,7 @@ class JobOps:
             elif spec.id in registry:
                 owner = JobSpec.model_validate(registry[spec.id]["spec"])
                 if spec_document(owner) != wanted:
-                    owned_problems.append(f"job {spec.id!r}: {refusal('update', owner.source)}")
+                    owned_problems[spec.id] = f"{refusal('update', owner.source)} (the file differs from it)"
                 plan.unchanged.append(spec.id)
             else:
                 plan.create.append(spec.id)
@@ -381,7 +382,9 @@ class JobOps:
             plan.delete = sorted(set(api) - {spec.id for spec in specs})
             plan.diff += [f"- {job_id}" for job_id in plan.delete]
         if owned_problems:
-            raise OwnershipError(owned_problems[0].split("'")[1], "; ".join(owned_problems))
+            first = next(iter(owned_problems))
+            others = "".join(f"; job {job_id!r}: {why}" for job_id, why in list(owned_problems.items())[1:])
+            raise OwnershipError(first, owned_problems[first] + others)
         if dry_run:
             return plan
         by_id = {spec.id: spec for spec in specs}

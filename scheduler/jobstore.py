@@ -72,8 +72,9 @@ def spec_document(spec: JobSpec) -> dict[str, Any]:
     return {k: v for k, v in ordered.items() if v is not None or k == "misfire_grace_time"}
 
 
-def validate_api_spec(document: Any, defaults: JobDefaults, label: str = "") -> JobSpec:
-    """A job-file mapping validated as an API job (source ``api``), on ``defaults``.
+def validate_api_spec(document: Any, defaults: JobDefaults | None, label: str = "") -> JobSpec:
+    """A job-file mapping validated as an API job (source ``api``), on ``defaults`` (None: the
+    mapping is complete, as a stored spec is).
 
     Raises JobSpecError with one line per problem, each naming the job and the field:
     ``job 'x': cron '61 * * * *': minute must be 0-59`` (``label`` goes first when given).
@@ -89,7 +90,8 @@ def validate_api_spec(document: Any, defaults: JobDefaults, label: str = "") -> 
     if "source" in document:
         found.append("unknown key 'source'")
     try:
-        spec = JobSpec.model_validate({**defaults.model_dump(), **document, "source": API})
+        base = {} if defaults is None else defaults.model_dump()
+        spec = JobSpec.model_validate({**base, **document, "source": API})
     except ValidationError as exc:
         if (problem := trigger_problem(*(document.get(key) for key in TRIGGER_KEYS))) is not None:
             found.append(problem)
@@ -99,15 +101,19 @@ def validate_api_spec(document: Any, defaults: JobDefaults, label: str = "") -> 
     return spec
 
 
-def parse_record(raw: str, defaults: JobDefaults) -> tuple[JobRecord, JobSpec]:
-    """A stored record and its spec, validated again. Raises JobSpecError naming the job."""
+def parse_record(raw: str) -> tuple[dict[str, Any], JobSpec]:
+    """A stored record (JSON as stored: version, id, spec...) and its spec, validated again
+    (no defaults: a stored spec is complete). Raises JobSpecError naming the job and field."""
     try:
-        record = JobRecord.model_validate_json(raw)
-    except ValidationError as exc:
-        raise JobSpecError(f"stored API job: not a valid record: {exc.errors()[0]['msg']}") from None
-    spec = validate_api_spec(record.spec, defaults, label="stored")
-    if spec.id != record.id:
-        raise JobSpecError(f"stored job {record.id!r}: id: the spec says {spec.id!r}")
+        record = json.loads(raw)
+        if not isinstance(record, dict) or not isinstance(record.get("spec"), dict):
+            raise ValueError("no spec mapping")
+        int(record["version"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise JobSpecError(f"stored API job: not a valid record ({exc})") from None
+    spec = validate_api_spec(record["spec"], None, label="stored")
+    if spec.id != record.get("id"):
+        raise JobSpecError(f"stored job {record.get('id')!r}: id: the spec says {spec.id!r}")
     return record, spec
 
 
@@ -130,6 +136,10 @@ class JobStore:
 
     async def all_raw(self) -> dict[str, str]:
         return {str(k): str(v) for k, v in (await self.client.hgetall(self.keys.api_jobs)).items()}
+
+    async def all_values(self) -> list[str]:
+        """Every stored record (HVALS: half the reply of HGETALL; each record names its id)."""
+        return [str(v) for v in await self.client.hvals(self.keys.api_jobs)]
 
     async def write(
         self,

@@ -150,7 +150,7 @@ class SchedulerService:
             self.leadership.on_promoted = self.dispatcher.promote
             self._hashes = file_hashes(self.options.job_files)
             self.feed = JobFeed(
-                client, keys, self.manager, defaults, self.owner, settings, ledger=self.ledger,
+                client, keys, self.manager, self.owner, settings, ledger=self.ledger,
                 encode=encoder.encode, is_leader=self.leadership.is_leader, on_change=self._count_jobs,
             )  # fmt: skip
             for spec in [*await self.feed.load(), *await self._without_removed(self.feed.admit(self._initial_specs))]:

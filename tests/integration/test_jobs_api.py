@@ -76,7 +76,7 @@ def test_bad_input_is_one_line_per_problem_and_stores_nothing(client: Client, se
         assert message in str(caught.value)
     with pytest.raises(JobSpecError, match="job 'keep': interval: must be positive"):
         client.update("keep", {"interval": -1})
-    with pytest.raises(OwnershipError, match="id: cannot be changed"):
+    with pytest.raises(JobSpecError, match="job 'keep': id: cannot be changed"):
         client.update("keep", {"id": "other"})
     assert snapshot(settings) == before, "a refused change stored something"
 
