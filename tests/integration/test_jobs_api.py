@@ -256,3 +256,35 @@ def test_a_success_resets_the_failure_count(client: Client, settings: AppSetting
     for n in range(5):
         assert ledger.streak("sturdy", at.format(n), Outcome.FAILED, "e", by="w") == [n + 1, 0]
     sync.close()
+
+
+def test_apply_leaves_matching_file_jobs_alone_and_refuses_changing_them(client: Client, settings: AppSettings) -> None:
+    import redis
+
+    r = redis.Redis.from_url(settings.redis.connection_url(), decode_responses=True)
+    file_spec = {"id": "owned", "task": "demo.sleep", "interval": 10.0, "source": "configs/jobs.yaml"}
+    r.hset(RedisKeys(settings.redis.key_prefix).jobs, "owned", json.dumps({"spec": file_spec, "source_hash": "x"}))
+    r.close()
+    exported = client.export()
+    assert [j["id"] for j in exported["jobs"]] == ["owned"]
+    plan = client.apply(exported, prune=True)
+    assert (plan.unchanged, plan.create, plan.delete) == (["owned"], [], [])
+    changed = {"jobs": [{**exported["jobs"][0], "interval": 20}, {"id": "new", "task": "demo.sleep", "interval": 5}]}
+    before = snapshot(settings)
+    with pytest.raises(OwnershipError, match=r"'owned': belongs to job file configs/jobs\.yaml; update it in that"):
+        client.apply(changed)
+    assert snapshot(settings) == before, "a refused apply created 'new' all the same"
+
+
+def test_the_async_client_for_asyncio_apps(settings: AppSettings) -> None:
+    import asyncio
+
+    async def app() -> list[int]:
+        async with AsyncClient(settings, by="fastapi") as jobs:
+            created = await jobs.create({"id": "async-1", "task": "demo.sleep", "interval": 30})
+            updated = await jobs.update("async-1", {"kwargs": {"seconds": 1}}, expected_version=created.version)
+            page = await jobs.list(source="api")
+            await jobs.delete("async-1", expected_version=updated.version)
+            return [created.version, updated.version, page.total, (await jobs.list()).total]
+
+    assert asyncio.run(app()) == [1, 2, 1, 0]

@@ -222,6 +222,7 @@ def test_pause_after_two_failures_pauses_the_job_fleet_wide(
 def test_file_jobs_are_owned_by_their_file_and_a_reload_keeps_api_jobs(
     settings: AppSettings, redis_server: RedisServer, fleet: list[SchedulerProcess], client: Client, tmp_path: Path
 ) -> None:
+    wait_for(lambda: client.list(source="file").total == 1, 10, "the replicas to publish their file job")
     with pytest.raises(OwnershipError, match=r"belongs to job file .*jobs.yaml"):
         client.update("filejob", {"args": [1]})
     with pytest.raises(OwnershipError, match=r"belongs to job file .*jobs.yaml"):
