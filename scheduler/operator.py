@@ -123,6 +123,7 @@ class Operator:
             "queue": spec.queue,
             "trigger": describe_trigger(spec),
             "enabled": spec.enabled,
+            "source": spec.source,
             "next_fire": upcoming[0].isoformat() if upcoming else None,
             "last_fire": last.get("scheduled_at") if last else None,
             "last_outcome": last.get("final"),

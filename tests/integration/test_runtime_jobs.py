@@ -333,3 +333,24 @@ def test_a_replica_that_fell_behind_the_trimmed_feed_resyncs(
         "the job created during the gap to run",
     )
     assert [s for s in runs_of(redis_client, settings, "doomed") if epoch(s) > resumed] == []
+
+
+def test_after_redis_lost_its_data_the_replicas_stop_running_the_lost_api_jobs(
+    settings: AppSettings, redis_server: RedisServer, fleet: list[SchedulerProcess], client: Client
+) -> None:
+    redis_client = redis_server.client()
+    client.create(job("lost", interval=1))
+    wait_for(lambda: len(runs_of(redis_client, settings, "lost")) >= 2, 20, "lost to run")
+    for key in redis_client.scan_iter(f"{settings.redis.key_prefix}*"):  # what a restart without persistence leaves
+        redis_client.delete(key)
+    lost_at = time.time()
+    for replica in fleet:
+        wait_for(logged(replica, "API jobs resynced: 0 stored"), 15, "each replica to resync")
+    # The file job is back in the registry (the replicas rewrite what they own); the API job is gone.
+    wait_for(lambda: client.list(source="file").total == 1, 10, "the registry rewritten")
+    assert client.list(source="api").total == 0
+    created = client.create(job("witness", interval=1))
+    wait_for(lambda: len(runs_of(redis_client, settings, "witness")) >= 3, 20, "a new API job to run")
+    late = [s for s in runs_of(redis_client, settings, "lost") if epoch(s) > lost_at + 1]
+    assert late == [], "a replica kept running the API job Redis lost"
+    assert created.version == 1
