@@ -16,6 +16,12 @@
     chronoq jobs remove ID [--note TEXT]   until its job file (or declaration) changes
     chronoq jobs outcomes [--job ID]       fires per outcome (dispatched, coalesced, skipped, missed)
     chronoq jobs history ID [--limit N]    a job's last fires, newest first
+    chronoq jobs add --spec YAML | --id ID --task T --cron C [--set KEY=VALUE]...   a job at runtime
+    chronoq jobs edit ID --set KEY=VALUE... [--expected-version N]
+    chronoq jobs delete ID [--expected-version N]
+    chronoq jobs export [--output FILE]    every job as one job file (JSON)
+    chronoq jobs apply FILE [--prune] [--dry-run]   make the API jobs equal FILE, print the diff
+    chronoq jobs backfill ID --from T1 --to T2 [--overlap allow|sequential]
 
 Every command takes ``--json``. Without ``REDIS_URL`` the embedded server is used (shared with
 a running ``run_scheduler.py`` when there is one).
@@ -31,6 +37,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from scheduler.cli_jobs import ACTIONS, add_commands
+from scheduler.cli_jobs import run as run_api
 from shared.errors import EX_UNAVAILABLE
 
 
@@ -89,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     history = command(jobs, "history", "a job's last fires")
     history.add_argument("job_id")
     history.add_argument("--limit", type=int, default=20)
+    add_commands(jobs, command)
     return parser
 
 
@@ -110,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
             check_redis(settings.redis, url)
         if args.command == "status":
             return asyncio.run(_status(args, settings))
+        if args.command == "jobs" and args.action in ACTIONS:
+            return asyncio.run(run_api(args, settings))
         if args.command == "jobs" and args.action in ("outcomes", "history"):
             return asyncio.run(_jobs(args, settings))
         if args.command == "jobs":
@@ -202,6 +213,8 @@ async def _status(args: argparse.Namespace, settings: Any) -> int:
         f"redis       maxmemory-policy {status['maxmemory_policy'] or 'unknown'}{risk}; "
         f"data losses noticed {status['data_losses']}{lost}"
     )
+    for job_id, entry in sorted(status["invalid_jobs"].items()):
+        lines.append(f"INVALID     API job {job_id} (version {entry['version']}) not run: {entry['problem']}")
     for task, job_ids in status["unserved_tasks"].items():
         lines.append(f"WARNING     task {task} (jobs {', '.join(job_ids)}) is registered by no live worker")
     _emit(args, status, "\n".join(lines))
@@ -211,7 +224,7 @@ async def _status(args: argparse.Namespace, settings: Any) -> int:
 
 async def _steer(args: argparse.Namespace, settings: Any) -> int:
     from scheduler.operator import Operator, with_operator
-    from shared.errors import UnknownJobError
+    from shared.errors import OwnershipError, UnknownJobError
 
     async def action(operator: Operator) -> Any:
         if args.action == "list":
@@ -220,12 +233,14 @@ async def _steer(args: argparse.Namespace, settings: Any) -> int:
             return await operator.show(args.job_id, history=args.limit)
         if args.action == "trigger":
             return await operator.trigger(args.job_id, force=args.force, note=args.note)
+        if args.action == "remove" and await operator.client.hexists(operator.keys.api_jobs, args.job_id):
+            raise OwnershipError(args.job_id, "was created through the API: `chronoq jobs delete` deletes it for good")
         method = {"pause": operator.pause, "resume": operator.resume, "remove": operator.remove}[args.action]
         return await method(args.job_id, note=args.note)
 
     try:
         result = await with_operator(settings, action)
-    except UnknownJobError as exc:
+    except (UnknownJobError, OwnershipError) as exc:
         _emit(args, {"error": str(exc)}, f"chronoq: {exc}")
         return 1
     _emit(args, result, _describe_steer(args.action, result))

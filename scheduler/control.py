@@ -72,8 +72,9 @@ class ControlStore:
         """Record the jobs this replica runs (and forget ``dropped`` ones).
 
         The JSON is built on a thread and written PUBLISH_CHUNK jobs per HSET: at 100,000 jobs
-        building it takes seconds, which the event loop spends dispatching fires instead."""
-        specs = list(specs)
+        building it takes seconds, which the event loop spends dispatching fires instead. API
+        jobs are left out: ``shared/lua/jobwrite.lua`` writes theirs with every change."""
+        specs = [spec for spec in specs if spec.source != "api"]
         for first in range(0, len(specs), PUBLISH_CHUNK):
             chunk = specs[first : first + PUBLISH_CHUNK]
             entries = await anyio.to_thread.run_sync(_job_entries, chunk, hashes)

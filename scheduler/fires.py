@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 SCHEDULE = "schedule"
 MANUAL = "manual"
+BACKFILL = "backfill"
 
 
 @dataclass(frozen=True, slots=True)

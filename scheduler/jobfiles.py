@@ -1,7 +1,8 @@
 """Reading job files safely: a job file is data, never code.
 
-YAML goes through a safe loader (no Python tags; libyaml's parser when available), files over
-1 MiB are refused unread, YAML nested absurdly deep is refused before the parser sees it, and
+YAML (and JSON) goes through a safe loader (no Python tags; libyaml's parser when available),
+files over ``SCHEDULER_JOB_FILE_MAX_BYTES`` are refused unread, YAML nested absurdly deep is
+refused before the parser sees it, and
 YAML whose aliases expand too far ("billion laughs") is refused before anything is constructed.
 TOML goes through ``tomllib``. Validation of the content is :mod:`scheduler.specs`.
 """
@@ -18,7 +19,7 @@ import yaml
 
 from shared.errors import JobSpecError
 
-MAX_FILE_BYTES = 1024 * 1024
+MAX_FILE_BYTES = 8 * 1024 * 1024  # the default of SCHEDULER_JOB_FILE_MAX_BYTES
 MAX_YAML_INDENT = 200
 MAX_YAML_FLOW_DEPTH = 64
 MAX_YAML_ALIASES = 100
@@ -152,26 +153,29 @@ def _load_yaml(text: str) -> Any:
         loader.dispose()
 
 
-def parse_job_file(path: Path) -> dict[str, Any]:
+def parse_job_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> dict[str, Any]:
     """Read and safely parse one job file; does not validate its content.
 
-    The type comes from the suffix (``.yaml``, ``.yml``, ``.toml``). Returns the top-level
-    mapping ({} for an empty file). Raises JobSpecError with one problem naming the file (and
-    the line of a syntax error) when the file is missing, unreadable, over 1 MiB, not UTF-8,
+    The type comes from the suffix (``.yaml``, ``.yml``, ``.json``, ``.toml``; JSON is YAML).
+    Returns the top-level mapping ({} for an empty file). Raises JobSpecError with one problem
+    naming the file (and the line of a syntax error) when the file is missing, unreadable, over
+    ``max_bytes`` (``SCHEDULER_JOB_FILE_MAX_BYTES``), not UTF-8,
     of another type, malformed, tagged beyond plain data (``!!python/...``) or too aliased.
     """
     suffix = path.suffix.lower()
-    if suffix not in (".yaml", ".yml", ".toml"):
-        raise JobSpecError(f"{path}: unknown file type {suffix or '(no suffix)'!r}: use .yaml, .yml or .toml")
+    if suffix not in (".yaml", ".yml", ".json", ".toml"):
+        raise JobSpecError(f"{path}: unknown file type {suffix or '(no suffix)'!r}: use .yaml, .yml, .json or .toml")
     try:
         with path.open("rb") as stream:
-            raw = stream.read(MAX_FILE_BYTES + 1)  # never read a huge file whole
+            raw = stream.read(max_bytes + 1)  # never read a huge file whole
     except FileNotFoundError:
         raise JobSpecError(f"{path}: no such job file") from None
     except OSError as exc:
         raise JobSpecError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise JobSpecError(f"{path}: larger than {MAX_FILE_BYTES} bytes; split it into several job files")
+    if len(raw) > max_bytes:
+        raise JobSpecError(
+            f"{path}: larger than {max_bytes} bytes (SCHEDULER_JOB_FILE_MAX_BYTES); split it or raise the setting"
+        )
     try:
         text = raw.decode("utf-8")
         document = tomllib.loads(text) if suffix == ".toml" else _load_yaml(text)

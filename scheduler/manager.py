@@ -224,6 +224,16 @@ class SchedulerManager:
         logger.bind(job_id=job_id).info("job removed")
         return spec
 
+    def replace(self, spec: JobSpec) -> JobSpec:
+        """Put ``spec`` in place of the registered job of its id (a changed trigger starts its
+        new grid at its first fire after now, with no catch-up; the same trigger keeps its grid)."""
+        return self._replace(self.get(spec.id), spec)
+
+    def forget_last_fire(self, job_id: str) -> None:
+        """Drop the job's last recorded fire: a job registered later under this id is new and
+        catches nothing up (a deleted then re-created API job)."""
+        self._last_fires.pop(job_id, None)
+
     def modify(self, job_id: str, **changes: Any) -> JobSpec:
         """Change any job-file field(s) of a job, validated like a job file; the job's next fire
         is recomputed only when its schedule changed."""
@@ -245,12 +255,12 @@ class SchedulerManager:
 
         Jobs whose spec is unchanged keep their schedule exactly; changed ones are replaced;
         jobs from a file that are no longer in ``specs`` are removed. Jobs registered from code
-        are left alone.
+        or created through the API are left alone.
         """
         report = ReloadReport()
         wanted = {spec.id: spec for spec in specs}
         for job_id, current in list(self._specs.items()):
-            if current.source != "code" and job_id not in wanted:
+            if current.source not in ("code", "api") and job_id not in wanted:
                 self.remove(job_id)
                 report.removed.append(job_id)
         for spec in specs:

@@ -123,6 +123,7 @@ class Operator:
             "queue": spec.queue,
             "trigger": describe_trigger(spec),
             "enabled": spec.enabled,
+            "source": spec.source,
             "next_fire": upcoming[0].isoformat() if upcoming else None,
             "last_fire": last.get("scheduled_at") if last else None,
             "last_outcome": last.get("final"),
@@ -188,6 +189,7 @@ class Operator:
             "jobs": await self.client.hlen(self.keys.jobs),
             "paused": await self.client.hlen(self.keys.paused),
             "buffered": await self.client.scard(self.keys.buffered),
+            "invalid_jobs": {k: json.loads(v) for k, v in (await self.client.hgetall(self.keys.invalid_jobs)).items()},
             "counters": await self.state.counters(),
             "unserved_tasks": unserved_tasks(
                 await self.client.hgetall(self.keys.jobs), await self.client.hgetall(self.keys.workers), now_ms

@@ -35,12 +35,31 @@ backup                 this replica follows                               checke
                                                                           the leader already?
 promote                a follower becomes the leader                      -                           min(held release, due + jitter)
 manual                 operator ``trigger`` (``--force``: overlap allow)  dispatched, trigger manual  now
+backfill               ``backfill`` of [from, to]: each nominal fire      dispatched, trigger         now (``allow``), or each when
+                       not decided yet; overlap allow; even when paused   backfill                    the previous one finished
 release grid           every release                                      -                           rounded up to 5 ms
 =====================  =================================================  ==========================  ============================
 
 Rules apply in the table's order: a fire past its grace is missed and never coalesced; only
 fires still to be dispatched coalesce. Whatever path a fire took, a job's fires are decided in
 the order of their nominal times.
+
+Jobs changed at runtime (:func:`edit_kind`, :func:`refusal`, :func:`id_conflicts`):
+
+=========================  ==============================================================
+Change                     Effect
+=========================  ==============================================================
+edit, same trigger         ``values``: the grid stays; the next fire carries the new values
+edit of the trigger        ``trigger``: the new grid starts at its first fire after the
+(cron/interval/date, zone, edit; no catch-up of the old schedule
+start/end, enabled)
+create, start in the past  first fire after now; nothing replayed
+delete, then create        a new job: no catch-up from the deleted one's last fire
+resume                     no catch-up: the paused fires were recorded skipped
+API edit/delete of a file  refused, naming the file (or ``code``); pause, resume, trigger
+or code job                and backfill are allowed
+one id in a file and API   the file's job is refused (logged, naming both); the API job runs
+=========================  ==============================================================
 """
 
 from __future__ import annotations
@@ -52,7 +71,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from scheduler.fires import MANUAL, SCHEDULE, Fire
+from scheduler.fires import BACKFILL, MANUAL, SCHEDULE, Fire
 from shared.fleet import Outcome
 
 if TYPE_CHECKING:
@@ -156,6 +175,75 @@ def plan_manual(job: JobSpec, now: datetime, *, force: bool = False) -> Fire:
     return Fire(job, now, trigger=MANUAL, force=force, release_ts=now.timestamp())
 
 
+def plan_backfill(
+    job: JobSpec, times: Sequence[datetime], decided: Sequence[bool], now: datetime, *, sequential: bool
+) -> tuple[list[Fire], list[Fire]]:
+    """A backfill's fires: those of ``times`` not ``decided`` yet (the ledger's answer, one per
+    time), in nominal order, as (to dispatch now, to dispatch one after another later). Every
+    fire ignores the overlap policy (overlap ``allow``) and the pause."""
+    fires = [
+        Fire(job, at, trigger=BACKFILL, force=True, release_ts=now.timestamp())
+        for at, done in zip(times, decided, strict=True)
+        if not done
+    ]
+    return (fires[:1], fires[1:]) if sequential else (fires, [])
+
+
+def backfill_problem(count: int, start: datetime, end: datetime, now: datetime, limit: int) -> str | None:
+    """Why a backfill of ``count`` nominal fires in [start, end] is refused, or None."""
+    if end < start:
+        return f"--to {end.isoformat()} is before --from {start.isoformat()}"
+    if end > now:
+        return f"--to {end.isoformat()} is in the future; a backfill covers past fires only"
+    if count > limit:
+        return (
+            f"the range holds more than {limit} fires (SCHEDULER_BACKFILL_MAX_FIRES); "
+            "split it into smaller ranges, nothing was dispatched"
+        )
+    return None
+
+
+TRIGGER_FIELDS = ("cron", "interval_s", "date", "timezone", "start_date", "end_date", "enabled")
+"""The spec fields that make a job's grid; any other change keeps it."""
+
+
+def edit_kind(old: JobSpec, new: JobSpec) -> str:
+    """``unchanged``, ``values`` (the grid stays) or ``trigger`` (a new grid, no catch-up)."""
+    if old == new:
+        return "unchanged"
+    same_grid = all(getattr(old, name) == getattr(new, name) for name in TRIGGER_FIELDS)
+    return "values" if same_grid else "trigger"
+
+
+OWNER_ACTIONS = frozenset({"pause", "resume", "trigger", "backfill"})
+"""What the API may do to a job owned by a job file or code."""
+
+
+def refusal(action: str, source: str) -> str | None:
+    """Why ``action`` through the API on a job of ``source`` (``JobSpec.source``: a path,
+    ``code`` or ``api``) is refused, naming the owner; None when allowed."""
+    if source == "api" or action in OWNER_ACTIONS:
+        return None
+    if source == "code":
+        return f"is declared in code (TASK_MODULES); {action} it there, not through the API"
+    return f"belongs to job file {source}; {action} it in that file, not through the API"
+
+
+def id_conflicts(specs: Sequence[JobSpec], api_jobs: dict[str, str]) -> tuple[list[JobSpec], list[str]]:
+    """File and code jobs whose id an API job (id -> who created it) already uses are refused:
+    (the specs kept, one line per refused job naming both sources)."""
+    kept, problems = [], []
+    for spec in specs:
+        if spec.source != "api" and spec.id in api_jobs:
+            problems.append(
+                f"{spec.source}: job {spec.id!r}: id is already used by an API job ({api_jobs[spec.id]}); "
+                "rename one of them (the API job keeps running)"
+            )
+        else:
+            kept.append(spec)
+    return kept, problems
+
+
 def promoted_release(fire: Fire, held_release_ts: float) -> float:
     """When a fire held as a backup is decided once this replica leads: its own due time (still
     checked first, in case the old leader decided it before it left)."""
@@ -251,22 +339,15 @@ def _into_last_dispatch(fires: list[Fire], dispatched: Mapping[str, LastDispatch
     backlog it belongs to has run once already."""
     moved: dict[str, str] = {}
     for fire in fires:
-        last = dispatched.get(fire.job.id)
-        if (
-            last is not None
-            and fire.outcome is Outcome.DISPATCHED
-            and fire.trigger == SCHEDULE
-            and fire.job.coalesce
-            and last.scheduled_at < fire.scheduled_at
-            and fire.scheduled_at.timestamp() + jitter_of(fire.job, fire.scheduled_at) <= last.decided_ts
-        ):
-            reason = f"coalesced into {last.stamp}"
-            moved[_coalesced_into(fire)] = reason
+        last, at = dispatched.get(fire.job.id), fire.scheduled_at
+        if last is None or fire.outcome is not Outcome.DISPATCHED or fire.trigger != SCHEDULE:
+            continue
+        if fire.job.coalesce and last.scheduled_at < at and at.timestamp() + jitter_of(fire.job, at) <= last.decided_ts:
+            moved[_coalesced_into(fire)] = reason = f"coalesced into {last.stamp}"
             fire.becomes(Outcome.COALESCED, reason)
-    if moved:
-        for fire in fires:
-            if fire.outcome is Outcome.COALESCED and fire.reason in moved:
-                fire.becomes(Outcome.COALESCED, moved[fire.reason])
+    for fire in fires if moved else ():
+        if fire.outcome is Outcome.COALESCED and fire.reason in moved:
+            fire.becomes(Outcome.COALESCED, moved[fire.reason])
     return fires
 
 

@@ -26,6 +26,7 @@ from scheduler.control import ControlStore, file_hashes, source_hash
 from scheduler.dispatch import Dispatcher, Limits
 from scheduler.encoder import MessageEncoder
 from scheduler.epoch import DataEpoch
+from scheduler.jobfeed import JobFeed
 from scheduler.leadership import Leadership
 from scheduler.manager import SchedulerManager
 from scheduler.preflight import wait_for_redis
@@ -100,6 +101,7 @@ class SchedulerService:
         self.leadership: Leadership
         self._registry: asyncio.Task[None]
         self.epoch: DataEpoch
+        self.feed: JobFeed
 
     async def __aenter__(self) -> SchedulerService:
         settings = self.settings
@@ -147,15 +149,20 @@ class SchedulerService:
             self.dispatcher.job_state = self.manager.job_state
             self.leadership.on_promoted = self.dispatcher.promote
             self._hashes = file_hashes(self.options.job_files)
-            for spec in await self._without_removed(self._initial_specs):
+            self.feed = JobFeed(
+                client, keys, self.manager, self.owner, settings, ledger=self.ledger,
+                encode=encoder.encode, is_leader=self.leadership.is_leader, on_change=self._count_jobs,
+            )  # fmt: skip
+            for spec in [*await self.feed.load(), *await self._without_removed(self.feed.admit(self._initial_specs))]:
                 self.manager.register(spec)
             self.manager.set_paused(await self.control.paused())
             await self.manager.start()
             self._stack.push_async_callback(self.manager.shutdown)
-            self.leadership.jobs = len(self.manager.list())
+            self._count_jobs()
             _freeze_heap()
             self.leadership.outcomes = self.dispatcher.outcomes
-            for loop_fn in (self.leadership.run, self._follow_control, self._sweep_buffers, self.epoch.watch):
+            loops = (self.leadership.run, self._follow_control, self._sweep_buffers, self.epoch.watch, self.feed.follow)
+            for loop_fn in (*loops, self.feed.sweep_backfills):
                 self._tasks.append(asyncio.get_running_loop().create_task(loop_fn()))
             # The registry is for operators; at 100,000 jobs writing it takes seconds, which
             # the first fires should not wait for.
@@ -193,7 +200,11 @@ class SchedulerService:
         """Redis lost its data: put back what this replica owns (scheduler.epoch)."""
         await asyncio.wait([self._registry])
         await self.control.publish_jobs(self.manager.list(), self._hashes)
+        await self.feed.resync()  # the API jobs are gone with the data: stop running them
         await self.leadership.tick()
+
+    def _count_jobs(self) -> None:
+        self.leadership.jobs = len(self.manager.list())
 
     async def _drain(self) -> None:
         if not await self.dispatcher.drain(timeout_s=SHUTDOWN_BUDGET_S / 2):
@@ -227,12 +238,12 @@ class SchedulerService:
             return False
         before = {spec.id for spec in self.manager.list()}
         self._hashes = file_hashes(self.options.job_files)
-        report = self.manager.reconcile(await self._without_removed(specs))
+        report = self.manager.reconcile(await self._without_removed(self.feed.admit(specs)))
         await asyncio.wait([self._registry])  # the start-up's registry must not land after this one
         await self.control.publish_jobs(
             self.manager.list(), self._hashes, dropped=before - {s.id for s in self.manager.list()}
         )
-        self.leadership.jobs = len(self.manager.list())
+        self._count_jobs()
         logger.info("reloaded job files: {}", report)
         _freeze_heap()
         return True
@@ -264,7 +275,7 @@ class SchedulerService:
                 for job_id in await self.control.removed():
                     if self.manager.has(job_id):
                         self.manager.remove(job_id)
-                        self.leadership.jobs = len(self.manager.list())
+                        self._count_jobs()
             except (redis.RedisError, OSError) as exc:
                 raise_if_cancelling()
                 logger.warning("reading operator changes failed: {}; retrying", exc)

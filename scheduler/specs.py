@@ -134,8 +134,10 @@ class JobSpec(_JobOptions):
     end_date: datetime | None = None
     enabled: StrictBool = True
     description: StrictStr = ""
+    pause_after_failures: StrictInt | None = Field(None, ge=1, le=MAX_INSTANCES)
+    """After this many consecutive finally-failed fires the job pauses itself fleet-wide."""
     source: StrictStr = "code"
-    """Where the spec came from (a file path or "code"); not part of ``==``."""
+    """Where the spec came from (a file path, "code" or "api"); not part of ``==``."""
 
     @property
     def kind(self) -> Literal["cron", "interval", "date"]:
@@ -341,7 +343,7 @@ def load_job_specs(paths: Sequence[Path], settings: SchedulerSettings, cron_queu
     docs: list[tuple[Path, dict[str, Any]]] = []
     for path in paths:
         try:
-            docs.append((path, parse_job_file(path)))
+            docs.append((path, parse_job_file(path, settings.job_file_max_bytes)))
         except JobSpecError as exc:
             problems += exc.problems
     try:

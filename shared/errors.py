@@ -9,8 +9,12 @@
     │   └── RedisAuthError       wrong password or user: retrying cannot help
     ├── EmbeddedRedisError       no redis-server binary, or the embedded server would not start
     ├── DispatchError            a fire could not be published (retried by the dispatcher)
-    └── UnknownJobError          no job with that id (also a KeyError): not registered with
-                                 this manager, or not in the fleet's job registry
+    ├── UnknownJobError          no job with that id (also a KeyError): not registered with
+    │                            this manager, or not in the fleet's job registry
+    └── JobChangeError           a change to a job through the API was refused, nothing stored
+        ├── VersionConflictError the job changed since the version the caller read
+        ├── OwnershipError       the job belongs to a job file or code, or its id is taken
+        └── BackfillLimitError   a backfill asks for more fires than SCHEDULER_BACKFILL_MAX_FIRES
 
 Messages say what is wrong and how to fix it, and never contain a secret: URLs are redacted
 with :func:`shared.redis.redact_url` before they are put in a message.
@@ -68,3 +72,30 @@ class UnknownJobError(ChronoqError, KeyError):
     def __str__(self) -> str:
         # KeyError's str() is the repr of its argument; this error's is its message.
         return str(self.args[0])
+
+
+class JobChangeError(ChronoqError):
+    """A change to a job through the API was refused; nothing was stored."""
+
+
+class VersionConflictError(JobChangeError):
+    """The job's stored version is not the one the caller expected."""
+
+    def __init__(self, job_id: str, expected: int, current: int) -> None:
+        self.job_id, self.expected, self.current = job_id, expected, current
+        super().__init__(
+            f"job {job_id!r}: version conflict: expected version {expected}, the stored one is {current} "
+            "(someone changed it meanwhile; read it again and retry)"
+        )
+
+
+class OwnershipError(JobChangeError):
+    """The job is owned by another source (a job file, code), or its id is taken by one."""
+
+    def __init__(self, job_id: str, message: str, owner: str = "") -> None:
+        self.job_id, self.owner = job_id, owner
+        super().__init__(f"job {job_id!r}: {message}")
+
+
+class BackfillLimitError(JobChangeError):
+    """A backfill range holds more fires than one request may dispatch."""

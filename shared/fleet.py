@@ -158,6 +158,7 @@ class FireLedger:
         self._finish = client.register_script(lua.source("finish"))
         self._decided = client.register_script(lua.source("decided"))
         self._renew = client.register_script(lua.source("renew"))
+        self._streak = client.register_script(lua.source("streak"))
 
     def decide(self, fires: Sequence[FireIntent], owner: str) -> Any:
         """Decide each fire once, fleet-wide; returns, per fire, the outcome this call decided
@@ -240,3 +241,11 @@ class FireLedger:
         keys = [k.counters, k.last_fire, k.buffered, k.fence]
         args = [self._templates, job_id, scheduled_at, task_id, outcome.value, error[:500], worker, self.fire_ttl_s]
         return self._finish(keys=keys, args=[*args, runner, attempt, retry_lapse_ms])
+
+    def streak(self, job_id: str, scheduled_at: str, outcome: Outcome, error: str = "", by: str = "") -> Any:
+        """Count a finally failed fire towards the job's ``pause_after_failures`` (a success
+        resets the count); past the threshold the job is paused fleet-wide with an audit note
+        naming the last error and fire. Returns [count, 1 if this call paused it]."""
+        k = self.keys
+        args = [job_id, scheduled_at, outcome.value, error[:300], 1000, by]
+        return self._streak(keys=[k.fail_streak, k.jobs, k.paused, k.audit], args=args)

@@ -171,6 +171,40 @@ class RedisKeys:
         """Pub/sub channel: operator changes, so replicas apply them at once."""
         return self.key("control")
 
+    # -- jobs created at runtime (scheduler.jobstore) ----------------------------------------
+    @property
+    def api_jobs(self) -> str:
+        """Hash: job id -> JSON record of a job created through the API (spec, version, source,
+        incarnation, created/updated at, by, note). Written only by ``shared/lua/jobwrite.lua``."""
+        return self.key("api_jobs")
+
+    @property
+    def changes(self) -> str:
+        """Stream: one entry per API job change (op, job, version), trimmed to
+        ``SCHEDULER_CHANGES_MAXLEN``; replicas follow it with XREAD BLOCK."""
+        return self.key("changes")
+
+    @property
+    def invalid_jobs(self) -> str:
+        """Hash: job id -> JSON (problem, replica, at_ms) of a stored API job a replica refused
+        to run (shown by ``chronoq status``)."""
+        return self.key("invalid_jobs")
+
+    @property
+    def fail_streak(self) -> str:
+        """Hash: job id -> consecutive finally-failed fires (``pause_after_failures``)."""
+        return self.key("fail_streak")
+
+    def backfill(self, job_id: str) -> str:
+        """List: JSON of the backfill fires of a ``sequential`` backfill still to dispatch,
+        in nominal order (the next one is dispatched when the previous one finished)."""
+        return self.key("backfill", job_id)
+
+    @property
+    def backfills(self) -> str:
+        """Set: job ids with a sequential backfill in progress."""
+        return self.key("backfills")
+
     @property
     def epoch(self) -> str:
         """String: JSON (id, losses, since) written by the first replica to start on an empty

@@ -207,6 +207,12 @@ class SchedulerSettings(_Group):
     lookahead_s: float = Field(5.0, ge=0, le=60)
     """Fires are handed over and encoded this long before they are due, then published at the
     due instant (never earlier). A pause, resume or removal still applies at the due instant."""
+    job_file_max_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=1024**3)
+    """A job file larger than this is refused unread (10,000 jobs as JSON take about 3.5 MB)."""
+    backfill_max_fires: int = Field(1000, ge=1, le=1_000_000)
+    """Fires one backfill request may dispatch; a larger range is refused, nothing dispatched."""
+    changes_maxlen: int = Field(10_000, ge=100)
+    """Entries kept in the change feed of API jobs; a replica that falls further behind resyncs."""
 
     @field_validator("misfire_grace_time", mode="before")
     @classmethod

@@ -338,6 +338,8 @@ class WorkerFleet:
                 attempt=lease.attempt,
                 retry_lapse_ms=retry_lapse_ms,
             )
+            if verdict == "applied" and outcome in (Outcome.SUCCEEDED, Outcome.FAILED):
+                self.ledger.streak(job_id, scheduled_at, outcome, error, by=self.hostname)
         except redis.RedisError as exc:
             logger.error("fire outcome not recorded job_id={} outcome={}: {}", job_id, outcome.value, exc)
             return

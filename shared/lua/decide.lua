@@ -53,8 +53,10 @@ for i = 0, n - 1 do
     if outcome == 'dispatched' then
       redis.call('ZADD', inflight, now_ms + slot_lapse_ms, task_id)
       redis.call('LPUSH', list_key, payload)
-      last[#last + 1] = job_id
-      last[#last + 1] = last_fire_json(scheduled_at, now_ms, task_id)
+      if trigger ~= 'backfill' then  -- a backfilled past fire must not move restart catch-up back
+        last[#last + 1] = job_id
+        last[#last + 1] = last_fire_json(scheduled_at, now_ms, task_id)
+      end
       redis.call('HSET', fire, 'outcome', outcome, 'reason', reason, 'task_id', task_id, 'scheduled_at', scheduled_at,
                  'job_id', job_id, 'decided_ms', now_ms, 'owner', owner, 'trigger', trigger, 'dispatched_ms', now_ms)
     else

@@ -7,6 +7,7 @@ read back with its arguments, ``COMMAND GETKEYS`` says which are keys, and each 
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 from collections.abc import Iterator
@@ -14,7 +15,10 @@ from importlib import resources
 
 import pytest
 import redis
+import redis.asyncio
 
+from scheduler.jobstore import JobRecord, JobStore, spec_document
+from scheduler.specs import JobSpec
 from shared import lua
 from shared.fleet import FIRE_FIELDS, KEY_TEMPLATES, FireIntent, FireLedger, Outcome, Overlap
 from shared.names import RedisKeys, fire_task_id_of
@@ -24,6 +28,9 @@ from shared.settings import AppSettings
 pytestmark = pytest.mark.timeout(60)
 
 STOP = "chronoq-test-monitor-stop"
+JOB_SCRIPTS = ("jobwrite", "streak")
+"""Scripts given every key as KEYS (no per-job key templates)."""
+
 _ARG = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 
@@ -66,7 +73,7 @@ def client(settings: AppSettings) -> Iterator[redis.Redis]:
     client.close()
 
 
-def run_every_script(ledger: FireLedger, keys: RedisKeys, queue: str) -> list[tuple[str, str]]:
+def run_every_script(ledger: FireLedger, keys: RedisKeys, queue: str, url: str) -> list[tuple[str, str]]:
     """Decide, buffer, release, start, finish, retire and fence; the (job, scheduled_at) used."""
     fires = [("buf", f"2020-01-01T00:00:0{i}+00:00") for i in range(3)]
     fires += [("many", f"2020-01-01T00:01:{i:02d}.250000+00:00") for i in range(6)]
@@ -105,7 +112,28 @@ def run_every_script(ledger: FireLedger, keys: RedisKeys, queue: str) -> list[tu
     task_id = fire_task_id_of(*retired)
     assert ledger.start(*retired, task_id, "h:2", 1000) == ["done", "retired", 0, 0]
     assert ledger.finish(*retired, task_id, Outcome.FAILED, runner="h:2") == ["stale", "retired"]
+    run_job_scripts(ledger, keys, url)
     return [*fires, undecided]
+
+
+def run_job_scripts(ledger: FireLedger, keys: RedisKeys, url: str) -> None:
+    """jobwrite (create, update, delete of an API job) and streak (two failures pause it)."""
+
+    async def writes() -> None:
+        client = redis.asyncio.Redis.from_url(url, decode_responses=True)
+        store = JobStore(client, keys)
+        spec = JobSpec(id="api", task="demo.sleep", interval=5, source="api", pause_after_failures=2)
+        record = JobRecord(id="api", spec=spec_document(spec))
+        audit = {"action": "t", "job": "api", "note": "", "by": "t", "at_ms": 0}
+        assert await store.write("create", "api", record=record, spec=spec, audit=audit) == (1, False)
+        assert await store.write("update", "api", expected=1, record=record, spec=spec, audit=audit) == (2, False)
+        assert ledger.streak("api", "2020-01-01T00:00:00+00:00", Outcome.FAILED, "boom") == [1, 0]
+        assert ledger.streak("api", "2020-01-01T00:00:01+00:00", Outcome.FAILED, "boom") == [2, 1]
+        assert ledger.streak("api", "2020-01-01T00:00:02+00:00", Outcome.SUCCEEDED) == [0, 0]
+        assert await store.write("delete", "api", audit=audit) == (2, False)
+        await client.aclose()
+
+    asyncio.run(writes())
 
 
 def test_scripts_touch_only_the_keys_redis_keys_names(client: redis.Redis, settings: AppSettings) -> None:
@@ -114,7 +142,7 @@ def test_scripts_touch_only_the_keys_redis_keys_names(client: redis.Redis, setti
     ledger = FireLedger(client, keys, history_limit=2, fence_window_s=0)
     monitor = ScriptCommands(client)
     try:
-        fires = run_every_script(ledger, keys, queue)
+        fires = run_every_script(ledger, keys, queue, settings.redis.connection_url())
     finally:
         commands = monitor.stop()
     touched: set[str] = set()
@@ -124,6 +152,8 @@ def test_scripts_touch_only_the_keys_redis_keys_names(client: redis.Redis, setti
         touched.update(str(k) for k in client.command_getkeys(*command))
     job_ids = {job_id for job_id, _ in fires}
     named = {keys.counters, keys.last_fire, keys.buffered, keys.fence, queue}
+    named |= {keys.api_jobs, keys.changes, keys.audit, keys.jobs, keys.paused, keys.fail_streak, keys.history("api")}
+    named.add(keys.invalid_jobs)
     named |= {keys.fire(job_id, at) for job_id, at in fires}
     for job_id in job_ids:
         named |= {keys.history(job_id), keys.job_counters(job_id), keys.inflight(job_id), keys.buffer(job_id)}
@@ -157,5 +187,6 @@ def test_every_script_is_package_data_and_documents_its_keys_and_argv() -> None:
         text = resources.files("shared.lua").joinpath(f"{name}.lua").read_text()
         head = text.split("--#include", 1)[0]
         assert re.search(r"^-- KEYS\[1\] ", head, re.MULTILINE), name
-        assert re.search(r"^-- ARGV\[1\] key templates", head, re.MULTILINE), name
+        argv = r"^-- ARGV\[1\] " if name in JOB_SCRIPTS else r"^-- ARGV\[1\] key templates"
+        assert re.search(argv, head, re.MULTILINE), name
         assert not re.search(r"^--#include", lua.source(name), re.MULTILINE), name

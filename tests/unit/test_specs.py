@@ -328,7 +328,8 @@ def test_bad_file_structure(tmp_path: Path, text: str, expected: str) -> None:
             "line 2: YAML error: duplicate key 'cron'",
         ),
         ("jobs.toml", '[[jobs]]\nid = "x"\ntask = \n', "TOML syntax error: Invalid value (at line 3, column 8)"),
-        ("jobs.json", "{}", "unknown file type '.json': use .yaml, .yml or .toml"),
+        ("jobs.json", '{"jobs": [}', "line 1: YAML error: "),
+        ("jobs.txt", "{}", "unknown file type '.txt': use .yaml, .yml, .json or .toml"),
         ("jobs", "", "unknown file type '(no suffix)'"),
     ],
 )
