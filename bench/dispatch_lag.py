@@ -97,6 +97,7 @@ class Scheduler:
             **os.environ,
             "REDIS_URL": url,
             "CELERY_CRON_QUEUE": QUEUE,
+            "HTTP_PORT": "0",
             "REDIS_KEY_PREFIX": f"{prefix}:",
             "LOG_LEVEL": log_level,
             "APP_ENV": "bench",

@@ -44,6 +44,8 @@ from shared.fleet import FireIntent, Outcome
 from shared.redis import raise_if_cancelling
 
 if TYPE_CHECKING:
+    from scheduler.events import SentEvents
+    from scheduler.metrics import ReplicaMetrics
     from scheduler.specs import JobSpec
 
 __all__ = ["Dispatcher", "Encoder", "Ledger", "Limits"]
@@ -84,6 +86,8 @@ class Dispatcher:
         clock: Clock = SYSTEM_CLOCK,
         max_backoff_s: float = 2.0,
         lanes: int = DECIDE_LANES,
+        metrics: ReplicaMetrics | None = None,
+        events: SentEvents | None = None,
     ) -> None:
         self.ledger = ledger
         self.owner = owner
@@ -94,6 +98,9 @@ class Dispatcher:
         self.clock = clock
         self.max_backoff_s = max_backoff_s
         self.lanes = max(1, lanes)
+        self.metrics = metrics
+        self.events = events
+        """Announces dispatched fires to Celery's event stream (``task-sent``), when enabled."""
         self.job_state: JobState | None = None
         """Set by the service to :meth:`SchedulerManager.job_state`: a pause, resume or removal
         that lands between a fire's hand-over (look-ahead) and its due time still applies."""
@@ -189,6 +196,9 @@ class Dispatcher:
                 self._check_idle()
                 continue
             attempt += 1
+            if self.metrics is not None:
+                self.metrics.decide_retries.inc()
+                self.metrics.redis_errors.labels("decide").inc()
             delay = min(self.max_backoff_s, 0.05 * 2**attempt)
             logger.warning("dispatch failed (attempt {}), retrying in {:.2f}s: {}", attempt, delay, error)
             await asyncio.sleep(delay)
@@ -226,8 +236,29 @@ class Dispatcher:
         to_send = [f for f in fires if f.outcome is Outcome.DISPATCHED and f.prepared is None]
         fresh = dict(zip(map(id, to_send), await self.preparer.encode(to_send, now), strict=True))
         intents = [f.prepared or fresh.get(id(f)) or f.intent(now, self.limits) for f in fires]
-        results = await self.ledger.decide(intents, self.owner)
-        self.log.record(fires, [str(r) for r in results], now)
+        started = self.clock.monotonic()
+        results = [str(r) for r in await self.ledger.decide(intents, self.owner)]
+        done_ts = self.clock.time()
+        self.log.record(fires, results, now)
+        if self.metrics is not None:
+            self.metrics.observe_decide(fires, results, self.clock.monotonic() - started, done_ts)
+        if self.events is not None:
+            await self._announce([f for f, r in zip(fires, results, strict=True) if r == Outcome.DISPATCHED], done_ts)
+
+    async def _announce(self, fires: list[Fire], now_ts: float) -> None:
+        """Celery's task-sent events for fires just published. Never raises a Redis error: the
+        fires are decided, and a retry would decide them again (as ``decided``)."""
+        assert self.events is not None
+        try:
+            sent = await self.events.publish(fires, now_ts)
+        except (redis.RedisError, OSError) as exc:
+            raise_if_cancelling()
+            logger.warning("task-sent events for {} fires not published: {}", len(fires), exc)
+            if self.metrics is not None:
+                self.metrics.redis_errors.labels("events").inc()
+            return
+        if self.metrics is not None and sent:
+            self.metrics.sent_events.inc(sent)
 
     def _check_idle(self) -> None:
         if not (self._pending or self.preparer or self.timeline) and self._queue.empty():
