@@ -49,7 +49,7 @@ class ReplicaMetrics:
     """The replica's own metrics, in their own registry (nothing global: tests build several)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        disable_created_metrics()  # process-wide; the *_created series only add noise here
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide; the *_created series only add noise here
         self.registry = registry or CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)

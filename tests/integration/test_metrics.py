@@ -93,7 +93,7 @@ def test_scraped_counters_equal_redis_records_and_worker_runs(
     samples = scrape(replica)
 
     records = {
-        job: [client.hgetall(keys.fire(job, stamp)) for stamp in client.lrange(keys.history(job), 0, -1)]
+        job: [client.hgetall(keys.fire(job, str(stamp))) for stamp in client.lrange(keys.history(job), 0, -1)]
         for job in ("a", "b")
     }
     dispatched = [f for fires in records.values() for f in fires if f["outcome"] == "dispatched"]
@@ -138,8 +138,8 @@ def test_the_leader_gauge_follows_a_failover(
     jobs = write_jobs(tmp_path / "jobs.yaml", [{"id": "tick", "task": "demo.record_fire", "interval": 1}])
     replicas = start_scheduler(settings, jobs, count=2)
 
-    def leaders() -> list[float | None]:
-        return [value(scrape(r), "chronoq_leader") for r in replicas if r.process.poll() is None]
+    def leaders() -> list[float]:
+        return [value(scrape(r), "chronoq_leader") or 0.0 for r in replicas if r.process.poll() is None]
 
     wait_for(lambda: sorted(leaders()) == [0, 1], 15, "one leader and one follower in the gauges")
     owner = client.get(f"{settings.redis.key_prefix}leader")
