@@ -10,6 +10,7 @@ import sys
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ def test_fires_are_announced_as_sent_then_seen_succeeding(
         runs = executions(client, settings)
         for run in runs[:3]:
             task_id = run["task_id"]
-            wait_for(lambda t=task_id: log.of("task-succeeded", t), 10, f"task-succeeded of {task_id}")
+            wait_for(partial(log.of, "task-succeeded", task_id), 10, f"task-succeeded of {task_id}")
             (sent,) = log.of("task-sent", task_id)
             assert sent["name"] == "demo.record_fire"
             assert sent["queue"] == sent["routing_key"] == settings.celery.cron_queue
@@ -139,7 +140,7 @@ def test_fires_are_announced_as_sent_then_seen_succeeding(
         return task if task and task.get("state") == "SUCCESS" and task.get("sent") else None
 
     for run in runs[:3]:
-        task = wait_for(lambda t=run["task_id"]: flower_saw(t), 15, "Flower to show the fire sent and succeeded")
+        task = wait_for(partial(flower_saw, run["task_id"]), 15, "Flower to show the fire sent and succeeded")
         assert task["name"] == "demo.record_fire"
         assert task["sent"] <= task["received"] <= task["succeeded"]
 
