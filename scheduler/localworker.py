@@ -10,14 +10,10 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from shared.settings import AppSettings
-
-if TYPE_CHECKING:
-    from scheduler.service import ServiceOptions
 
 SHUTDOWN_BUDGET_S = 10.0
 
@@ -55,12 +51,11 @@ def _file_stamps(paths: list[Path]) -> list[tuple[float, int] | None]:
     return stamps
 
 
-async def watch_job_files(options: ServiceOptions, reload: Callable[[], Awaitable[bool]]) -> None:
+async def watch_job_files(paths: list[Path], interval_s: float, reload: Callable[[], Awaitable[bool]]) -> None:
     """Reload when a job file's mtime or size changes (``--watch``); forever."""
-    paths = options.job_files
     seen = _file_stamps(paths)
     while True:
-        await asyncio.sleep(options.watch_interval_s)
+        await asyncio.sleep(interval_s)
         now = _file_stamps(paths)
         if now != seen:
             seen = now

@@ -339,7 +339,11 @@ async def run_service(
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(service.reload()))
-        watcher = loop.create_task(watch_job_files(service.options, service.reload)) if options.watch else None
+        watcher = (
+            loop.create_task(watch_job_files(options.job_files, options.watch_interval_s, service.reload))
+            if options.watch
+            else None
+        )
         try:
             await stop.wait()
             logger.info("shutting down")
