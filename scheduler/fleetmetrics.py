@@ -10,9 +10,12 @@ queue up behind a dead Redis).
 
 Per-job series (info, next/last fire, last success, paused, slots, waiting fire, outcomes)
 exist for the first ``HTTP_JOB_LABEL_LIMIT`` jobs by id; the others are summed up under
-``job="_other"`` (counts added, timestamps: the earliest), so cardinality stays bounded.
+``job="_other"`` (paused and waiting counts added; next fire: the earliest), so cardinality
+stays bounded; only labelled jobs' series are read from Redis.
 
-Runs in the HTTP server's threads with its own blocking client, never on the event loop. The
+Runs in the HTTP server's threads with its own blocking client, never on the event loop; it
+lets go of the GIL between families and every :data:`YIELD_EVERY` jobs, so the loop thread
+never waits a whole scrape for it (a waiting thread gets the GIL only every 5 ms otherwise). The
 job list and next fire times are this replica's (``manager.list()`` and APScheduler's next run
 times, read without locking: a snapshot that may be one reload old).
 """
@@ -41,6 +44,7 @@ OTHER = "_other"
 """The ``job`` label of the aggregate past ``HTTP_JOB_LABEL_LIMIT``."""
 WORKER_SEEN_S = 10.0
 REPLICA_SEEN_S = 10.0
+YIELD_EVERY = 100
 FLEET_OUTCOMES = tuple(o.value for o in Outcome if o is not Outcome.BUFFERED)
 
 
@@ -115,18 +119,21 @@ class FleetCollector(Collector):
         pipe.hgetall(k.workers)
         pipe.hkeys(k.paused)
         pipe.smembers(k.buffered)
-        pipe.hgetall(k.last_fire)
+        labelled = self.labelled_jobs()
+        ids = [spec.id for spec in labelled]
+        if ids:
+            pipe.hmget(k.last_fire, ids)
         names = list(self.queue_keys)
         for name in names:
             for key in self.queue_keys[name]:
                 pipe.llen(key)
-        labelled = self.labelled_jobs()
         for spec in labelled:
             pipe.hgetall(k.job_counters(spec.id))
             pipe.zcard(k.inflight(spec.id))
         replies = pipe.execute()
-        counters, leader, replicas, workers, paused, buffered, last_fire = replies[:7]
-        at = 7
+        counters, leader, replicas, workers, paused, buffered = replies[:6]
+        last_fire = dict(zip(ids, replies[6], strict=True)) if ids else {}
+        at = 7 if ids else 6
         queues = {}
         for name in names:
             n = len(self.queue_keys[name])
@@ -141,7 +148,7 @@ class FleetCollector(Collector):
             queues=queues,
             paused={str(j) for j in paused},
             buffered={str(j) for j in buffered},
-            last_fire={str(j): _epoch(json.loads(v)["scheduled_at"]) for j, v in last_fire.items()},
+            last_fire={j: _epoch(json.loads(v)["scheduled_at"]) for j, v in last_fire.items() if v is not None},
         )
         for spec in labelled:
             raw, slots = replies[at], replies[at + 1]
@@ -161,6 +168,11 @@ class FleetCollector(Collector):
     # -- exposition ------------------------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
+        for family in self._families():
+            yield family
+            time.sleep(0)  # between families (each is formatted in one go): the loop's turn
+
+    def _families(self) -> Iterator[Metric]:
         snap = self.snapshot()
         yield GaugeMetricFamily(
             "chronoq_fleet_data_available",
@@ -178,6 +190,12 @@ class FleetCollector(Collector):
         for outcome in FLEET_OUTCOMES:
             fires.add_metric([outcome], snap.counters.get(outcome, 0))
         yield fires
+        skipped = CounterMetricFamily(
+            "chronoq_fires_skipped", "Skipped fires over the whole fleet, by reason", labels=["reason"]
+        )
+        for reason in ("paused", "overlap", "other"):
+            skipped.add_metric([reason], snap.counters.get(f"skipped_{reason}", 0))
+        yield skipped
         yield CounterMetricFamily(
             "chronoq_poison_messages", "Unreadable messages workers set aside", value=snap.counters.get("poison", 0)
         )
@@ -237,7 +255,9 @@ class FleetCollector(Collector):
             )
         }
         outcomes = CounterMetricFamily("chronoq_job_fires", "Fires of the job by outcome", labels=["job", "outcome"])
-        for spec in labelled:
+        for n, spec in enumerate(labelled):
+            if n % YIELD_EVERY == 0:
+                time.sleep(0)  # let the event loop's thread have the GIL
             job = spec.id
             info.add_metric(
                 [
@@ -292,12 +312,9 @@ class FleetCollector(Collector):
         snap: FleetSnapshot,
     ) -> None:
         ids = [spec.id for spec in others]
-        upcoming = [t.timestamp() for j in ids if (t := next_fires.get(j)) is not None]
+        upcoming = [t for j in ids if (t := next_fires.get(j)) is not None]
         if upcoming:
-            gauges["chronoq_job_next_fire_timestamp_seconds"].add_metric([OTHER], min(upcoming))
-        fired = [snap.last_fire[j] for j in ids if j in snap.last_fire]
-        if fired:
-            gauges["chronoq_job_last_fire_timestamp_seconds"].add_metric([OTHER], min(fired))
+            gauges["chronoq_job_next_fire_timestamp_seconds"].add_metric([OTHER], min(upcoming).timestamp())
         gauges["chronoq_job_paused"].add_metric([OTHER], sum(j in snap.paused for j in ids))
         gauges["chronoq_job_buffered"].add_metric([OTHER], sum(j in snap.buffered for j in ids))
 

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -70,13 +71,14 @@ def test_scraped_counters_equal_redis_records_and_worker_runs(
 ) -> None:
     client = redis_server.client()
     keys = RedisKeys(settings.redis.key_prefix)
-    worker = start_worker(settings, "--pool", "threads", "--concurrency", "2")
+    worker = start_worker(settings, "--pool", "threads", "--concurrency", "3")
     end = (datetime.now(UTC) + timedelta(seconds=8)).isoformat()
     jobs = write_jobs(
         tmp_path / "jobs.yaml",
         [
             {"id": "a", "task": "demo.record_fire", "interval": 1, "end_date": end},
             {"id": "b", "task": "demo.record_fire", "interval": 2, "end_date": end},
+            {"id": "slow", "task": "demo.record_fire", "interval": 1, "args": [2.5], "end_date": end},
             {"id": "idle", "task": "demo.record_fire", "cron": "0 3 1 1 *"},
         ],
     )
@@ -92,15 +94,21 @@ def test_scraped_counters_equal_redis_records_and_worker_runs(
     runs = executions(client, settings)
     samples = scrape(replica)
 
-    records = {
+    records: dict[str, list[dict[Any, Any]]] = {
         job: [client.hgetall(keys.fire(job, str(stamp))) for stamp in client.lrange(keys.history(job), 0, -1)]
-        for job in ("a", "b")
+        for job in ("a", "b", "slow")
     }
     dispatched = [f for fires in records.values() for f in fires if f["outcome"] == "dispatched"]
     assert len(dispatched) == len(runs)
     assert value(samples, "chronoq_fires_total", outcome="dispatched") == len(dispatched)
     assert value(samples, "chronoq_fires_total", outcome="succeeded") == len(runs)
     assert value(samples, "chronoq_fires_total", outcome="failed") == 0
+    overlapped = [f for f in records["slow"] if f["outcome"] == "skipped" and f["reason"].startswith("overlap")]
+    assert len(overlapped) >= 2, "the slow job's fires overlap its 2.5 s runs"
+    assert value(samples, "chronoq_fires_total", outcome="skipped") == len(overlapped)
+    assert value(samples, "chronoq_fires_skipped_total", reason="overlap") == len(overlapped)
+    assert value(samples, "chronoq_fires_skipped_total", reason="paused") == 0
+    assert value(samples, "chronoq_job_fires_total", job="slow", outcome="skipped") == len(overlapped)
     assert value(samples, "chronoq_fleet_data_available") == 1
     for job in ("a", "b"):
         ran = [r for r in runs if r["job_id"] == job]
@@ -116,7 +124,7 @@ def test_scraped_counters_equal_redis_records_and_worker_runs(
     assert value(samples, "chronoq_task_sent_events_total") == len(runs)
     assert value(samples, "chronoq_replica_decisions_total", outcome="dispatched") == len(runs)
     assert value(samples, "chronoq_leader") == 1
-    assert value(samples, "chronoq_jobs") == 3
+    assert value(samples, "chronoq_jobs") == 4
     nightly = value(samples, "chronoq_job_next_fire_timestamp_seconds", job="idle")
     assert nightly is not None and nightly > datetime.now(UTC).timestamp()
     assert value(samples, "chronoq_job_paused", job="idle") == 0
