@@ -23,6 +23,7 @@ from tests.conftest import (
     RedisServer,
     SchedulerProcess,
     WorkerProcess,
+    chronoq,
     executions,
     free_port,
     settings_env,
@@ -161,3 +162,20 @@ def test_no_task_sent_events_when_turned_off(
         assert not [e for e in log.events if e.get("type") == "task-sent"]
     status, body = replica.get("/metrics")
     assert status == 200 and "chronoq_task_sent_events_total 0.0" in body
+
+
+def test_a_manual_trigger_is_announced_too(
+    settings: AppSettings,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    start_scheduler: Callable[..., list[SchedulerProcess]],
+) -> None:
+    jobs = write_jobs(tmp_path / "jobs.yaml", [{"id": "yearly", "task": "demo.record_fire", "cron": "0 3 1 1 *"}])
+    start_scheduler(settings, jobs)
+    client = redis_server.client()
+    wait_for(lambda: client.hexists(f"{settings.redis.key_prefix}jobs", "yearly"), 10, "the job registry")
+    with EventLog(settings) as log:
+        answer = json.loads(chronoq(settings, "jobs", "trigger", "yearly", "--json").stdout)
+        assert answer["dispatched"] is True
+        (sent,) = wait_for(partial(log.of, "task-sent", answer["task_id"]), 10, "the manual fire's task-sent")
+        assert sent["name"] == "demo.record_fire"
