@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -44,6 +45,10 @@ StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -136,7 +141,11 @@ class ProbeServer:
         self.settings = settings
         try:
             self._server = make_server(
-                settings.host, settings.port, probe_app(registry, probes), _Server, handler_class=_QuietHandler
+                settings.host,
+                settings.port,
+                probe_app(registry, probes),
+                _Server6 if ":" in settings.host else _Server,
+                handler_class=_QuietHandler,
             )
         except OSError as exc:
             raise ConfigError(
