@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
+	@echo "metrics: http://127.0.0.1:$${HTTP_PORT:-9808}/metrics  (probes: /healthz, /readyz)"
 	$(BIN)/python run_scheduler.py
 
 worker: install

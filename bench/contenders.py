@@ -41,7 +41,7 @@ CHRONOQ_PREFIX = "chronoq:"
 
 def launch(name: str, spec: WorkloadSpec, workdir: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
     """Start contender ``name`` on ``spec`` (files go to ``workdir``); it runs in its own session."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HTTP_PORT": "0"}
     spec_path = spec.write(workdir / "spec.json")
     if name == "chronoq":
         files = write_chronoq_jobs(jobs_of(spec), workdir)

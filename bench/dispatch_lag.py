@@ -87,7 +87,15 @@ def start_redis(tmp: Path) -> tuple[str, subprocess.Popen[bytes]]:
 class Scheduler:
     """run_scheduler.py on a job file, its stderr followed for the "running" line."""
 
-    def __init__(self, url: str, jobs: list[Job], tmp: Path, prefix: str, log_level: str = "WARNING") -> None:
+    def __init__(
+        self,
+        url: str,
+        jobs: list[Job],
+        tmp: Path,
+        prefix: str,
+        log_level: str = "WARNING",
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         # Job files are capped at 1 MB each: 5,000 jobs per file, as JSON (which is YAML).
         paths = []
         for n, first in enumerate(range(0, len(jobs), 5000)):
@@ -97,9 +105,11 @@ class Scheduler:
             **os.environ,
             "REDIS_URL": url,
             "CELERY_CRON_QUEUE": QUEUE,
+            "HTTP_PORT": "0",
             "REDIS_KEY_PREFIX": f"{prefix}:",
             "LOG_LEVEL": log_level,
             "APP_ENV": "bench",
+            **(extra_env or {}),
         }
         self.jobs, self.url, self.prefix = len(jobs), url, prefix
         self.started = time.monotonic()

@@ -75,6 +75,7 @@ def start_replicas(url: str, jobs: Path, prefix: str, count: int) -> list[subpro
         "CELERY_CRON_QUEUE": QUEUE,
         "LOG_LEVEL": "WARNING",
         "APP_ENV": "bench",
+        "HTTP_PORT": "0",
     }
     return [
         subprocess.Popen(

@@ -74,6 +74,7 @@ def child_env(url: str, log_level: str, result_expires_s: int) -> dict[str, str]
         REDIS_KEY_PREFIX=PREFIX,
         LOG_LEVEL=log_level,
         CELERY_RESULT_EXPIRES_S=str(result_expires_s),
+        HTTP_PORT="0",
     )
     return env
 

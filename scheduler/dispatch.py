@@ -45,6 +45,8 @@ from shared.fleet import FireIntent, Outcome
 from shared.redis import raise_if_cancelling
 
 if TYPE_CHECKING:
+    from scheduler.events import SentEvents
+    from scheduler.metrics import ReplicaMetrics
     from scheduler.specs import JobSpec
 
 __all__ = ["Dispatcher", "Encoder", "Ledger", "Limits"]
@@ -88,6 +90,8 @@ class Dispatcher:
         clock: Clock = SYSTEM_CLOCK,
         max_backoff_s: float = 2.0,
         lanes: int = DECIDE_LANES,
+        metrics: ReplicaMetrics | None = None,
+        events: SentEvents | None = None,
     ) -> None:
         self.ledger = ledger
         self.owner = owner
@@ -98,6 +102,9 @@ class Dispatcher:
         self.clock = clock
         self.max_backoff_s = max_backoff_s
         self.lanes = max(1, lanes)
+        self.metrics = metrics
+        self.events = events
+        """Announces dispatched fires to Celery's event stream (``task-sent``), when enabled."""
         self.job_state: JobState | None = None
         """Set by the service to :meth:`SchedulerManager.job_state`: a pause, resume or removal
         that lands between a fire's hand-over (look-ahead) and its due time still applies."""
@@ -199,6 +206,9 @@ class Dispatcher:
                 self._check_idle()
                 continue
             attempt += 1
+            if self.metrics is not None:
+                self.metrics.decide_retries.inc()
+                self.metrics.redis_errors.labels("decide").inc()
             delay = min(self.max_backoff_s, 0.05 * 2**attempt)
             logger.warning("dispatch failed (attempt {}), retrying in {:.2f}s: {}", attempt, delay, error)
             await asyncio.sleep(delay)
@@ -236,9 +246,30 @@ class Dispatcher:
         to_send = [f for f in fires if f.outcome is Outcome.DISPATCHED and f.prepared is None]
         fresh = dict(zip(map(id, to_send), await self.preparer.encode(to_send, now), strict=True))
         intents = [f.prepared or fresh.get(id(f)) or f.intent(now, self.limits) for f in fires]
+        started = self.clock.monotonic()
         results = [str(r) for r in await self.ledger.decide(intents, self.owner)]
+        done_ts = self.clock.time()
         self.log.record(fires, results, now)
-        self._remember_dispatches(fires, results, now.timestamp())
+        self._remember_dispatches(fires, results, done_ts)
+        if self.metrics is not None:
+            self.metrics.observe_decide(fires, results, self.clock.monotonic() - started, done_ts)
+        if self.events is not None:
+            await self._announce([f for f, r in zip(fires, results, strict=True) if r == Outcome.DISPATCHED], done_ts)
+
+    async def _announce(self, fires: list[Fire], now_ts: float) -> None:
+        """Celery's task-sent events for fires just published. Never raises a Redis error: the
+        fires are decided, and a retry would decide them again (as ``decided``)."""
+        assert self.events is not None
+        try:
+            sent = await self.events.publish(fires, now_ts)
+        except (redis.RedisError, OSError) as exc:
+            raise_if_cancelling()
+            logger.warning("task-sent events for {} fires not published: {}", len(fires), exc)
+            if self.metrics is not None:
+                self.metrics.redis_errors.labels("events").inc()
+            return
+        if self.metrics is not None and sent:
+            self.metrics.sent_events.inc(sent)
 
     def _remember_dispatches(self, fires: list[Fire], results: list[str], now_ts: float) -> None:
         last = self.last_dispatch

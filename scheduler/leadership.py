@@ -17,7 +17,7 @@ import asyncio
 import json
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio
@@ -26,6 +26,9 @@ from loguru import logger
 from shared.clock import SYSTEM_CLOCK, Clock
 from shared.names import RedisKeys
 from shared.redis import raise_if_cancelling
+
+if TYPE_CHECKING:
+    from scheduler.metrics import ReplicaMetrics
 
 STALE_REPLICA_S = 60
 """A replica whose heartbeat is older than this is dropped from the list by the leader."""
@@ -67,6 +70,8 @@ class Leadership:
         self.outcomes: Any = {}
         self._leader = False
         self._ticks = 0
+        self.metrics: ReplicaMetrics | None = None
+        """Set by the service: lost leases and failed renewals are counted."""
         self.on_promoted: Callable[[], None] | None = None
         """Called when this replica takes the lease (the dispatcher moves its backup fires up)."""
         self._hold = client.register_script(_HOLD)
@@ -86,6 +91,10 @@ class Leadership:
             raise_if_cancelling()
             self._leader = False
             logger.warning("leader lease not renewed: {}", exc)
+            if self.metrics is not None:
+                self.metrics.redis_errors.labels("lease").inc()
+        if self.metrics is not None and was and not self._leader:
+            self.metrics.lease_lost.inc()
         if self._leader != was:
             logger.info("replica {} is now {}", self.owner, "the leader" if self._leader else "a follower")
             if self._leader and self.on_promoted is not None:

@@ -83,6 +83,12 @@ class HeapJobStore(BaseJobStore):  # type: ignore[misc]  # APScheduler 3 has no 
     def lookup_job(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
+    def next_run_times(self) -> dict[str, datetime | None]:
+        """Each job's next nominal fire. Safe from another thread (the metrics server): the
+        values are copied in one step, which never sees the dict change half-way."""
+        jobs = builtins.list(self._jobs.values())
+        return {job.id: job.next_run_time for job in jobs}
+
     def get_due_jobs(self, now: datetime) -> builtins.list[Job]:
         return [job for job in self.get_all_jobs() if job.next_run_time is not None and job.next_run_time <= now]
 
@@ -145,6 +151,7 @@ class LookaheadScheduler(AsyncIOScheduler):  # type: ignore[misc]
             job_defaults={"coalesce": False, "misfire_grace_time": None, "max_instances": 1},
         )
         self._on_due = on_due
+        self.next_run_times = self._store.next_run_times
         self.lookahead_s = lookahead_s
         self._since = clock.monotonic()
 

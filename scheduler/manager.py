@@ -182,6 +182,11 @@ class SchedulerManager:
         job = self._scheduler.get_job(job_id) if self._scheduler else None
         return None if job is None else job.next_run_time
 
+    def next_fire_times(self) -> dict[str, datetime | None]:
+        """Every started job's next fire; callable from another thread (the metrics server)."""
+        scheduler = self._scheduler
+        return scheduler.next_run_times() if scheduler is not None else {}
+
     def has(self, job_id: str) -> bool:
         """Whether a job with this id is registered (pending ones included)."""
         return job_id in self._specs or job_id in self._pending

@@ -21,11 +21,13 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 import redis.asyncio
 from loguru import logger
 
 from scheduler.control import ControlStore
 from scheduler.epoch import redis_facts
+from scheduler.events import SentEvents
 from scheduler.fires import Fire, Limits
 from scheduler.planner import plan_manual
 from scheduler.specs import JobSpec
@@ -62,6 +64,7 @@ class Operator:
         encode: Callable[[Fire, datetime], tuple[str, str]] | None = None,
         queue_keys: Callable[[str], list[str]] | None = None,
         by: str | None = None,
+        events: SentEvents | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -76,6 +79,8 @@ class Operator:
         self._encode = encode
         self._queue_keys = queue_keys or (lambda queue: [queue])
         self.by = by or operator_name()
+        self.events = events
+        """Announces a manual fire it published with Celery's task-sent event (when enabled)."""
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -233,6 +238,11 @@ class Operator:
         intent = fire.intent(now, self.limits, self._encode(fire, now))
         (result,) = await self.ledger.decide([intent], f"cli:{self.by}:{os.getpid()}")
         outcome = str(result)
+        if outcome == Outcome.DISPATCHED and self.events is not None:
+            try:
+                await self.events.publish([fire], time.time())
+            except (redis.RedisError, OSError) as exc:  # the fire is out; the announcement is best effort
+                logger.warning("task-sent event not published: {}", exc)
         fire_hash = await self.client.hgetall(self.keys.fire(job_id, intent.scheduled_at))
         await self.control.record(
             "trigger" + (" --force" if force else ""), job_id, note=f"{note} ({outcome})".strip(), by=self.by
@@ -264,7 +274,8 @@ async def with_operator(settings: AppSettings, action: Callable[[Operator], Awai
         return encoder.encode([fire.message(now, limits)])[0]
 
     try:
-        return await action(Operator(settings, client, encode=encode, queue_keys=encoder.queue_keys))
+        events = SentEvents.for_app(app, client)
+        return await action(Operator(settings, client, encode=encode, queue_keys=encoder.queue_keys, events=events))
     finally:
         await client.aclose()
         app.close()

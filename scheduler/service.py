@@ -13,7 +13,6 @@ import gc
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -26,9 +25,12 @@ from scheduler.control import ControlStore, file_hashes, source_hash
 from scheduler.dispatch import Dispatcher, Limits
 from scheduler.encoder import MessageEncoder
 from scheduler.epoch import DataEpoch
+from scheduler.events import SentEvents
 from scheduler.jobfeed import JobFeed
 from scheduler.leadership import Leadership
+from scheduler.localworker import SHUTDOWN_BUDGET_S, start_local_worker, stop_local_worker, watch_job_files
 from scheduler.manager import SchedulerManager
+from scheduler.observability import Observability
 from scheduler.preflight import wait_for_redis
 from scheduler.specs import JobDefaults, JobSpec, load_job_specs, time_limit_problems
 from scheduler.state import StateStore
@@ -43,7 +45,6 @@ from shared.schedules import declared_schedules
 from shared.settings import AppSettings
 
 DEFAULT_JOB_FILES = (Path("configs/jobs.yaml"),)
-SHUTDOWN_BUDGET_S = 10.0
 RELEASE_TIMEOUT_S = 1.0
 CONTROL_POLL_S = 0.5
 
@@ -84,9 +85,15 @@ class SchedulerService:
     together. Any number of them may run against one Redis."""
 
     def __init__(
-        self, settings: AppSettings, options: ServiceOptions, specs: list[JobSpec], clock: Clock = SYSTEM_CLOCK
+        self,
+        settings: AppSettings,
+        options: ServiceOptions,
+        specs: list[JobSpec],
+        clock: Clock = SYSTEM_CLOCK,
+        observability: Observability | None = None,
     ) -> None:
         self.settings = settings
+        self.observability = observability
         self.clock = clock  # the one clock of the replica: manager, look-ahead, dispatcher, leadership
         self.options = options
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -135,7 +142,10 @@ class SchedulerService:
                 takeover_s=sched.takeover_s,
                 is_leader=self.leadership.is_leader,
                 clock=self.clock,
+                metrics=observability.metrics if (observability := self.observability) else None,
+                events=SentEvents.for_app(app, client),
             )
+            self.leadership.metrics = self.dispatcher.metrics
             self.dispatcher.start()
             self._stack.push_async_callback(self._drain)
             defaults = JobDefaults.from_settings(sched, settings.celery.cron_queue)
@@ -161,6 +171,20 @@ class SchedulerService:
             self._count_jobs()
             _freeze_heap()
             self.leadership.outcomes = self.dispatcher.outcomes
+            if observability is not None:
+                queues = {
+                    settings.celery.cron_queue,
+                    settings.celery.default_queue,
+                    *(s.queue for s in self.manager.list()),
+                }
+                observability.attach(
+                    settings,
+                    owner=self.owner,
+                    role=lambda: "leader" if self.leadership.is_leader() else "follower",
+                    jobs=self.manager.list,
+                    next_fires=self.manager.next_fire_times,
+                    queue_keys={queue: encoder.queue_keys(queue) for queue in sorted(queues)},
+                )
             loops = (self.leadership.run, self._follow_control, self._sweep_buffers, self.epoch.watch, self.feed.follow)
             for loop_fn in (*loops, self.feed.sweep_backfills):
                 self._tasks.append(asyncio.get_running_loop().create_task(loop_fn()))
@@ -235,6 +259,8 @@ class SchedulerService:
         except ConfigError as exc:
             for line in exc.problems:
                 logger.error("reload rejected: {}", line)
+            if self.dispatcher.metrics is not None:
+                self.dispatcher.metrics.reload(False, len(exc.problems))
             return False
         before = {spec.id for spec in self.manager.list()}
         self._hashes = file_hashes(self.options.job_files)
@@ -245,6 +271,8 @@ class SchedulerService:
         )
         self._count_jobs()
         logger.info("reloaded job files: {}", report)
+        if self.dispatcher.metrics is not None:
+            self.dispatcher.metrics.reload(True)
         _freeze_heap()
         return True
 
@@ -305,51 +333,39 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-def _file_stamps(paths: list[Path]) -> list[tuple[float, int] | None]:
-    stamps: list[tuple[float, int] | None] = []
-    for path in paths:
-        try:
-            stat = path.stat()
-            stamps.append((stat.st_mtime, stat.st_size))
-        except OSError:
-            stamps.append(None)
-    return stamps
-
-
-async def _watch(service: SchedulerService) -> None:
-    paths = service.options.job_files
-    seen = _file_stamps(paths)
-    while True:
-        await asyncio.sleep(service.options.watch_interval_s)
-        now = _file_stamps(paths)
-        if now != seen:
-            seen = now
-            logger.info("job files changed; reloading")
-            await service.reload()
-
-
 async def run_service(
     settings: AppSettings,
     options: ServiceOptions,
     specs: list[JobSpec],
     on_stop: list[subprocess.Popen[bytes]] | None = None,
+    observability: Observability | None = None,
 ) -> int:
     """Run until SIGTERM or SIGINT; SIGHUP reloads. Returns the exit code."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    async with SchedulerService(settings, options, specs) as service:
+    heartbeat = loop.create_task(observability.heartbeat()) if observability is not None else None
+    if observability is not None:
+        observability.install_test_hook(loop)
+    async with SchedulerService(settings, options, specs, observability=observability) as service:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(service.reload()))
-        watcher = loop.create_task(_watch(service)) if options.watch else None
+        watcher = (
+            loop.create_task(watch_job_files(options.job_files, options.watch_interval_s, service.reload))
+            if options.watch
+            else None
+        )
         try:
             await stop.wait()
             logger.info("shutting down")
+            if observability is not None:
+                observability.probes.stopping = True
             for process in on_stop or []:
                 process.send_signal(signal.SIGTERM)  # the local worker's warm shutdown runs alongside ours
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            for task in (watcher, heartbeat):
+                if task is not None:
+                    task.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
     return 0
@@ -365,36 +381,17 @@ def serve(settings: AppSettings, options: ServiceOptions) -> int:
         logger.error("not started: fix the job files above (nothing was written to Redis)")
         return EX_CONFIG
     local_worker = options.local_worker if options.local_worker is not None else settings.redis.url is None
+    observability = Observability(settings)  # binds HTTP_PORT first: a port in use is 78, nothing started
+    observability.start()
     with resolve_redis(settings) as settings:
-        workers = [_start_local_worker(settings)] if local_worker else []
+        workers = [start_local_worker(settings)] if local_worker else []
         try:
-            return asyncio.run(run_service(settings, options, specs, on_stop=workers))
+            return asyncio.run(run_service(settings, options, specs, on_stop=workers, observability=observability))
         except ChronoqError as exc:  # a wrong password, TLS, eviction, the broker elsewhere
             for line in str(exc).splitlines():
                 logger.error("not started: {}", line)
             return exit_code(exc)
         finally:
+            observability.stop()
             for worker in workers:
-                _stop_local_worker(worker)
-
-
-def _start_local_worker(settings: AppSettings) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "REDIS_URL": settings.redis.connection_url()}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "run_worker", "--hostname", f"local@{os.uname().nodename}"],
-        env=env,
-        start_new_session=True,
-    )
-    logger.info("started a local worker pid={} for both queues (--no-worker to skip)", process.pid)
-    return process
-
-
-def _stop_local_worker(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(SHUTDOWN_BUDGET_S / 2)
-    except subprocess.TimeoutExpired:
-        logger.warning("local worker did not stop in time; killing it")
-        os.killpg(process.pid, signal.SIGKILL)  # its own session: the supervisor and its Celery worker
-        process.wait(5)
+                stop_local_worker(worker)

@@ -41,6 +41,7 @@ class StateStore:
         return [fire_view(fire) for fire in fires if fire]
 
     async def counters(self, job_id: str | None = None) -> dict[str, int]:
-        """Counts per outcome, for one job or overall."""
+        """Counts per outcome, for one job or overall (a job's ``last_success_ms`` stamp is not a count)."""
         key = self.keys.job_counters(job_id) if job_id else self.keys.counters
-        return {str(outcome): int(count) for outcome, count in (await self.client.hgetall(key)).items()}
+        raw = await self.client.hgetall(key)
+        return {str(outcome): int(count) for outcome, count in raw.items() if not str(outcome).endswith("_ms")}

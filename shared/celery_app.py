@@ -73,7 +73,7 @@ def celery_config(settings: AppSettings, task_modules: Sequence[str] = ()) -> di
         "redis_backend_health_check_interval": redis.health_check_interval_s,
         # Flower and `celery events` need these.
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        "task_send_sent_event": celery.task_send_sent_event,
         "task_default_queue": celery.default_queue,
         "task_queues": tuple(_direct_queue(name) for name in (celery.cron_queue, celery.default_queue)),
         "task_routes": (_ScheduledToCronQueue(celery.cron_queue),),

@@ -105,7 +105,7 @@ class RedisKeys:
         return self.key("counters")
 
     def job_counters(self, job_id: str) -> str:
-        """Hash: outcome -> count for one job."""
+        """Hash: outcome -> count for one job, and ``last_success_ms`` (epoch ms of its last success)."""
         return self.key("counters", "job", job_id)
 
     # -- the fleet-wide max_instances ----------------------------------------------------

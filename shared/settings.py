@@ -141,6 +141,9 @@ class CelerySettings(_Group):
     visibility_timeout_s: int = Field(3600, gt=0)
     """An unacknowledged message is redelivered after this; must exceed the hard time limit."""
     result_expires_s: int = Field(86400, gt=0)
+    task_send_sent_event: bool = True
+    """Emit Celery's ``task-sent`` event for every message published (scheduled fires included),
+    so Flower and ``celery events`` see tasks from the moment they are queued."""
 
     @field_validator("broker_url", "result_backend", "task_time_limit_s", "task_soft_time_limit_s", mode="before")
     @classmethod
@@ -253,6 +256,25 @@ class WorkerSettings(_Group):
         return _split_csv(value)
 
 
+class HttpSettings(_Group):
+    """The scheduler's probe and metrics server (``/metrics``, ``/healthz``, ``/readyz``)."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; anything but loopback is allowed and logged (the endpoints have no
+    authentication: keep them on a private network)."""
+    port: int = Field(9808, ge=0, le=65535)
+    """0 turns the server off."""
+    liveness_timeout_s: float = Field(10.0, gt=0)
+    """``/healthz`` fails once the event loop has not ticked for this long."""
+    job_label_limit: int = Field(1000, ge=0)
+    """Per-job series for the first this many jobs by id; the rest are summed up as ``job="_other"``."""
+    fleet_cache_s: float = Field(2.0, ge=0)
+    """Fleet data read from Redis is reused for this long, whatever the scrape rate."""
+    test_block_loop_s: float = Field(0, ge=0)
+    """Test hook, off (0) by default: when set, SIGUSR2 blocks the event loop for this long, so a
+    test can watch ``/healthz`` fail and recover. Never set it in production."""
+
+
 class LogSettings(_Group):
     level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -300,6 +322,7 @@ class AppSettings(BaseSettings):
     celery: CelerySettings = CelerySettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     worker: WorkerSettings = WorkerSettings()
+    http: HttpSettings = HttpSettings()
     log: LogSettings = LogSettings()
 
     @field_validator("task_modules", mode="before")

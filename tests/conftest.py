@@ -150,7 +150,9 @@ def make_settings(url: str, namespace: str, **overrides: Any) -> AppSettings:
 def settings_env(settings: AppSettings) -> dict[str, str]:
     """The environment that makes a child process build the same settings."""
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "CELERY_", "WORKER_", "LOG_", "SCHEDULER_"))
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("REDIS_", "CELERY_", "WORKER_", "LOG_", "SCHEDULER_", "HTTP_"))
     }
     env.update(
         APP_ENV="test",
@@ -159,6 +161,7 @@ def settings_env(settings: AppSettings) -> dict[str, str]:
         REDIS_KEY_PREFIX=settings.redis.key_prefix,
         CELERY_CRON_QUEUE=settings.celery.cron_queue,
         CELERY_DEFAULT_QUEUE=settings.celery.default_queue,
+        HTTP_PORT="0",  # replicas started at once must not share the default port (start_scheduler picks one)
     )
     return env
 
@@ -249,6 +252,19 @@ def write_jobs(path: Path, jobs: list[dict[str, Any]], defaults: dict[str, Any] 
 class SchedulerProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
+    http_port: int = 0
+    """Its metrics and probe server's port (0: off)."""
+
+    def get(self, path: str, timeout_s: float = 5) -> tuple[int, str]:
+        """GET ``path`` from its HTTP server: (status, body)."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=timeout_s) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -296,15 +312,16 @@ def start_scheduler(tmp_path: Path) -> Iterator[Callable[..., list[SchedulerProc
         batch = []
         for _ in range(count):
             log_path = tmp_path / f"scheduler-{len(started)}.log"
+            env = {**settings_env(settings), "HTTP_PORT": str(free_port()), **(extra_env or {})}
             with log_path.open("wb") as out:
                 process = subprocess.Popen(
                     [sys.executable, str(ROOT / "run_scheduler.py"), "--jobs", str(jobs), "--no-worker", *args],
                     cwd=ROOT,
-                    env={**settings_env(settings), **(extra_env or {})},
+                    env=env,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                 )
-            replica = SchedulerProcess(process, log_path)
+            replica = SchedulerProcess(process, log_path, http_port=int(env["HTTP_PORT"]))
             started.append(replica)
             batch.append(replica)
         for replica in batch:

@@ -10,6 +10,8 @@
 -- buffered) or 'decided': its fire hash exists, or the job's fence watermark is at or after it
 -- (its record was retired). Each pushed fire retires up to two of the job's oldest records
 -- beyond the history limit (see retire in common.lua), so the records per job stay bounded.
+-- A skipped fire also counts, in KEYS[1] only, as skipped_paused, skipped_overlap or
+-- skipped_other (its reason), for the metrics' chronoq_fires_skipped_total{reason}.
 --#include common.lua
 local function fields(s)
   local t, start = {}, 1
@@ -68,6 +70,11 @@ for i = 0, n - 1 do
     if depth > limit then retire(fence, job_id, depth, limit, window_ms, 2) end
     if outcome ~= 'buffered' then
       totals[outcome] = (totals[outcome] or 0) + 1
+      if outcome == 'skipped' then
+        local why = 'skipped_other'
+        if reason == 'paused' then why = 'skipped_paused' elseif string.sub(reason, 1, 7) == 'overlap' then why = 'skipped_overlap' end
+        totals[why] = (totals[why] or 0) + 1
+      end
       redis.call('HINCRBY', key(T.job_counters, job_id), outcome, 1)
     end
     out[i + 1] = outcome

@@ -4,6 +4,8 @@
 -- ARGV[1] key templates (see common.lua), ARGV[2] job_id, ARGV[3] scheduled_at, ARGV[4] task_id,
 -- ARGV[5] outcome, ARGV[6] error, ARGV[7] worker, ARGV[8] fire_ttl_s, ARGV[9] runner,
 -- ARGV[10] attempt, ARGV[11] retry_lapse_ms.
+-- A success also stamps the job's counters hash with last_success_ms (Redis time; the metrics'
+-- chronoq_job_last_success_timestamp_seconds).
 -- Returns {'applied', ''} or {'stale', '<run> by <runner>'} (nothing was written).
 --
 -- A report from an attempt (runner set) applies only while that attempt holds the fire: run is
@@ -36,6 +38,7 @@ redis.call('HDEL', fire, 'run_lease_ms')
 redis.call('EXPIRE', fire, tonumber(ARGV[8]))
 redis.call('HINCRBY', counters, outcome, 1)
 redis.call('HINCRBY', key(T.job_counters, job_id), outcome, 1)
+if outcome == 'succeeded' then redis.call('HSET', key(T.job_counters, job_id), 'last_success_ms', now_ms) end
 if outcome == 'retried' then
   -- The retry keeps the slot: until it is due and has run, then it lapses on its own.
   if tonumber(ARGV[11]) > 0 then redis.call('ZADD', inflight, now_ms + tonumber(ARGV[11]), task_id) end

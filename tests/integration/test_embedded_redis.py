@@ -81,7 +81,7 @@ class Child:
 
     def __init__(self, directory: Path, log: Path, go_file: Path | None = None, *, own_session: bool = False) -> None:
         args = [sys.executable, "-c", CHILD, str(directory), *([str(go_file)] if go_file else [])]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HTTP_PORT": "0"}
         with log.open("ab") as stderr:
             self.proc = subprocess.Popen(
                 args,

@@ -234,6 +234,7 @@ def test_quickstart_embedded_redis_and_local_worker(tmp_path: Path) -> None:
         tmp_path / "jobs.yaml", [{"id": "demo", "task": "demo.number_sum", "interval": 1, "args": [20, 22]}]
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "CELERY_", "WORKER_", "SCHEDULER_"))}
+    env["HTTP_PORT"] = "0"
     env |= {"APP_ENV": "test", "PYTHONUNBUFFERED": "1", "REDIS_EMBEDDED_DIR": str(tmp_path / "redis")}
     log = tmp_path / "run.log"
     with log.open("wb") as out:

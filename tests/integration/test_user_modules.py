@@ -122,7 +122,12 @@ def test_check_command_prints_json_without_redis(tmp_path: Path) -> None:
     jobs.write_text(
         '[[jobs]]\nid = "nightly"\ntask = "reports.build"\ncron = "30 2 * * *"\ntimezone = "Europe/Berlin"\n'
     )
-    env = {"PATH": "/usr/bin:/bin", "APP_ENV": "test", "REDIS_URL": "redis://127.0.0.1:1/0"}  # unreachable on purpose
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "APP_ENV": "test",
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        "HTTP_PORT": "0",
+    }  # unreachable on purpose
     done = subprocess.run(
         [
             sys.executable,

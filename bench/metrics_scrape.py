@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""What scraping /metrics costs a replica (issue #12), against a throwaway redis-server.
+
+    python -m bench.metrics_scrape [--jobs 10000] [--scrapes 20] [--windows 3] [--window-s 20]
+
+- ``cost``: a replica with ``--jobs`` daily crons (none fires during the run, so the loop is
+  idle) and per-job series for the first ``--label-limits`` of them (``HTTP_JOB_LABEL_LIMIT``). Scheduler CPU
+  (user + system, from /proc via psutil; not wall time) over ``--scrapes`` scrapes one a second,
+  minus its idle CPU over as long a window before, per scrape: with ``HTTP_FLEET_CACHE_S=0``
+  (every scrape reads Redis: the worst case) and with the default 2 s cache. Also the wall time
+  and size of one scrape.
+- ``lag``: the 10,000-jobs-every-10-s workload (1,000 fires/s, phases spread) on one replica
+  with per-job series for ``--label-limits`` jobs; alternating windows without and with a scrape every
+  second (``--windows`` each, ``--window-s`` long, the same process: one run), fire lag from the
+  broker's side as in ``bench/dispatch_lag.py`` (arrival minus ``scheduled_at``). Reports p50
+  and p99 per condition, pooled, and the ratio.
+
+A benchmark, not a test: the machine is shared and noisy, so compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.dispatch_lag import (  # noqa: E402
+    QUEUE,
+    Job,
+    Scheduler,
+    drain,
+    percentile,
+    spread_interval_jobs,
+    start_redis,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def daily_jobs(count: int) -> list[Job]:
+    now = datetime.now(UTC)
+    hour = (now.hour + 12) % 24  # half a day away: nothing fires during the run
+    return [
+        {"id": f"daily-{i:05d}", "task": "demo.sleep", "cron": f"{i % 60} {hour} * * *", "args": [0]}
+        for i in range(count)
+    ]
+
+
+def scrape(port: int) -> tuple[float, int]:
+    started = time.perf_counter()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+        size = len(reply.read())
+    return time.perf_counter() - started, size
+
+
+def wait_http(port: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"replica's /readyz not 200 within {timeout_s}s")
+
+
+def cpu_per_scrape(url: str, tmp: Path, jobs: int, scrapes: int, cache_s: float, limit: int) -> dict[str, object]:
+    redis.Redis.from_url(url).flushdb()
+    port = free_port()
+    env = {"HTTP_PORT": str(port), "HTTP_JOB_LABEL_LIMIT": str(limit), "HTTP_FLEET_CACHE_S": str(cache_s)}
+    scheduler = Scheduler(url, daily_jobs(jobs), tmp, f"cost{int(cache_s)}", extra_env=env)
+    try:
+        scheduler.wait_running()
+        wait_http(port)
+        scrape(port)  # warm: the first scrape sorts the job list and builds the label cache
+        time.sleep(2)
+        idle_before = scheduler.cpu_s()
+        idle_started = time.monotonic()
+        time.sleep(scrapes)
+        idle_rate = (scheduler.cpu_s() - idle_before) / (time.monotonic() - idle_started)
+        walls, sizes = [], []
+        before = scheduler.cpu_s()
+        started = time.monotonic()
+        for i in range(scrapes):
+            wall, size = scrape(port)
+            walls.append(wall)
+            sizes.append(size)
+            time.sleep(max(0.0, started + i + 1 - time.monotonic()))
+        elapsed = time.monotonic() - started
+        busy = scheduler.cpu_s() - before - idle_rate * elapsed
+    finally:
+        scheduler.stop()
+    return {
+        "jobs": jobs,
+        "label_limit": limit,
+        "fleet_cache_s": cache_s,
+        "scrapes": scrapes,
+        "cpu_ms_per_scrape": round(busy * 1000 / scrapes, 1),
+        "idle_cpu_ms_per_s": round(idle_rate * 1000, 1),
+        "wall_ms_median": round(statistics.median(walls) * 1000, 1),
+        "bytes": int(statistics.median(sizes)),
+    }
+
+
+class Scraper(threading.Thread):
+    """Scrapes once a second while ``active`` is set."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.active = threading.Event()
+        self.stopped = threading.Event()
+        self.count = 0
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            if self.active.is_set():
+                scrape(self.port)
+                self.count += 1
+            self.stopped.wait(1.0)
+
+
+def lag_with_and_without_scrapes(url: str, tmp: Path, windows: int, window_s: float, limit: int) -> dict[str, object]:
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    port = free_port()
+    jobs = spread_interval_jobs("w1-10s", 10_000, 10)
+    env = {"HTTP_PORT": str(port), "HTTP_JOB_LABEL_LIMIT": str(limit)}
+    scheduler = Scheduler(url, jobs, tmp, "lag", extra_env=env)
+    scraper = Scraper(port)
+    lags: dict[bool, list[float]] = {False: [], True: []}
+    window_p99: dict[bool, list[float]] = {False: [], True: []}
+    try:
+        scheduler.wait_running()
+        wait_http(port)
+        scrape(port)
+        time.sleep(8)  # past the look-ahead ramp-up
+        client.delete(QUEUE)
+        scraper.start()
+        for window in range(2 * windows):
+            scraping = window % 2 == 1
+            scraper.active.set() if scraping else scraper.active.clear()
+            start = datetime.now(UTC) + timedelta(seconds=1)
+            end = start + timedelta(seconds=window_s)
+            arrivals = drain(client, time.monotonic() + window_s + 2)
+            window_lags = [
+                (t - datetime.fromisoformat(h["scheduled_at"]).timestamp()) * 1000
+                for t, h in arrivals
+                if start <= datetime.fromisoformat(h["scheduled_at"]) <= end
+            ]
+            lags[scraping] += window_lags
+            window_p99[scraping].append(round(percentile(window_lags, 0.99), 1))
+    finally:
+        scraper.stopped.set()
+        scheduler.stop()
+    p99 = {k: percentile(v, 0.99) for k, v in lags.items()}
+    return {
+        "label_limit": limit,
+        "fires_without": len(lags[False]),
+        "fires_with": len(lags[True]),
+        "scrapes": scraper.count,
+        "lag_p50_ms_without": round(percentile(lags[False], 0.5), 1),
+        "lag_p50_ms_with": round(percentile(lags[True], 0.5), 1),
+        "lag_p99_ms_without": round(p99[False], 1),
+        "lag_p99_ms_with": round(p99[True], 1),
+        "p99_ratio_with_over_without": round(p99[True] / p99[False], 3),
+        "window_p99_ms_without": window_p99[False],
+        "window_p99_ms_with": window_p99[True],
+        "median_window_p99_ratio": round(statistics.median(window_p99[True]) / statistics.median(window_p99[False]), 3),
+        "errors": scheduler.errors[:3],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--scrapes", type=int, default=20)
+    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--window-s", type=float, default=20)
+    parser.add_argument("--only", choices=["cost", "lag"])
+    parser.add_argument(
+        "--label-limits", default="10000,1000", help="HTTP_JOB_LABEL_LIMIT values to measure (comma-separated)"
+    )
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        url, server = start_redis(tmp)
+        try:
+            limits = [int(n) for n in args.label_limits.split(",")]
+            if args.only in (None, "cost"):
+                for limit in limits:
+                    for cache_s in (0.0, 2.0):
+                        result = cpu_per_scrape(url, tmp, args.jobs, args.scrapes, cache_s, limit)
+                        print(json.dumps(result), flush=True)
+            if args.only in (None, "lag"):
+                for limit in limits:
+                    result = lag_with_and_without_scrapes(url, tmp, args.windows, args.window_s, limit)
+                    print(json.dumps(result), flush=True)
+        finally:
+            server.terminate()
+            server.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
