@@ -368,7 +368,7 @@ def serve(settings: AppSettings, options: ServiceOptions) -> int:
 
 
 def _start_local_worker(settings: AppSettings) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "REDIS_URL": settings.redis.connection_url()}
+    env = {**os.environ, **settings.redis.child_env()}
     process = subprocess.Popen(
         [sys.executable, "-m", "run_worker", "--hostname", f"local@{os.uname().nodename}"],
         env=env,

@@ -17,6 +17,7 @@ from celery import Celery
 from kombu.entity import Exchange, Queue
 
 from shared.names import HEADER_JOB_ID
+from shared.redis import sentinel_options
 from shared.settings import AppSettings
 
 JSON_ONLY = ["json"]
@@ -88,6 +89,14 @@ def celery_config(settings: AppSettings, task_modules: Sequence[str] = ()) -> di
     if redis.uses_tls:
         config["broker_use_ssl"] = redis.ssl_options()
         config["redis_backend_use_ssl"] = redis.ssl_options()
+    if redis.uses_sentinel:
+        # kombu's and Celery's sentinel:// transport: the URL lists the Sentinels (with the
+        # master's password and database); the master's name and the Sentinels' own password
+        # and TLS travel here. Both ask the Sentinels again after a failover.
+        sentinel = {"master_name": redis.sentinel_master, "sentinel_kwargs": sentinel_options(redis)}
+        transport.update(sentinel)
+        if config["result_backend"].startswith("sentinel://"):
+            config["result_backend_transport_options"] = dict(sentinel)
     return config
 
 

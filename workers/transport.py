@@ -18,7 +18,12 @@ Workers select it with ``broker_transport`` (``workers.main.create_worker_app``)
    records it as unacknowledged (so that it comes back if the worker dies) in a second round
    trip. If Redis went away in between, the message existed only in this process, and was
    lost. Here it is kept and pushed back onto its queue as soon as a channel consumes again.
-3. **A poison message**: one list item that is not a kombu message (not JSON, not an object,
+3. **Sentinel**: :class:`SentinelTransport` is kombu's ``sentinel://`` transport with the same
+   channel. kombu's Sentinel channel reads the list of Sentinels from ``transport.client`` too
+   (``client.alt``), so it is built from the channel's own connection the same way, and every
+   pool it makes asks the Sentinels for the master: after a failover the consumer's reconnect
+   lands on the promoted replica.
+4. **A poison message**: one list item that is not a kombu message (not JSON, not an object,
    no ``properties``, a body that cannot be decoded) raised out of the event loop and ended
    the worker. Here it is set aside (:func:`workers.poison.set_aside`) and the worker goes on.
 """
@@ -27,19 +32,24 @@ from __future__ import annotations
 
 import threading
 from queue import Empty
+from time import monotonic
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from loguru import logger
 
+from shared.sentinel import master_moved, refused
 from workers.poison import PoisonSink
 
 KEY_PREFIX_OPTION = "chronoq_key_prefix"
 """Transport option naming chronoq's key prefix, for the dead-letter list and the counter."""
+SENTINEL_CHECK_OPTION = "chronoq_sentinel_check_s"
+"""Transport option: seconds between two questions to the Sentinels (``REDIS_SENTINEL_CHECK_S``)."""
 
-_swap = threading.Lock()
+_swap = threading.RLock()  # re-entered: the Sentinel pool builds its parameters inside the swap
 _orphans: list[tuple[str, bytes]] = []
 """(list key, raw item): messages taken off a queue but never recorded as unacknowledged."""
 _orphans_lock = threading.Lock()
@@ -55,15 +65,19 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._poison = PoisonSink(self.chronoq_key_prefix)
 
     def _connparams(self, asynchronous: bool = False) -> Any:
+        return self._attached(super()._connparams, asynchronous=asynchronous)
+
+    def _attached(self, method: Any, **kwargs: Any) -> Any:
+        """``method(**kwargs)``, which reads ``transport.client``, run with the connection this
+        channel was opened with when the transport was detached from it (see the module
+        docstring)."""
         transport = self.connection
         if transport.client is not None or self._conninfo is None:
-            return super()._connparams(asynchronous=asynchronous)
-        # The transport was detached from its connection (see the module docstring): build the
-        # parameters from the connection this channel was opened with.
+            return method(**kwargs)
         with _swap:
             transport.client = self._conninfo
             try:
-                return super()._connparams(asynchronous=asynchronous)
+                return method(**kwargs)
             finally:
                 transport.client = None
 
@@ -76,6 +90,14 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
+            except redis.ResponseError as exc:
+                # BRPOP is a write: a master fenced by min-replicas-to-write (as for a planned
+                # failover) refuses it. Reconnect as after a dropped connection, asking the
+                # Sentinels again, instead of ending the consumer.
+                if not refused(exc):
+                    raise
+                self.client.connection.disconnect()
+                raise redis.ConnectionError(f"the master refuses writes: {exc}") from exc
             if not dest__item:
                 raise Empty()
             list_key, item = bytes_to_str(dest__item[0]), dest__item[1]
@@ -148,3 +170,40 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):  # type: ignore[misc]
+    """kombu's Sentinel channel with the fixes of :class:`Channel` (method order: ours first)."""
+
+    from_transport_options = tuple(  # type: ignore[assignment]
+        dict.fromkeys(
+            (
+                *Channel.from_transport_options,
+                *kombu_redis.SentinelChannel.from_transport_options,
+                SENTINEL_CHECK_OPTION,
+            )
+        )
+    )
+
+    chronoq_sentinel_check_s = 0.5
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        return self._attached(super()._sentinel_managed_pool, asynchronous=asynchronous)
+
+    def _brpop_start(self, timeout: Any = None) -> Any:
+        # The consuming connection is kept for good and opened once: after a graceful failover
+        # it would go on taking messages from the old master (still up, see shared.sentinel).
+        # Between two polls, at most every chronoq_sentinel_check_s, ask the Sentinels; if the master
+        # moved, fail like a dropped connection so the consumer reconnects to the new one.
+        now = monotonic()
+        if now >= getattr(self, "_next_master_check", 0.0):
+            self._next_master_check = now + self.chronoq_sentinel_check_s
+            if master_moved(self.client.connection_pool, self.client.connection):
+                logger.warning("the Redis master moved (Sentinel); reconnecting")
+                self.client.connection.disconnect()
+                raise redis.ConnectionError("the Redis master moved (Sentinel)")
+        return super()._brpop_start(timeout)
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):  # type: ignore[misc]
+    Channel = SentinelChannel
