@@ -22,6 +22,8 @@ from urllib.parse import unquote, urlsplit
 import redis
 import redis.asyncio
 from loguru import logger
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from shared.errors import ConfigError
 from shared.redis_checks import check_eviction, describe_failure, tls_warnings
@@ -52,6 +54,10 @@ def sentinel_options(settings: RedisSettings) -> dict[str, Any]:
     options: dict[str, Any] = {
         "socket_timeout": settings.socket_timeout_s,
         "socket_connect_timeout": settings.socket_connect_timeout_s,
+        # One try per Sentinel per question: redis-py asks each Sentinel in turn anyway, and
+        # every caller retries the whole question. Its default (10 tries with backoff per
+        # Sentinel) made a wrong REDIS_SENTINEL_PASSWORD take 11 s to report.
+        "retry": Retry(NoBackoff(), 0),
     }
     if settings.sentinel_password is not None:
         options["password"] = settings.sentinel_password.get_secret_value()
