@@ -96,7 +96,12 @@ def celery_config(settings: AppSettings, task_modules: Sequence[str] = ()) -> di
         sentinel = {"master_name": redis.sentinel_master, "sentinel_kwargs": sentinel_options(redis)}
         transport.update(sentinel)
         if config["result_backend"].startswith("sentinel://"):
-            config["result_backend_transport_options"] = dict(sentinel)
+            # Celery's Sentinel backend with chronoq's pool (see shared.sentinel.ResultBackend).
+            config["result_backend"] = f"shared.sentinel:ResultBackend+{config['result_backend']}"
+            config["result_backend_transport_options"] = {
+                **sentinel,
+                "chronoq_sentinel_check_s": redis.sentinel_check_s,
+            }
     return config
 
 

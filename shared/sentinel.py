@@ -24,6 +24,7 @@ from typing import Any
 
 import redis.asyncio.sentinel
 import redis.sentinel
+from celery.backends.redis import SentinelBackend
 
 
 class _Due:
@@ -164,3 +165,26 @@ def async_master(
         **options,
     )
     return client
+
+
+class ResultBackend(SentinelBackend):  # type: ignore[misc]
+    """Celery's Sentinel result backend with the pool and connections above: it follows the
+    master after a graceful failover and retries a write a fenced master refuses. (Celery's
+    own stays on the old master, whose refusals fail the task outside its body.) Selected by
+    ``result_backend = "shared.sentinel:ResultBackend+sentinel://..."``; the transport option
+    ``chronoq_sentinel_check_s`` is ``REDIS_SENTINEL_CHECK_S``."""
+
+    def _get_pool(self, **params: Any) -> Any:
+        sentinel = self._get_sentinel_instance(**params)
+        tls = isinstance(params.get("connection_class"), type) and issubclass(
+            params["connection_class"], redis.SSLConnection
+        )
+        credentials = {k: params[k] for k in ("username", "password") if k in params}
+        return sentinel.master_for(
+            self._transport_options.get("master_name"),
+            redis_class=self._get_client(),
+            connection_pool_class=FollowingPool,
+            connection_class=FencedSSLConnection if tls else FencedConnection,
+            check_s=self._transport_options.get("chronoq_sentinel_check_s", 0.5),
+            **credentials,
+        ).connection_pool

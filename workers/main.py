@@ -20,7 +20,7 @@ from shared.redis import preflight, resolve_redis
 from shared.settings import AppSettings
 from workers.hooks import install_worker_hooks
 from workers.supervisor import EX_SOFTWARE, supervise
-from workers.transport import KEY_PREFIX_OPTION, SENTINEL_CHECK_OPTION
+from workers.transport import KEY_PREFIX_OPTION, SENTINEL_CHECK_OPTION, SENTINELS_OPTION
 
 DEMO_TASK_MODULES = ("workers.tasks.demo",)
 TASK_BASE = "workers.runtime:ChronoqTask"
@@ -45,6 +45,7 @@ def create_worker_app(settings: AppSettings) -> Celery:
             **app.conf.broker_transport_options,
             KEY_PREFIX_OPTION: settings.redis.key_prefix,
             SENTINEL_CHECK_OPTION: settings.redis.sentinel_check_s,
+            SENTINELS_OPTION: tuple(settings.redis.sentinels),
         },
         # Wait for Redis for as long as it takes (Celery's default gives up after 100 tries).
         broker_connection_max_retries=None,
@@ -53,6 +54,9 @@ def create_worker_app(settings: AppSettings) -> Celery:
         # and the run lease turns that copy away (the fire succeeded, or is still running).
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
+    if settings.redis.uses_sentinel:
+        # One URL: the Sentinels travel in SENTINELS_OPTION (see workers.transport.SentinelChannel).
+        app.conf.broker_url = settings.broker_url().split(";", 1)[0]
     return app
 
 

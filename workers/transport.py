@@ -36,6 +36,7 @@ from time import monotonic
 from typing import Any
 
 import redis
+import redis.sentinel
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
@@ -46,6 +47,8 @@ from workers.poison import PoisonSink
 
 KEY_PREFIX_OPTION = "chronoq_key_prefix"
 """Transport option naming chronoq's key prefix, for the dead-letter list and the counter."""
+SENTINELS_OPTION = "chronoq_sentinels"
+"""Transport option: the Sentinels (``host:port``), so that the broker URL names only one."""
 SENTINEL_CHECK_OPTION = "chronoq_sentinel_check_s"
 """Transport option: seconds between two questions to the Sentinels (``REDIS_SENTINEL_CHECK_S``)."""
 
@@ -107,11 +110,18 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             if message is not None:
                 try:
                     self.connection._deliver(message, dest)
-                except self.connection_errors:
+                except (*self.connection_errors, redis.ResponseError) as exc:
+                    # A master fenced by min-replicas-to-write (a planned failover) refuses
+                    # the write that records the message as unacknowledged: the same loss.
+                    if isinstance(exc, redis.ResponseError) and not refused(exc):
+                        raise
                     if message["properties"]["delivery_tag"] not in self.qos._delivered:
                         with _orphans_lock:
                             _orphans.append((list_key, item))
                         logger.warning("message taken as Redis went away, kept to re-queue queue={}", dest)
+                    if isinstance(exc, redis.ResponseError):
+                        self.client.connection.disconnect()
+                        raise redis.ConnectionError(f"the master refuses writes: {exc}") from exc
                     raise
             return True
         finally:
@@ -181,14 +191,43 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):  # type: ignore[mis
                 *Channel.from_transport_options,
                 *kombu_redis.SentinelChannel.from_transport_options,
                 SENTINEL_CHECK_OPTION,
+                SENTINELS_OPTION,
             )
         )
     )
 
     chronoq_sentinel_check_s = 0.5
 
+    chronoq_sentinels: tuple[str, ...] = ()
+
     def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
-        return self._attached(super()._sentinel_managed_pool, asynchronous=asynchronous)
+        return self._attached(self._master_pool, asynchronous=asynchronous)
+
+    def _master_pool(self, asynchronous: bool = False) -> Any:
+        """kombu's ``_sentinel_managed_pool`` with the Sentinels from the transport option
+        ``chronoq_sentinels`` instead of the broker URL's ``;``-separated list: given such a
+        list, kombu's reconnect walks it as fail-over URLs, and each one it switches to is
+        opened with the URL's own transport (kombu's ``sentinel://``), not this one, and so
+        without the fixes above (a message kept as Redis went away was never re-queued)."""
+        if not self.chronoq_sentinels:
+            return super()._sentinel_managed_pool(asynchronous=asynchronous)
+        params = {k: v for k, v in self._connparams(asynchronous).items() if k not in ("host", "port")}
+        hosts = [(host, int(port)) for host, _, port in (entry.rpartition(":") for entry in self.chronoq_sentinels)]
+        manager = redis.sentinel.Sentinel(
+            hosts,
+            min_other_sentinels=getattr(self, "min_other_sentinels", 0),
+            sentinel_kwargs=getattr(self, "sentinel_kwargs", None),
+            **params,
+        )
+        if asynchronous:
+            self._async_sentinel_manager = manager
+        else:
+            self._sentinel_manager = manager
+        credentials = {k: params[k] for k in ("username", "password") if k in params}
+        master_name = getattr(self, "master_name", None)
+        if master_name is None:
+            raise ValueError("'master_name' transport option must be specified.")
+        return manager.master_for(master_name, redis.Redis, **credentials).connection_pool
 
     def _brpop_start(self, timeout: Any = None) -> Any:
         # The consuming connection is kept for good and opened once: after a graceful failover

@@ -140,21 +140,29 @@ def epoch(stamp: str) -> float:
 
 def account(master: RedisProcess, ledger: RedisProcess, settings: AppSettings, since: float) -> dict[str, Any]:
     """Per nominal fire from ``since`` to the newest record of each job: gaps, unrecorded runs,
-    duplicates, dispatched fires that never ran, and the outcomes."""
+    duplicates, dispatched fires that never ran, and the outcomes. A run is matched to its
+    fire by task id (derived from job and nominal time), else by its headers."""
     keys = RedisKeys(settings.redis.key_prefix)
     with ledger.client() as client:
-        runs = Counter((e["job_id"], epoch(e["scheduled_at"])) for e in read_ledger(client) if e["event"] == "start")
+        starts = [e for e in read_ledger(client) if e["event"] == "start"]
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    by_fire: Counter[tuple[str, float]] = Counter()
+    for entry in starts:
+        by_task.setdefault(entry["task_id"], []).append(entry)
+        by_fire[(entry["job_id"], epoch(entry["scheduled_at"]))] += 1
     counts: Counter[str] = Counter()
     where: dict[str, list[str]] = {}
     with master.client() as client:
         for job in JOBS:
             job_id = str(job["id"])
             stamps = [str(s) for s in client.lrange(keys.history(job_id), 0, -1)]
-            records = {epoch(s): str(client.hget(keys.fire(job_id, s), "outcome")) for s in stamps}
-            last = max(records)
+            records = {epoch(s): client.hgetall(keys.fire(job_id, s)) for s in stamps}
             t = since - since % 0.5 + 0.5
-            while t <= last:
-                outcome, ran = records.get(t), runs.get((job_id, t), 0)
+            while t <= max(records):
+                record = records.get(t)
+                outcome = record.get("outcome") if record else None
+                task_id = record.get("task_id") if record else None
+                ran = len(by_task.get(task_id, [])) if task_id else by_fire.get((job_id, t), 0)
                 counts["fires"] += 1
                 counts[outcome or "no record"] += 1
                 problem = None
@@ -168,7 +176,8 @@ def account(master: RedisProcess, ledger: RedisProcess, settings: AppSettings, s
                     problem = "dispatched, never ran"
                 if problem:
                     counts[problem] += 1
-                    where.setdefault(problem, []).append(f"{job_id}@{t:.1f}")
+                    runs = [f"{e['pid']}@{e['ms']}" for e in by_task.get(task_id or "", [])]
+                    where.setdefault(problem, []).append(f"{job_id}@{t:.1f} task={str(task_id)[:8]} runs={runs}")
                 t += 0.5
     return {"counts": counts, "where": where}
 
@@ -286,7 +295,7 @@ def test_plain_sentinel_failover_loses_only_its_window(
     assert counts["missed"] == 0, result
     window = (at - 1.0, promoted + 2 * 0.5 + 1.0)  # up to the clients' next check, plus a batch
     for problem in ("gaps", "unrecorded", "duplicates", "dispatched, never ran"):
-        outside = [f for f in where.get(problem, []) if not window[0] <= float(f.split("@")[1]) <= window[1]]
+        outside = [f for f in where.get(problem, []) if not window[0] <= float(f.split("@")[1].split()[0]) <= window[1]]
         assert outside == [], f"{problem} outside the failover window {window}: {outside}"
 
 

@@ -8,12 +8,12 @@ import os
 import pytest
 import redis
 
-from shared.celery_app import celery_config
+from shared.celery_app import celery_config, create_celery_app
 from shared.errors import ConfigError, RedisAuthError, RedisUnavailableError
 from shared.redaction import redact_url
 from shared.redis import create_async_redis, create_redis, sentinel_options
 from shared.redis_checks import describe_failure
-from shared.sentinel import AsyncFollowingPool, FencedConnection, FollowingPool, refused
+from shared.sentinel import AsyncFollowingPool, FencedConnection, FollowingPool, ResultBackend, refused
 from shared.settings import AppSettings
 
 SENTINELS = {
@@ -85,13 +85,22 @@ def test_inconsistent_sentinel_settings_are_one_line_naming_them(
 def test_celery_uses_the_sentinel_transport_for_broker_and_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load(monkeypatch, **SENTINELS)
     config = celery_config(settings)
-    assert config["broker_url"].startswith("sentinel://") and config["result_backend"].startswith("sentinel://")
+    assert config["broker_url"].startswith("sentinel://")
+    assert config["result_backend"] == f"shared.sentinel:ResultBackend+{config['broker_url']}"
     transport = config["broker_transport_options"]
     assert transport["master_name"] == "mymaster"
     assert transport["sentinel_kwargs"]["password"] == "sentinel-secret-1"
     assert transport["visibility_timeout"] == settings.celery.visibility_timeout_s  # the rest is kept
     backend = config["result_backend_transport_options"]
-    assert backend == {"master_name": "mymaster", "sentinel_kwargs": transport["sentinel_kwargs"]}
+    assert backend == {
+        "master_name": "mymaster",
+        "sentinel_kwargs": transport["sentinel_kwargs"],
+        "chronoq_sentinel_check_s": 0.5,
+    }
+    app = create_celery_app(settings)
+    assert type(app.backend) is ResultBackend and app.backend.url == config["broker_url"]
+    pool = app.backend.client.connection_pool
+    assert isinstance(pool, FollowingPool) and pool.connection_class is FencedConnection
     assert "broker_use_ssl" not in config
 
 
@@ -153,3 +162,21 @@ def test_a_fenced_master_reads_as_a_lost_connection() -> None:
     )
     assert not refused(redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"))
     assert not refused(redis.ConnectionError("NOREPLICAS"))
+
+
+def test_the_worker_keeps_its_transport_across_reconnects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's broker URL names one Sentinel (a list would make kombu's reconnect switch
+    to its own sentinel:// transport, without chronoq's fixes); the Sentinels travel in a
+    transport option its channel reads."""
+    from workers.main import create_worker_app
+    from workers.transport import SENTINELS_OPTION, SentinelChannel
+
+    settings = load(monkeypatch, **SENTINELS)
+    app = create_worker_app(settings)
+    assert app.conf.broker_url == "sentinel://:data-secret-2@s1:26379/0"
+    assert app.conf.broker_transport == "workers.transport:SentinelTransport"
+    options = app.conf.broker_transport_options
+    assert options[SENTINELS_OPTION] == ("s1:26379", "s2:26380", "s3:26381")
+    assert options["master_name"] == "mymaster"
+    assert SENTINELS_OPTION in SentinelChannel.from_transport_options
+    assert "master_name" in SentinelChannel.from_transport_options
