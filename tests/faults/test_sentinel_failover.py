@@ -196,7 +196,7 @@ def run_failover(
     ledger = redis_process(appendonly=False)
     settings = sentinel_settings(sentinel_group, namespace)
     env = fault_env(ledger)
-    start_worker(settings, "--pool", "threads", "--concurrency", "8", extra_env=env)
+    worker = start_worker(settings, "--pool", "threads", "--concurrency", "8", extra_env=env)
     (scheduler,) = start_scheduler(settings, write_jobs(tmp_path / "jobs.yaml", JOBS), extra_env=env)
     with ledger.client() as ledger_client:
         wait_for(lambda: len(read_ledger(ledger_client)) >= 80, 30, "the jobs to run")
@@ -225,7 +225,15 @@ def run_failover(
             30,
             "the worker to finish the queued fires",
         )
-    return account(new, ledger, settings, began), probe.lost(new), at, promoted, flowing
+    result = account(new, ledger, settings, began)
+    # For a failure message: what the worker said about each fire run twice or never.
+    tasks = {
+        f.split("task=")[1].split()[0]
+        for p in ("duplicates", "dispatched, never ran")
+        for f in result["where"].get(p, [])
+    }
+    result["worker log"] = [line[:300] for line in worker.log().splitlines() if any(t in line for t in tasks)]
+    return result, probe.lost(new), at, promoted, flowing
 
 
 def report(name: str, result: dict[str, Any], lost: list[float], at: float, promoted: float, flowing: float) -> None:
@@ -234,6 +242,8 @@ def report(name: str, result: dict[str, Any], lost: list[float], at: float, prom
         f"\n{name}: promoted after {promoted - at:.2f} s, fires ran again after {flowing - at:.2f} s; "
         f"probe: {len(lost)} acknowledged writes lost ({window}); {dict(result['counts'])}; {result['where']}"
     )
+    for line in result["worker log"]:
+        print(f"  worker: {line}")
 
 
 def test_sigkill_of_the_master_under_load(
