@@ -59,14 +59,6 @@ def celery_config(settings: AppSettings, task_modules: Sequence[str] = ()) -> di
         "task_time_limit": celery.task_time_limit_s,
         "task_soft_time_limit": celery.task_soft_time_limit_s,
         "result_expires": celery.result_expires_s,
-        # A result (or STARTED) stored while Redis restarts or fails over to a replica is
-        # retried for about 15 s (0.1 s doubling to 1 s) instead of failing the task outside
-        # its body: that left the fire unrecorded, its lease lapsed, and its message, whose
-        # ack was lost too, ran a second time after the visibility timeout.
-        "result_backend_always_retry": True,
-        "result_backend_max_retries": 20,
-        "result_backend_base_sleep_between_retries_ms": 100,
-        "result_backend_max_sleep_between_retries_ms": 1000,
         "result_extended": True,
         # STARTED is stored by chronoq's task base class once the run lease admitted the
         # delivery (workers/runtime.py). Celery's own tracking stores it before any task code
@@ -103,6 +95,17 @@ def celery_config(settings: AppSettings, task_modules: Sequence[str] = ()) -> di
         # and TLS travel here. Both ask the Sentinels again after a failover.
         sentinel = {"master_name": redis.sentinel_master, "sentinel_kwargs": sentinel_options(redis)}
         transport.update(sentinel)
+        # A result (or STARTED) stored while the master is down or moving is retried for about
+        # 5.5 s (0.1 s doubling to 1 s; a failover takes 2-4 s) instead of failing the task
+        # outside its body: that left the fire unrecorded, its lease lapsed, and its message,
+        # whose ack was lost too, ran a second time after the visibility timeout. Bounded so a
+        # pool process is not held near a short hard time limit.
+        config.update(
+            result_backend_always_retry=True,
+            result_backend_max_retries=8,
+            result_backend_base_sleep_between_retries_ms=100,
+            result_backend_max_sleep_between_retries_ms=1000,
+        )
         if config["result_backend"].startswith("sentinel://"):
             # Celery's Sentinel backend with chronoq's pool (see shared.sentinel.ResultBackend).
             config["result_backend"] = f"shared.sentinel:ResultBackend+{config['result_backend']}"

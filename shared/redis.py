@@ -14,9 +14,9 @@ so the caller's own retry reaches the promoted replica without a restart.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -29,8 +29,6 @@ from shared.errors import ConfigError
 from shared.redis_checks import check_eviction, describe_failure, tls_warnings
 from shared.sentinel import async_master, sync_master
 from shared.settings import AppSettings, RedisSettings
-
-T = TypeVar("T")
 
 
 def client_options(settings: RedisSettings) -> dict[str, Any]:
@@ -166,23 +164,6 @@ def preflight(settings: AppSettings, *, result_backend: bool = True) -> str | No
         raise describe_failure(exc, settings.broker_url(), settings.redis) from None
     finally:
         client.close()
-
-
-def retrying(call: Callable[[], T], within_s: float, what: str) -> T:
-    """``call()``, tried again every 0.25-1 s on a lost or timed-out connection (Redis
-    restarting, or failing over to a replica) for up to ``within_s``; then the error is raised.
-    Blocking: for threads and pool processes, never the event loop."""
-    deadline = time.monotonic() + within_s
-    delay = 0.25
-    while True:
-        try:
-            return call()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if time.monotonic() + delay > deadline:
-                raise
-            logger.warning("{} failed ({}); retrying in {:.2f}s", what, exc, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
 
 
 def raise_if_cancelling() -> None:

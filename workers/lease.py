@@ -36,7 +36,7 @@ from loguru import logger
 
 from shared.fleet import FireLedger, Outcome
 from shared.names import HEADER_JOB_ID, HEADER_SCHEDULED_AT, RedisKeys
-from shared.redis import create_redis, retrying
+from shared.redis import create_redis
 from shared.settings import AppSettings
 from workers.heartbeat import Heartbeat
 from workers.keeper import Held, LeaseKeeper
@@ -46,8 +46,6 @@ _RECEIVED_MAX = 10_000
 DEFER_MIN_S = 1.0
 """A deferred duplicate comes back at least this late."""
 DEFER_SLACK_S = 0.5
-FINISH_RETRY_S = 15.0
-"""How long an outcome is retried through a Redis outage (a Sentinel failover takes 2-4 s)."""
 """... and this long after the holder's lease ends, so it finds it lapsed."""
 
 
@@ -328,22 +326,18 @@ class WorkerFleet:
         if fire is None:
             return
         job_id, scheduled_at = fire
-        finish = partial(
-            self.ledger.finish,
-            job_id,
-            scheduled_at,
-            task_id,
-            outcome,
-            error,
-            worker=self.hostname,
-            runner=lease.runner,
-            attempt=lease.attempt,
-            retry_lapse_ms=retry_lapse_ms,
-        )
         try:
-            # Through a Redis restart or failover: unrecorded, the fire's message comes back
-            # after the visibility timeout and, its lease lapsed, runs a second time.
-            verdict, current = retrying(finish, FINISH_RETRY_S, f"recording the outcome of job_id={job_id}")
+            verdict, current = self.ledger.finish(
+                job_id,
+                scheduled_at,
+                task_id,
+                outcome,
+                error,
+                worker=self.hostname,
+                runner=lease.runner,
+                attempt=lease.attempt,
+                retry_lapse_ms=retry_lapse_ms,
+            )
         except redis.RedisError as exc:
             logger.error("fire outcome not recorded job_id={} outcome={}: {}", job_id, outcome.value, exc)
             return
