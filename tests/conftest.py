@@ -154,10 +154,21 @@ def settings_env(settings: AppSettings) -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith(("REDIS_", "CELERY_", "WORKER_", "LOG_", "SCHEDULER_", "HTTP_"))
     }
+    redis_settings = settings.redis
+    if redis_settings.uses_sentinel:
+        env.update(
+            REDIS_SENTINELS=",".join(redis_settings.sentinels),
+            REDIS_SENTINEL_MASTER=str(redis_settings.sentinel_master),
+        )
+        if redis_settings.sentinel_password is not None:
+            env["REDIS_SENTINEL_PASSWORD"] = redis_settings.sentinel_password.get_secret_value()
+        if redis_settings.password is not None:
+            env["REDIS_PASSWORD"] = redis_settings.password.get_secret_value()
+    else:
+        env["REDIS_URL"] = redis_settings.connection_url()
     env.update(
         APP_ENV="test",
         PYTHONUNBUFFERED="1",
-        REDIS_URL=settings.redis.connection_url(),
         REDIS_KEY_PREFIX=settings.redis.key_prefix,
         CELERY_CRON_QUEUE=settings.celery.cron_queue,
         CELERY_DEFAULT_QUEUE=settings.celery.default_queue,

@@ -21,7 +21,7 @@ from shared.settings import AppSettings
 from workers.hooks import install_worker_hooks
 from workers.supervisor import EX_SOFTWARE, supervise
 from workers.timers import TimerCompaction
-from workers.transport import KEY_PREFIX_OPTION
+from workers.transport import KEY_PREFIX_OPTION, SENTINEL_CHECK_OPTION, SENTINELS_OPTION
 
 DEMO_TASK_MODULES = ("workers.tasks.demo",)
 TASK_BASE = "workers.runtime:ChronoqTask"
@@ -38,11 +38,15 @@ def create_worker_app(settings: AppSettings) -> Celery:
     app.conf.update(
         # kombu's redis transport and Celery's consumer, with the reconnect race and poison
         # messages closed, no body in any log, and reconnects a second apart (see each module).
-        broker_transport="workers.transport:Transport",
+        broker_transport=(
+            "workers.transport:SentinelTransport" if settings.redis.uses_sentinel else "workers.transport:Transport"
+        ),
         worker_consumer="workers.consumer:Consumer",
         broker_transport_options={
             **app.conf.broker_transport_options,
             KEY_PREFIX_OPTION: settings.redis.key_prefix,
+            SENTINEL_CHECK_OPTION: settings.redis.sentinel_check_s,
+            SENTINELS_OPTION: tuple(settings.redis.sentinels),
         },
         # Wait for Redis for as long as it takes (Celery's default gives up after 100 tries).
         broker_connection_max_retries=None,
@@ -52,6 +56,9 @@ def create_worker_app(settings: AppSettings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     app.steps["worker"].add(TimerCompaction)
+    if settings.redis.uses_sentinel:
+        # One URL: the Sentinels travel in SENTINELS_OPTION (see workers.transport.SentinelChannel).
+        app.conf.broker_url = settings.broker_url().split(";", 1)[0]
     return app
 
 
@@ -104,7 +111,7 @@ def main(settings: AppSettings, child_command: Sequence[str] | None = None) -> i
                 raise ModuleNotFoundError(f"No module named {module!r}", name=module)
         # The child finds the same Redis, embedded here or not; everything else it reads from
         # the same environment and command line.
-        env = {**os.environ, "REDIS_URL": settings.redis.connection_url()}
+        env = {**os.environ, **settings.redis.child_env()}
         return supervise(child_command, env)
 
 

@@ -18,7 +18,12 @@ Workers select it with ``broker_transport`` (``workers.main.create_worker_app``)
    records it as unacknowledged (so that it comes back if the worker dies) in a second round
    trip. If Redis went away in between, the message existed only in this process, and was
    lost. Here it is kept and pushed back onto its queue as soon as a channel consumes again.
-3. **A poison message**: one list item that is not a kombu message (not JSON, not an object,
+3. **Sentinel**: :class:`SentinelTransport` is kombu's ``sentinel://`` transport with the same
+   channel. kombu's Sentinel channel reads the list of Sentinels from ``transport.client`` too
+   (``client.alt``), so it is built from the channel's own connection the same way, and every
+   pool it makes asks the Sentinels for the master: after a failover the consumer's reconnect
+   lands on the promoted replica.
+4. **A poison message**: one list item that is not a kombu message (not JSON, not an object,
    no ``properties``, a body that cannot be decoded) raised out of the event loop and ended
    the worker. Here it is set aside (:func:`workers.poison.set_aside`) and the worker goes on.
 """
@@ -27,19 +32,27 @@ from __future__ import annotations
 
 import threading
 from queue import Empty
+from time import monotonic
 from typing import Any
 
+import redis
+import redis.sentinel
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from loguru import logger
 
+from shared.sentinel import master_moved, refused
 from workers.poison import PoisonSink
 
 KEY_PREFIX_OPTION = "chronoq_key_prefix"
 """Transport option naming chronoq's key prefix, for the dead-letter list and the counter."""
+SENTINELS_OPTION = "chronoq_sentinels"
+"""Transport option: the Sentinels (``host:port``), so that the broker URL names only one."""
+SENTINEL_CHECK_OPTION = "chronoq_sentinel_check_s"
+"""Transport option: seconds between two questions to the Sentinels (``REDIS_SENTINEL_CHECK_S``)."""
 
-_swap = threading.Lock()
+_swap = threading.RLock()  # re-entered: the Sentinel pool builds its parameters inside the swap
 _orphans: list[tuple[str, bytes]] = []
 """(list key, raw item): messages taken off a queue but never recorded as unacknowledged."""
 _orphans_lock = threading.Lock()
@@ -55,15 +68,19 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._poison = PoisonSink(self.chronoq_key_prefix)
 
     def _connparams(self, asynchronous: bool = False) -> Any:
+        return self._attached(super()._connparams, asynchronous=asynchronous)
+
+    def _attached(self, method: Any, **kwargs: Any) -> Any:
+        """``method(**kwargs)``, which reads ``transport.client``, run with the connection this
+        channel was opened with when the transport was detached from it (see the module
+        docstring)."""
         transport = self.connection
         if transport.client is not None or self._conninfo is None:
-            return super()._connparams(asynchronous=asynchronous)
-        # The transport was detached from its connection (see the module docstring): build the
-        # parameters from the connection this channel was opened with.
+            return method(**kwargs)
         with _swap:
             transport.client = self._conninfo
             try:
-                return super()._connparams(asynchronous=asynchronous)
+                return method(**kwargs)
             finally:
                 transport.client = None
 
@@ -76,6 +93,14 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
+            except redis.ResponseError as exc:
+                # BRPOP is a write: a master fenced by min-replicas-to-write (as for a planned
+                # failover) refuses it. Reconnect as after a dropped connection, asking the
+                # Sentinels again, instead of ending the consumer.
+                if not refused(exc):
+                    raise
+                self.client.connection.disconnect()
+                raise redis.ConnectionError(f"the master refuses writes: {exc}") from exc
             if not dest__item:
                 raise Empty()
             list_key, item = bytes_to_str(dest__item[0]), dest__item[1]
@@ -85,11 +110,18 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             if message is not None:
                 try:
                     self.connection._deliver(message, dest)
-                except self.connection_errors:
+                except (*self.connection_errors, redis.ResponseError) as exc:
+                    # A master fenced by min-replicas-to-write (a planned failover) refuses
+                    # the write that records the message as unacknowledged: the same loss.
+                    if isinstance(exc, redis.ResponseError) and not refused(exc):
+                        raise
                     if message["properties"]["delivery_tag"] not in self.qos._delivered:
                         with _orphans_lock:
                             _orphans.append((list_key, item))
                         logger.warning("message taken as Redis went away, kept to re-queue queue={}", dest)
+                    if isinstance(exc, redis.ResponseError):
+                        self.client.connection.disconnect()
+                        raise redis.ConnectionError(f"the master refuses writes: {exc}") from exc
                     raise
             return True
         finally:
@@ -148,3 +180,69 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):  # type: ignore[misc]
+    """kombu's Sentinel channel with the fixes of :class:`Channel` (method order: ours first)."""
+
+    from_transport_options = tuple(  # type: ignore[assignment]
+        dict.fromkeys(
+            (
+                *Channel.from_transport_options,
+                *kombu_redis.SentinelChannel.from_transport_options,
+                SENTINEL_CHECK_OPTION,
+                SENTINELS_OPTION,
+            )
+        )
+    )
+
+    chronoq_sentinel_check_s = 0.5
+
+    chronoq_sentinels: tuple[str, ...] = ()
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        return self._attached(self._master_pool, asynchronous=asynchronous)
+
+    def _master_pool(self, asynchronous: bool = False) -> Any:
+        """kombu's ``_sentinel_managed_pool`` with the Sentinels from the transport option
+        ``chronoq_sentinels`` instead of the broker URL's ``;``-separated list: given such a
+        list, kombu's reconnect walks it as fail-over URLs, and each one it switches to is
+        opened with the URL's own transport (kombu's ``sentinel://``), not this one, and so
+        without the fixes above (a message kept as Redis went away was never re-queued)."""
+        if not self.chronoq_sentinels:
+            return super()._sentinel_managed_pool(asynchronous=asynchronous)
+        params = {k: v for k, v in self._connparams(asynchronous).items() if k not in ("host", "port")}
+        hosts = [(host, int(port)) for host, _, port in (entry.rpartition(":") for entry in self.chronoq_sentinels)]
+        manager = redis.sentinel.Sentinel(
+            hosts,
+            min_other_sentinels=getattr(self, "min_other_sentinels", 0),
+            sentinel_kwargs=getattr(self, "sentinel_kwargs", None),
+            **params,
+        )
+        if asynchronous:
+            self._async_sentinel_manager = manager
+        else:
+            self._sentinel_manager = manager
+        credentials = {k: params[k] for k in ("username", "password") if k in params}
+        master_name = getattr(self, "master_name", None)
+        if master_name is None:
+            raise ValueError("'master_name' transport option must be specified.")
+        return manager.master_for(master_name, redis.Redis, **credentials).connection_pool
+
+    def _brpop_start(self, timeout: Any = None) -> Any:
+        # The consuming connection is kept for good and opened once: after a graceful failover
+        # it would go on taking messages from the old master (still up, see shared.sentinel).
+        # Between two polls, at most every chronoq_sentinel_check_s, ask the Sentinels; if the master
+        # moved, fail like a dropped connection so the consumer reconnects to the new one.
+        now = monotonic()
+        if now >= getattr(self, "_next_master_check", 0.0):
+            self._next_master_check = now + self.chronoq_sentinel_check_s
+            if master_moved(self.client.connection_pool, self.client.connection):
+                logger.warning("the Redis master moved (Sentinel); reconnecting")
+                self.client.connection.disconnect()
+                raise redis.ConnectionError("the Redis master moved (Sentinel)")
+        return super()._brpop_start(timeout)
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):  # type: ignore[misc]
+    Channel = SentinelChannel

