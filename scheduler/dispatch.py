@@ -246,7 +246,7 @@ class Dispatcher:
         to_send = [f for f in fires if f.outcome is Outcome.DISPATCHED and f.prepared is None]
         fresh = dict(zip(map(id, to_send), await self.preparer.encode(to_send, now), strict=True))
         intents = [f.prepared or fresh.get(id(f)) or f.intent(now, self.limits) for f in fires]
-        started = self.clock.monotonic()
+        sent_ts, started = self.clock.time(), self.clock.monotonic()  # a worker may receive one at once
         results = [str(r) for r in await self.ledger.decide(intents, self.owner)]
         done_ts = self.clock.time()
         self.log.record(fires, results, now)
@@ -254,7 +254,7 @@ class Dispatcher:
         if self.metrics is not None:
             self.metrics.observe_decide(fires, results, self.clock.monotonic() - started, done_ts)
         if self.events is not None:
-            await self._announce([f for f, r in zip(fires, results, strict=True) if r == Outcome.DISPATCHED], done_ts)
+            await self._announce([f for f, r in zip(fires, results, strict=True) if r == Outcome.DISPATCHED], sent_ts)
 
     async def _announce(self, fires: list[Fire], now_ts: float) -> None:
         """Celery's task-sent events for fires just published. Never raises a Redis error: the

@@ -236,11 +236,12 @@ class Operator:
         now = datetime.now(UTC)
         fire = plan_manual(spec, now, force=force)
         intent = fire.intent(now, self.limits, self._encode(fire, now))
+        sent_ts = time.time()  # before the publish: a worker may receive the task at once
         (result,) = await self.ledger.decide([intent], f"cli:{self.by}:{os.getpid()}")
         outcome = str(result)
         if outcome == Outcome.DISPATCHED and self.events is not None:
             try:
-                await self.events.publish([fire], time.time())
+                await self.events.publish([fire], sent_ts)
             except (redis.RedisError, OSError) as exc:  # the fire is out; the announcement is best effort
                 logger.warning("task-sent event not published: {}", exc)
         fire_hash = await self.client.hgetall(self.keys.fire(job_id, intent.scheduled_at))
