@@ -20,6 +20,8 @@ catch-up (or a follower's takeover) handles them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -56,6 +58,8 @@ DECIDE_LANES = 2
 """Past one batch of fires ready at once (a burst), they are decided in this many lanes at once,
 each for its own share of the jobs (so a job's fires stay in order): while Redis runs one
 lane's script, another lane's batch is built and sent. A steady stream is one call per turn."""
+ANNOUNCE_DEFER_MAX_S = 1.0
+"""Task-sent events wait at most this long for a burst of fires to be decided first."""
 LAST_DISPATCH_KEPT_S = 600.0
 """A job's last catch-up is remembered this long for the coalesce rule "overdue at the last
 catch-up" (then forgotten, so removed jobs leave nothing behind)."""
@@ -120,11 +124,18 @@ class Dispatcher:
         self._pending: list[Fire] = []
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._unannounced: deque[tuple[list[Fire], float]] = deque()
+        """Dispatched fires whose task-sent events are still to be published (off the decide path)."""
+        self._announce_wake = asyncio.Event()
+        self._announcer: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="chronoq-dispatch")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="chronoq-dispatch")
+        if self.events is not None:
+            self._announcer = loop.create_task(self._announce_loop(), name="chronoq-task-sent")
 
     # -- intake (on the event loop, never blocking) -------------------------------------------
 
@@ -254,7 +265,26 @@ class Dispatcher:
         if self.metrics is not None:
             self.metrics.observe_decide(fires, results, self.clock.monotonic() - started, done_ts)
         if self.events is not None:
-            await self._announce([f for f, r in zip(fires, results, strict=True) if r == Outcome.DISPATCHED], sent_ts)
+            dispatched = [f for f, r in zip(fires, results, strict=True) if r == Outcome.DISPATCHED]
+            if dispatched:
+                self._unannounced.append((dispatched, sent_ts))
+                self._announce_wake.set()
+
+    async def _announce_loop(self) -> None:
+        """Publishes the task-sent events of dispatched fires once nothing waits to be decided
+        (or :data:`ANNOUNCE_DEFER_MAX_S` later): a burst is published first, then announced."""
+        while True:
+            await self._announce_wake.wait()
+            self._announce_wake.clear()
+            deadline = self.clock.monotonic() + ANNOUNCE_DEFER_MAX_S
+            while (self._pending or not self._queue.empty()) and self.clock.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            await self._announce_waiting()
+
+    async def _announce_waiting(self) -> None:
+        while self._unannounced:
+            fires, sent_ts = self._unannounced.popleft()
+            await self._announce(fires, sent_ts)
 
     async def _announce(self, fires: list[Fire], now_ts: float) -> None:
         """Celery's task-sent events for fires just published. Never raises a Redis error: the
@@ -317,4 +347,9 @@ class Dispatcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task], timeout=2.0)
+        if self._announcer is not None:
+            self._announcer.cancel()
+            await asyncio.wait([self._announcer], timeout=1.0)
+            with contextlib.suppress(TimeoutError):  # best effort, as the events are
+                await asyncio.wait_for(self._announce_waiting(), 1.0)
         return finished

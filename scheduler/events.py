@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from scheduler.fires import Fire
+    from scheduler.specs import JobSpec
+
+JOB_CACHE_MAX = 100_000
+"""Jobs whose shared event fields are kept (then the cache starts over)."""
 
 
 class SentEvents:
@@ -48,6 +52,26 @@ class SentEvents:
         self.hostname = hostname or f"chronoq-scheduler-{os.getpid()}@{os.uname().nodename}"
         self.pid = os.getpid()
         self._clock = itertools.count(1)
+        self._jobs: dict[str, tuple[JobSpec, dict[str, Any]]] = {}
+        template = json.dumps(
+            {
+                "body": "\x00",
+                "content-encoding": "utf-8",
+                "content-type": "application/json",
+                "headers": {"hostname": self.hostname},
+                "properties": {
+                    "delivery_mode": 1,
+                    "delivery_info": {"exchange": self.exchange, "routing_key": "task.sent"},
+                    "priority": 0,
+                    "body_encoding": "base64",
+                    "delivery_tag": "\x01",
+                },
+            }
+        )
+        self._head, rest = template.split('"\\u0000"', 1)
+        self._head += '"'
+        self._middle, self._tail = rest.split('"\\u0001"', 1)
+        self._middle, self._tail = '"' + self._middle + '"', '"' + self._tail
 
     @classmethod
     def for_app(cls, app: Celery, client: redis.asyncio.Redis) -> SentEvents | None:
@@ -57,7 +81,7 @@ class SentEvents:
         db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
         return cls(client, db=db, exchange=app.conf.event_exchange)
 
-    def event(self, fire: Fire, now_ts: float) -> dict[str, Any]:
+    def event(self, fire: Fire, now_ts: float, offset: int | None = None) -> dict[str, Any]:
         """The event Celery's ``send_task`` would send for the fire's message."""
         job = fire.job
         expires_s = fire.expires_s(datetime.fromtimestamp(now_ts, UTC))
@@ -65,49 +89,49 @@ class SentEvents:
         return {
             "uuid": fire.task_id,
             "root_id": fire.task_id,
-            "parent_id": None,
-            "name": job.task,
-            "args": saferepr(tuple(job.args)),
-            "kwargs": saferepr(job.kwargs),
-            "retries": 0,
-            "eta": None,
+            **self._of_job(job),
             "expires": expires.isoformat() if expires else None,
-            "queue": job.queue,
-            "exchange": job.queue,
-            "routing_key": job.queue,
-            "hostname": self.hostname,
-            "utcoffset": utcoffset(),
-            "pid": self.pid,
+            "utcoffset": utcoffset() if offset is None else offset,
             "clock": next(self._clock),
             "timestamp": now_ts,
-            "type": "task-sent",
         }
 
-    def envelope(self, event: dict[str, Any]) -> str:
-        """kombu's message around ``event``, as its Redis transport PUBLISHes a fanout message."""
-        body = base64.b64encode(json.dumps(event).encode()).decode()
-        return json.dumps(
-            {
-                "body": body,
-                "content-encoding": "utf-8",
-                "content-type": "application/json",
-                "headers": {"hostname": self.hostname},
-                "properties": {
-                    "delivery_mode": 1,
-                    "delivery_info": {"exchange": self.exchange, "routing_key": "task.sent"},
-                    "priority": 0,
-                    "body_encoding": "base64",
-                    "delivery_tag": str(uuid.uuid4()),
-                },
+    def _of_job(self, job: JobSpec) -> dict[str, Any]:
+        """The fields every fire of ``job`` shares (``saferepr`` of its arguments costs ~15 µs)."""
+        cached = self._jobs.get(job.id)
+        if cached is None or cached[0] is not job:
+            if len(self._jobs) > JOB_CACHE_MAX:
+                self._jobs.clear()
+            fields = {
+                "parent_id": None,
+                "name": job.task,
+                "args": saferepr(tuple(job.args)),
+                "kwargs": saferepr(job.kwargs),
+                "retries": 0,
+                "eta": None,
+                "queue": job.queue,
+                "exchange": job.queue,
+                "routing_key": job.queue,
+                "hostname": self.hostname,
+                "pid": self.pid,
+                "type": "task-sent",
             }
-        )
+            cached = self._jobs[job.id] = (job, fields)
+        return cached[1]
+
+    def envelope(self, event: dict[str, Any]) -> str:
+        """kombu's message around ``event``, as its Redis transport PUBLISHes a fanout message
+        (the constant part is encoded once; the body is base64 and the tag hex: nothing to escape)."""
+        body = base64.b64encode(json.dumps(event).encode()).decode()
+        return f"{self._head}{body}{self._middle}{uuid.uuid4()}{self._tail}"
 
     async def publish(self, fires: Sequence[Fire], now_ts: float) -> int:
         """Announce ``fires`` (dispatched ones) in one round trip; returns how many."""
         if not fires:
             return 0
+        offset = utcoffset()
         async with self.client.pipeline(transaction=False) as pipe:
             for fire in fires:
-                pipe.publish(self.channel, self.envelope(self.event(fire, now_ts)))
+                pipe.publish(self.channel, self.envelope(self.event(fire, now_ts, offset)))
             await pipe.execute()
         return len(fires)
