@@ -178,8 +178,14 @@ class JobFeed:
             return
         current = self.manager.get(job_id)
         if current.source != API:
+            # A reload that raced the create (it read the file before this replica saw the API
+            # job): the stored API job wins here too, as on every replica that saw it first.
+            self.manager.replace(spec)
             logger.bind(job_id=job_id).error(
-                "API job refused: id {!r} is already used by {} on this replica", job_id, current.source
+                "{}: job {!r} refused: id is already used by an API job (version {}); the API job runs",
+                current.source,
+                job_id,
+                self.versions[job_id],
             )
         elif current != spec:
             self.manager.replace(spec)
