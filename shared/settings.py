@@ -281,6 +281,21 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
+class WebSettings(_Group):
+    """``chronoq web``: where the console listens and who may use it (README "Web console")."""
+
+    host: str = "127.0.0.1"
+    """Any address but loopback is refused unless ``token`` or ``username``+``password`` is set."""
+    port: int = Field(8765, ge=0, le=65535)
+    token: SecretStr | None = None
+    """Bearer token for ``/api/v1`` (pages accept it as the basic-auth password too)."""
+    username: str | None = None
+    password: SecretStr | None = None
+    """Basic auth for pages and the API, with ``username``."""
+    read_only: bool = False
+    """Refuse every change (403); pages hide the actions."""
+
+
 class AppSettings(BaseSettings):
     """All of chronoq's settings. Build with :meth:`load` (or directly in tests, with
     ``_env_file=None``)."""
@@ -301,6 +316,7 @@ class AppSettings(BaseSettings):
     scheduler: SchedulerSettings = SchedulerSettings()
     worker: WorkerSettings = WorkerSettings()
     log: LogSettings = LogSettings()
+    web: WebSettings = WebSettings()
 
     @field_validator("task_modules", mode="before")
     @classmethod
@@ -356,7 +372,7 @@ class AppSettings(BaseSettings):
         )
 
 
-_SECRET_FIELDS = {"url", "password", "broker_url", "result_backend"}
+_SECRET_FIELDS = {"url", "password", "broker_url", "result_backend", "token"}
 
 
 def describe_errors(exc: ValidationError) -> list[str]:

@@ -1,0 +1,116 @@
+"""What the API and the pages share: one Redis client and Celery app per console (created on
+first use, in the serving event loop, so a mounted console needs no lifespan hook), the
+operations of a request's user, and how chronoq's errors become HTTP statuses."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+
+from scheduler.api import AsyncClient
+from scheduler.jobops import JobOps
+from scheduler.operator import Operator
+from scheduler.specs import JobSpec
+from scheduler.triggers import next_fire_times
+from shared.errors import (
+    BackfillLimitError,
+    ChronoqError,
+    ConfigError,
+    OwnershipError,
+    RedisUnavailableError,
+    UnknownJobError,
+    VersionConflictError,
+)
+from shared.redaction import redact_text
+from shared.settings import AppSettings
+
+TIMELINE_MAX_FIRES = 2000
+"""Per job and per page: the timeline lists at most this many fires (its chart counts all)."""
+
+
+class Console:
+    """The state of one console app: settings and a lazily created client."""
+
+    def __init__(self, settings: AppSettings) -> None:
+        self.settings = settings
+        self._client: AsyncClient | None = None
+        self._lock = asyncio.Lock()
+
+    async def client(self) -> AsyncClient:
+        async with self._lock:
+            if self._client is None:
+                self._client = AsyncClient(self.settings, by="web")
+            return self._client
+
+    async def ops(self, by: str) -> JobOps:
+        """The one operations layer (as the CLI and the Python client), recorded as ``by``."""
+        return (await self.client()).ops_as(by)
+
+    async def operator(self) -> Operator:
+        return (await self.client()).ops.operator
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+def error_status(exc: BaseException) -> tuple[int, list[str]] | None:
+    """The HTTP status and message lines of an error an operation raised, or None when it is
+    not one of chronoq's (a bug: 500). Ownership is 409: the request conflicts with who owns
+    the job (403 means the caller may not act at all)."""
+    if isinstance(exc, ConfigError):  # JobSpecError too: one line per problem naming job and field
+        return 422, exc.problems
+    if isinstance(exc, UnknownJobError):
+        return 404, [str(exc)]
+    if isinstance(exc, VersionConflictError | OwnershipError):
+        return 409, [str(exc)]
+    if isinstance(exc, BackfillLimitError):
+        return 422, [str(exc)]
+    if isinstance(exc, RedisUnavailableError):
+        return 503, [redact_text(str(exc))]
+    if isinstance(exc, redis.RedisError | ConnectionError | TimeoutError):
+        return 503, [redact_text(f"redis unavailable: {exc}")]
+    if isinstance(exc, ChronoqError):
+        return 400, [str(exc)]
+    return None
+
+
+async def upcoming(operator: Operator, minutes: float, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Every registered job's fires of the next ``minutes`` (paused and disabled jobs left out:
+    they would not run), sorted by time, at most :data:`TIMELINE_MAX_FIRES` per job."""
+    now = now or datetime.now(UTC)
+    end = now + timedelta(minutes=minutes)
+    registry = await operator.control.jobs()
+    paused = await operator.control.paused()
+    fires: list[dict[str, Any]] = []
+    for job_id, entry in registry.items():
+        if job_id in paused:
+            continue
+        spec = JobSpec.model_validate(entry["spec"])
+        if not spec.enabled:
+            continue
+        after, count = now, 0
+        while count < TIMELINE_MAX_FIRES:
+            batch = [t for t in next_fire_times(spec, after, 60) if t <= end]
+            fires += [{"at": t.astimezone(UTC).isoformat(), "job": job_id, "task": spec.task} for t in batch]
+            count += len(batch)
+            if len(batch) < 60:
+                break
+            after = batch[-1]
+    fires.sort(key=lambda f: (f["at"], f["job"]))
+    return fires
+
+
+def histogram(fires: list[dict[str, Any]], now: datetime, minutes: int, buckets: int = 60) -> list[int]:
+    """Fires per bucket of ``minutes / buckets`` from ``now`` (the timeline's bar chart)."""
+    width = minutes * 60 / buckets
+    counts = [0] * buckets
+    for fire in fires:
+        index = int((datetime.fromisoformat(fire["at"]) - now).total_seconds() // width)
+        if 0 <= index < buckets:
+            counts[index] += 1
+    return counts
