@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
@@ -25,7 +26,15 @@ def create_app(settings: AppSettings) -> FastAPI:
     the first request; a mounted app needs no lifespan of its own."""
     console = Console(settings)
     guard = Guard(settings.web)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Served on its own. Mounted, the host's lifespan should await app.state.console.aclose().
+        yield
+        await console.aclose()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="chronoq",
         summary="Jobs, fires, workers and replicas of a chronoq fleet",
         version="1",

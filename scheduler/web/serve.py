@@ -72,7 +72,7 @@ def serve(settings: AppSettings, host: str, sock: socket.socket) -> int:
     logger.info("chronoq web console{} at http://{}:{}/ ({})", mode, shown, bound_port, auth)
     print(f"chronoq web: console at http://{shown}:{bound_port}/  API at http://{shown}:{bound_port}/api/v1/docs",
           flush=True)  # fmt: skip
-    config = uvicorn.Config(create_app(settings), log_config=None, access_log=False, lifespan="off")
+    config = uvicorn.Config(create_app(settings), log_config=None, access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     server.run(sockets=[sock])
     return 0
