@@ -127,10 +127,8 @@ class Guard:
         """Raises HTTPException 403 unless the form's token equals the cookie's and is signed
         by this console, and a browser's Origin (when sent) is this host."""
         origin = request.headers.get("origin")
-        if origin and origin != "null":
-            host = origin.split("://", 1)[-1]
-            if host != request.headers.get("host"):
-                raise HTTPException(403, f"CSRF: cross-origin form from {origin}: nothing changed")
+        if origin and origin.split("://", 1)[-1] != request.headers.get("host"):  # "null" too: an opaque origin
+            raise HTTPException(403, f"CSRF: cross-origin form from {origin}: nothing changed")
         cookie = request.cookies.get(CSRF_COOKIE, "")
         if not submitted or not cookie or not hmac.compare_digest(submitted, cookie) or not self.token_valid(cookie):
             raise HTTPException(403, "CSRF token missing or invalid (reload the page and try again): nothing changed")
