@@ -23,7 +23,8 @@ from celery import Celery
 
 from scheduler.encoder import MessageEncoder
 from scheduler.fires import Limits
-from scheduler.jobops import ApplyPlan, BackfillResult, JobOps, JobPage, TriggerResult
+from scheduler.jobmodels import ApplyPlan, BackfillResult, JobPage, TriggerResult
+from scheduler.jobops import JobOps
 from scheduler.jobstore import JobRecord
 from scheduler.message import TaskMessage
 from scheduler.operator import Operator

@@ -12,8 +12,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
 
-from scheduler.web import api_v1, pages
+from scheduler.web.api_v1 import router as api_router
 from scheduler.web.console import Console, error_status
+from scheduler.web.pages import router as pages_router
 from scheduler.web.security import Guard
 from shared.settings import AppSettings
 
@@ -44,8 +45,8 @@ def create_app(settings: AppSettings) -> FastAPI:
     )
     app.state.console = console
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.include_router(api_v1.router(console, guard))
-    app.include_router(pages.router(console, guard))
+    app.include_router(api_router(console, guard))
+    app.include_router(pages_router(console, guard))
 
     def is_api(request: Request) -> bool:
         return request.url.path.removeprefix(request.scope.get("root_path", "")).startswith("/api/")

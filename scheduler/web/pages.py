@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlencode
 
 import yaml
@@ -74,8 +74,8 @@ def router(console: Console, guard: Guard) -> APIRouter:
     async def jobs(request: Request) -> Response:
         user = guard.user(request)
         params = request.query_params
-        filters = {
-            "q": params.get("q", "").strip(),
+        search = params.get("q", "").strip()
+        filters: dict[str, Any] = {
             "source": params.get("source") or None,
             "queue": params.get("queue") or None,
             "paused": {"yes": True, "no": False}.get(params.get("paused", "")),
@@ -84,7 +84,7 @@ def router(console: Console, guard: Guard) -> APIRouter:
         if filters["source"] not in (None, "api", "file", "code"):
             filters["source"] = None
         try:
-            rows = await job_rows(console, user, **filters, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE)
+            rows = await job_rows(console, user, search, **filters, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE)
         except Exception as exc:
             return await failed(request, user, exc, title="Jobs")
         pages_total = max(1, -(-rows["total"] // PAGE_SIZE))
@@ -160,7 +160,9 @@ def router(console: Console, guard: Guard) -> APIRouter:
                 done = f"saved {job_id} (version {record.version})"
             else:
                 start, end = _when(job_id, form, "start"), _when(job_id, form, "end")
-                overlap = "sequential" if form.get("overlap") == "sequential" else "allow"
+                overlap: Literal["allow", "sequential"] = (
+                    "sequential" if form.get("overlap") == "sequential" else "allow"
+                )
                 result_b = await ops.backfill(job_id, start, end, overlap=overlap, note=note, dry_run=preview)
                 if preview:
                     context = await _job_context(console, user, job_id)

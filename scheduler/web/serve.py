@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import signal
 import socket
+from collections.abc import Iterator
 
 from loguru import logger
 
@@ -61,7 +64,7 @@ def serve(settings: AppSettings, host: str, sock: socket.socket) -> int:
     """Serve on the bound ``sock`` until SIGINT/SIGTERM; returns the exit code."""
     import uvicorn
 
-    from scheduler.web import create_app
+    from scheduler.web.app import create_app
 
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
@@ -73,6 +76,23 @@ def serve(settings: AppSettings, host: str, sock: socket.socket) -> int:
     print(f"chronoq web: console at http://{shown}:{bound_port}/  API at http://{shown}:{bound_port}/api/v1/docs",
           flush=True)  # fmt: skip
     config = uvicorn.Config(create_app(settings), log_config=None, access_log=False, lifespan="on")
-    server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+    _server_class()(config).run(sockets=[sock])
     return 0
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises SIGTERM/SIGINT once it has shut down, which ends the process
+            # before ``run_web`` releases the embedded Redis; stop and return instead.
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server

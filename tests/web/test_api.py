@@ -5,16 +5,29 @@ against what ``chronoq`` (its own process) says about the same fleet."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from shared.names import RedisKeys
 from shared.settings import AppSettings
-from tests.conftest import RedisServer, SchedulerProcess, chronoq, wait_for, write_jobs
-from tests.web.conftest import ConsoleProcess
+from tests.conftest import (
+    ROOT,
+    RedisServer,
+    SchedulerProcess,
+    chronoq,
+    free_port,
+    settings_env,
+    wait_for,
+    write_jobs,
+)
+from tests.web.conftest import ConsoleProcess, answers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -144,3 +157,28 @@ def test_backfill_preview_sends_nothing_and_the_real_one_sends_the_same_fires(
             json={**body, "start": (end - timedelta(days=3650)).isoformat(), "dry_run": True},
         )
         assert too_many.status_code == 422 and "file-hourly" in too_many.json()["error"]
+
+
+def test_run_scheduler_web_starts_the_console_and_stops_it(settings: AppSettings, tmp_path: Path) -> None:
+    """``make run`` is ``run_scheduler.py --web``: the console prints its URL, answers, and goes
+    away with the scheduler."""
+    port = free_port()
+    log_path = tmp_path / "run.log"
+    jobs = write_jobs(tmp_path / "jobs.yaml", [FILE_JOB])
+    with log_path.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "run_scheduler.py"), "--jobs", str(jobs), "--no-worker", "--web"],
+            cwd=ROOT,
+            env={**settings_env(settings), "WEB_PORT": str(port)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: f"console at {url}/" in log_path.read_text() or process.poll() is not None, 30, "the URL")
+        wait_for(lambda: answers(url), 15, "the console to answer")
+        assert httpx.get(f"{url}/api/v1/jobs/file-heartbeat", timeout=10).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, log_path.read_text()[-3000:]
+    assert not answers(url), "the console stopped with the scheduler"

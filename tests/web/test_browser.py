@@ -65,7 +65,7 @@ def text(browser: WebDriver, css: str) -> str:
 
 @pytest.fixture
 def fleet(settings: AppSettings, tmp_path: Path, start_scheduler: Any, start_worker: Any) -> SchedulerProcess:
-    jobs = [
+    jobs: list[dict[str, Any]] = [
         {"id": "orders-sync", "task": "demo.record_fire", "interval": 3600},
         {"id": "report-daily", "task": "demo.record_fire", "cron": "0 2 * * *"},
     ]
