@@ -11,12 +11,11 @@ failing one) so the pages have something to show. Needs Debian's ``chromium`` an
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+import httpx
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
@@ -28,13 +27,9 @@ CHROMIUM_FLAGS = (
 
 
 def api(url: str, method: str, path: str, body: dict[str, object]) -> None:
-    request = urllib.request.Request(
-        f"{url}/api/v1{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}, method=method
-    )
-    try:
-        urllib.request.urlopen(request, timeout=10).read()  # noqa: S310 (the console's own URL)
-    except urllib.error.HTTPError as exc:
-        print(f"{method} {path}: {exc.code} {exc.read()[:200]!r}")
+    response = httpx.request(method, f"{url}/api/v1{path}", json=body, timeout=10)
+    if response.status_code >= 400:
+        print(f"{method} {path}: {response.status_code} {response.text[:200]}")
 
 
 def seed(url: str) -> None:
