@@ -23,14 +23,14 @@ OUTCOME_CLASS = {
 }
 
 
-def runs_chart(history: list[dict[str, Any]], width: int = 600, height: int = 120) -> Markup:
+def runs_chart(history: list[dict[str, Any]], width: int = 1000, height: int = 150) -> Markup:
     """One bar per fire, oldest on the left: its height is the run's duration (a fire that did
     not run gets a short stub), its colour the outcome; hovering shows the details."""
     fires = list(reversed(history))
     if not fires:
         return Markup('<p class="muted">No fires recorded yet.</p>')
     longest = max([int(f.get("duration_ms", 0)) for f in fires] + [1])
-    slot = width / max(len(fires), 20)
+    slot = width / max(len(fires), 50)
     bars = []
     for i, fire in enumerate(fires):
         final = str(fire.get("final") or "?")
@@ -52,7 +52,7 @@ def runs_chart(history: list[dict[str, Any]], width: int = 600, height: int = 12
     )
 
 
-def timeline_chart(counts: list[int], now: datetime, minutes: int, width: int = 720, height: int = 140) -> Markup:
+def timeline_chart(counts: list[int], now: datetime, minutes: int, width: int = 1000, height: int = 170) -> Markup:
     """Fires per bucket over the next ``minutes``: a pile-up is a tall bar."""
     top = max([*counts, 1])
     slot = width / len(counts)
