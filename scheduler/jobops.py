@@ -131,26 +131,42 @@ class JobOps:
         limit: int = 100,
     ) -> JobPage:
         """Jobs sorted by id, filtered by source, paused, queue, id prefix and ``query`` (a
-        case-insensitive substring of id or task), one page (only its records are built)."""
-        registry, api = await self.operator.control.jobs(), await self.store.all_raw()
-        paused_flags, needle, matching = await self.operator.control.paused(), query.casefold(), []
-        for job_id in sorted(set(registry) | set(api)):
-            if not job_id.startswith(prefix) or (paused is not None and (job_id in paused_flags) != paused):
-                continue
-            spec = registry[job_id]["spec"] if job_id in registry else json.loads(api[job_id])["spec"]
-            kind = API if job_id in api else source_kind(str(spec.get("source", "code")))
-            if (source is not None and kind != source) or (queue is not None and spec.get("queue") != queue):
-                continue
-            if needle and needle not in job_id.casefold() and needle not in str(spec.get("task", "")).casefold():
-                continue
-            matching.append(job_id)
+        case-insensitive substring of id or task), one page. Only ids are read for the whole
+        fleet unless a filter needs the specs, and only the page's records are built."""
+        registry_ids = {str(k) for k in await self.client.hkeys(self.keys.jobs)}
+        api_ids = {str(k) for k in await self.client.hkeys(self.keys.api_jobs)}
+        paused_flags, needle = await self.operator.control.paused(), query.casefold()
+        ids = [job_id for job_id in sorted(registry_ids | api_ids) if job_id.startswith(prefix)
+               and (paused is None or (job_id in paused_flags) == paused) and (source != API or job_id in api_ids)]  # fmt: skip
+        if (source is not None and source != API) or queue is not None or needle:
+            ids = [job_id for job_id, raw in zip(ids, await self._raw_specs(ids, api_ids), strict=True)
+                   if self._matches(job_id, raw, job_id in api_ids, source, queue, needle)]  # fmt: skip
+        page = ids[offset : offset + limit]
         records = []
-        for job_id in matching[offset : offset + limit]:
+        for job_id, raw in zip(page, await self._raw_specs(page, api_ids), strict=True):
             entry = paused_flags.get(job_id)
             flags = {"paused": entry is not None, "paused_note": (entry or {}).get("note", "")}
-            records.append(JobRecord.model_validate({**json.loads(api[job_id]), **flags}) if job_id in api
-                           else self._registry_record(JobSpec.model_validate(registry[job_id]["spec"]), flags))  # fmt: skip
-        return JobPage(items=records, total=len(matching), offset=offset, limit=limit)
+            records.append(JobRecord.model_validate({**json.loads(raw), **flags}) if job_id in api_ids
+                           else self._registry_record(JobSpec.model_validate(json.loads(raw)["spec"]), flags))  # fmt: skip
+        return JobPage(items=records, total=len(ids), offset=offset, limit=limit)
+
+    async def _raw_specs(self, ids: Sequence[str], api_ids: set[str]) -> Sequence[str]:
+        """Each job's stored JSON: its API record, else its registry entry (both hold ``spec``)."""
+        api = [job_id for job_id in ids if job_id in api_ids]
+        other = [job_id for job_id in ids if job_id not in api_ids]
+        found = dict(zip(api, await self.client.hmget(self.keys.api_jobs, api), strict=True)) if api else {}
+        found |= dict(zip(other, await self.client.hmget(self.keys.jobs, other), strict=True)) if other else {}
+        return [str(found[job_id] or '{"spec": {}}') for job_id in ids]
+
+    @staticmethod
+    def _matches(job_id: str, raw: str, api: bool, source: str | None, queue: str | None, needle: str) -> bool:
+        if needle and needle not in job_id.casefold() and needle not in raw.casefold():
+            return False  # cheap: most jobs of a search are ruled out before parsing
+        spec = json.loads(raw)["spec"]
+        kind = API if api else source_kind(str(spec.get("source", "code")))
+        if (source is not None and kind != source) or (queue is not None and spec.get("queue") != queue):
+            return False
+        return not needle or needle in job_id.casefold() or needle in str(spec.get("task", "")).casefold()
 
     # -- changing API jobs ---------------------------------------------------------------
     def validate(self, document: dict[str, Any] | JobSpec) -> JobSpec:

@@ -95,7 +95,11 @@ class Operator:
         """:meth:`list_jobs` rows of ``job_ids`` (None: every job) in that order; ids the
         registry does not hold are left out (a page of the console reads only its rows)."""
         now = now or datetime.now(UTC)
-        registry = await self.control.jobs()
+        if job_ids is None:
+            registry = await self.control.jobs()
+        else:  # only these entries: a page of 50 costs the same with 10,000 jobs
+            found = await self.client.hmget(self.keys.jobs, job_ids) if job_ids else []
+            registry = {job_id: json.loads(raw) for job_id, raw in zip(job_ids, found, strict=True) if raw}
         paused = await self.control.paused()
         ids = sorted(registry) if job_ids is None else [job_id for job_id in job_ids if job_id in registry]
         async with self.client.pipeline(transaction=False) as pipe:
