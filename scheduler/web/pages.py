@@ -12,7 +12,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import yaml
 from fastapi import APIRouter, HTTPException, Request
@@ -68,7 +68,10 @@ def router(console: Console, guard: Guard) -> APIRouter:
         except Exception as exc:
             return await failed(request, user, exc, title="Overview")
         name = "overview_live.html" if partial(request) else "overview.html"
-        return render(request, user, name, title="Overview", status=status, audit=audit, stamp=_ms_time)
+        now_ms = int(datetime.now(UTC).timestamp() * 1000)
+        rates = _rates(request.query_params.get("prev", ""), now_ms, status["counters"])
+        return render(request, user, name, title="Overview", status=status, audit=audit, stamp=_ms_time,
+                      rates=rates, prev=json.dumps({"at_ms": now_ms, "counters": status["counters"]}))  # fmt: skip
 
     @pages.get("/jobs", response_class=HTMLResponse)
     async def jobs(request: Request) -> Response:
@@ -208,7 +211,7 @@ async def _job_context(console: Console, user: User, job_id: str) -> dict[str, A
 
 
 def _back(request: Request, job_id: str, done: str) -> Response:
-    return _redirect(request, f"/jobs/{job_id}", done)
+    return _redirect(request, f"/jobs/{quote(job_id, safe='')}", done)
 
 
 def _redirect(request: Request, path: str, done: str) -> Response:
@@ -273,3 +276,17 @@ def _parse_value(job_id: str, field: str, text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise JobSpecError(f"job {job_id!r}: {field}: not a YAML value: {exc}") from None
+
+
+def _rates(previous: str, now_ms: int, counters: dict[str, int]) -> dict[str, float]:
+    """Fires per minute per outcome since the counters the last refresh saw (the page carries
+    them: the console keeps no state). Empty on the first load or after a counter reset."""
+    try:
+        before = json.loads(previous) if previous else {}
+        elapsed_min = (now_ms - int(before["at_ms"])) / 60_000
+        old = {str(k): int(v) for k, v in before["counters"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
+    if not 0 < elapsed_min < 10 or any(counters.get(k, 0) < v for k, v in old.items()):
+        return {}
+    return {k: round((v - old.get(k, 0)) / elapsed_min, 1) for k, v in counters.items()}

@@ -4,6 +4,7 @@ parsing, the timeline's buckets and the charts' escaping."""
 from __future__ import annotations
 
 import base64
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -11,6 +12,7 @@ from pydantic import SecretStr
 
 from scheduler.web.charts import runs_chart, timeline_chart
 from scheduler.web.console import error_status, histogram
+from scheduler.web.pages import _rates
 from scheduler.web.security import Guard, _basic, bind_problem, is_loopback
 from shared.errors import (
     BackfillLimitError,
@@ -105,3 +107,16 @@ def test_charts_escape_text() -> None:
     assert "<script>" not in chart and "&lt;script&gt;" in chart and 'class="o-bad"' in chart
     assert "No fires" in runs_chart([])
     assert "peak 3 fires" in timeline_chart([0, 3, 1], datetime(2026, 12, 1, tzinfo=UTC), 3)
+
+
+def test_outcome_rates_from_the_counters_the_page_carried() -> None:
+    prev = json.dumps({"at_ms": 0, "counters": {"succeeded": 10, "failed": 1}})
+    assert _rates(prev, 30_000, {"succeeded": 40, "failed": 1, "missed": 2}) == {
+        "succeeded": 60.0,
+        "failed": 0.0,
+        "missed": 4.0,
+    }
+    assert _rates("", 30_000, {"succeeded": 1}) == {}, "first load: no rate yet"
+    assert _rates(prev, 30_000, {"succeeded": 3}) == {}, "counters went back (data loss): no rate"
+    assert _rates("{not json", 30_000, {}) == {} and _rates('{"at_ms": "x"}', 1, {}) == {}
+    assert _rates(prev, 3_600_000, {"succeeded": 99}) == {}, "too old to mean 'now'"
