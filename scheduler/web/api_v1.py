@@ -148,7 +148,7 @@ def router(console: Console, guard: Guard) -> APIRouter:
 
     @api.get("/timeline", summary="the fires of the next minutes across every job")
     async def timeline(_: Reader, minutes: float = Query(60, gt=0, le=24 * 60)) -> list[dict[str, Any]]:
-        return await upcoming(await console.operator(), minutes)
+        return await upcoming(await console.operator(), minutes, cache=console.specs)
 
     return api
 

@@ -186,7 +186,7 @@ def router(console: Console, guard: Guard) -> APIRouter:
         minutes = min(24 * 60, max(5, _int(request.query_params.get("minutes"), 60)))
         now = datetime.now(UTC)
         try:
-            fires = await upcoming(await console.operator(), minutes, now)
+            fires = await upcoming(await console.operator(), minutes, now, cache=console.specs)
         except Exception as exc:
             return await failed(request, user, exc, title="Timeline")
         counts = histogram(fires, now, minutes)
