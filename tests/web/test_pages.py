@@ -4,6 +4,7 @@ partials htmx asks for, the outcome rate carried by the overview, and the timeli
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from datetime import UTC, datetime, timedelta
@@ -63,7 +64,7 @@ def test_edit_conflict_backfill_preview_and_delete_through_the_forms(
         gone = http.post("/jobs/hourly-report/delete", data={"csrf": token, "expected_version": "2", "note": "x"})
         assert gone.status_code == 303 and gone.headers["location"].startswith("/jobs?done=deleted")
         missing = http.get("/jobs/hourly-report")
-        assert missing.status_code == 404 and "no job 'hourly-report'" in missing.text
+        assert missing.status_code == 404 and "no job 'hourly-report'" in html.unescape(missing.text)
 
 
 def test_live_partials_rates_and_timeline(settings: AppSettings, redis_server: RedisServer, start_console: Any) -> None:
