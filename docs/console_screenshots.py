@@ -41,6 +41,8 @@ def seed(url: str) -> None:
         spec = {"id": f"sync-shard-{i:02d}", "task": "demo.sleep", "cron": "*/10 * * * *", "args": [0.2]}
         api(url, "POST", "/jobs", {"spec": spec, "note": "one shard each"})
     api(url, "POST", "/jobs", {"spec": {"id": "ping-fast", "task": "demo.async_sleep", "interval": 5, "args": [0.05]}})
+    broken = {"id": "invoice-export", "task": "demo.number_sum", "interval": 7, "args": ["eur", 1]}
+    api(url, "POST", "/jobs", {"spec": broken, "note": "fails on purpose: a str plus an int"})
     api(url, "POST", "/jobs/report-apac/pause", {"note": "APAC warehouse migration until Friday"})
     for _ in range(3):
         api(url, "POST", "/jobs/demo-sum-every-minute/trigger", {"note": "re-run for the screenshots"})
@@ -54,7 +56,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.seed:
         seed(args.url)
-        time.sleep(20)
+        time.sleep(40)
     OUT.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as profile:
         options = webdriver.ChromeOptions()
