@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from scheduler.jobmodels import BackfillResult, TriggerResult
 from scheduler.jobstore import JobRecord
-from scheduler.web.console import Console, upcoming
+from scheduler.web.console import Console
 from scheduler.web.security import Guard, User
 
 
@@ -148,7 +148,7 @@ def router(console: Console, guard: Guard) -> APIRouter:
 
     @api.get("/timeline", summary="the fires of the next minutes across every job")
     async def timeline(_: Reader, minutes: float = Query(60, gt=0, le=24 * 60)) -> list[dict[str, Any]]:
-        return await upcoming(await console.operator(), minutes, cache=console.specs)
+        return (await console.timeline(minutes))[1]
 
     return api
 

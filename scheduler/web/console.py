@@ -30,6 +30,8 @@ from shared.errors import (
 from shared.redaction import redact_text
 from shared.settings import AppSettings
 
+TIMELINE_TTL_S = 10.0
+"""Open timelines share one computation this long (10,000 jobs take a second or more of CPU)."""
 TIMELINE_MAX_FIRES = 2000
 """Per job and per page: the timeline lists at most this many fires (its chart counts all)."""
 
@@ -42,6 +44,8 @@ class Console:
         self._client: AsyncClient | None = None
         self._lock = asyncio.Lock()
         self.specs = SpecCache()
+        self._timelines: dict[float, tuple[datetime, list[dict[str, Any]]]] = {}
+        self._timeline_lock = asyncio.Lock()
 
     async def client(self) -> AsyncClient:
         async with self._lock:
@@ -55,6 +59,18 @@ class Console:
 
     async def operator(self) -> Operator:
         return (await self.client()).ops.operator
+
+    async def timeline(self, minutes: float) -> tuple[datetime, list[dict[str, Any]]]:
+        """:func:`upcoming` as of now, computed at most once per :data:`TIMELINE_TTL_S` for all
+        the tabs polling it (a cached answer drops the fires already past)."""
+        async with self._timeline_lock:
+            now = datetime.now(UTC)
+            cached = self._timelines.get(minutes)
+            if cached is None or (now - cached[0]).total_seconds() > TIMELINE_TTL_S:
+                cached = (now, await upcoming(await self.operator(), minutes, now, cache=self.specs))
+                self._timelines[minutes] = cached
+        stamp = now.isoformat()
+        return now, [fire for fire in cached[1] if fire["at"] > stamp]
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -22,7 +22,7 @@ from fastapi.templating import Jinja2Templates
 from scheduler.jobstore import JobRecord
 from scheduler.web.api_v1 import job_rows
 from scheduler.web.charts import runs_chart, timeline_chart
-from scheduler.web.console import TIMELINE_MAX_FIRES, Console, error_status, histogram, upcoming
+from scheduler.web.console import TIMELINE_MAX_FIRES, Console, error_status, histogram
 from scheduler.web.security import CSRF_COOKIE, CSRF_FIELD, Guard, User
 from shared.errors import JobSpecError
 
@@ -184,9 +184,8 @@ def router(console: Console, guard: Guard) -> APIRouter:
     async def timeline(request: Request) -> Response:
         user = guard.user(request)
         minutes = min(24 * 60, max(5, _int(request.query_params.get("minutes"), 60)))
-        now = datetime.now(UTC)
         try:
-            fires = await upcoming(await console.operator(), minutes, now, cache=console.specs)
+            now, fires = await console.timeline(minutes)
         except Exception as exc:
             return await failed(request, user, exc, title="Timeline")
         counts = histogram(fires, now, minutes)
