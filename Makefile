@@ -1,4 +1,4 @@
-# make run   - install into .venv and run the scheduler with the demo jobs (embedded Redis)
+# make run   - install into .venv and run the scheduler with the demo jobs and the web console (embedded Redis)
 # make test  - install into .venv, lint, type-check and run the whole test suite
 # make bench - run the benchmarks (see docs/benchmarks.md); never part of `make test`
 PYTHON ?= python3
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 run: install
 	@echo "metrics: http://127.0.0.1:$${HTTP_PORT:-9808}/metrics  (probes: /healthz, /readyz)"
-	$(BIN)/python run_scheduler.py
+	$(BIN)/python run_scheduler.py --web
 
 worker: install
 	$(BIN)/python run_worker.py

@@ -26,6 +26,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--watch", action="store_true", help="reload the job files when they change")
     parser.add_argument("--no-worker", action="store_true", help="do not start a local worker with embedded Redis")
     parser.add_argument("--worker", action="store_true", help="start a local worker even with REDIS_URL set")
+    parser.add_argument("--web", action="store_true", help="also start the web console (chronoq web; WEB_* settings)")
     check = parser.add_argument_group("validation only (no Redis)")
     check.add_argument("--check", action="store_true", help="validate the job files and print the next fire times")
     check.add_argument("--next", type=int, default=5, metavar="N", help="how many fire times per job (default 5)")
@@ -70,7 +71,13 @@ def _run(args: argparse.Namespace) -> int:
     from scheduler.service import ServiceOptions, serve
 
     local_worker = False if args.no_worker else (True if args.worker else None)
-    return serve(settings, ServiceOptions(job_files=jobs, watch=args.watch, local_worker=local_worker))
+    options = ServiceOptions(job_files=jobs, watch=args.watch, local_worker=local_worker)
+    if not args.web:
+        return serve(settings, options)
+    from scheduler.companion import web_console
+
+    with web_console(str(args.env_file) if args.env_file else None):
+        return serve(settings, options)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from celery import Celery
 
 from scheduler.encoder import MessageEncoder
 from scheduler.fires import Limits
-from scheduler.jobops import ApplyPlan, BackfillResult, JobOps, JobPage, TriggerResult
+from scheduler.jobmodels import ApplyPlan, BackfillResult, JobPage, TriggerResult
+from scheduler.jobops import JobOps
 from scheduler.jobstore import JobRecord
 from scheduler.message import TaskMessage
 from scheduler.operator import Operator
@@ -44,9 +45,15 @@ class AsyncClient:
         self.settings = settings
         self._own_app = app is None
         self.app = app or create_celery_app(settings, name="chronoq-client")
-        encoder = MessageEncoder(self.app)
+        self._encoder = MessageEncoder(self.app)
+        self._limits = Limits.from_settings(settings)
         self.redis = create_async_redis(settings.redis)
-        limits = Limits.from_settings(settings)
+        self.ops = self.ops_as(by)
+
+    def ops_as(self, by: str | None) -> JobOps:
+        """The operations on this client's Redis and Celery app, recorded in the audit trail as
+        ``by`` (one client serving many users: the web console). Cheap: builds no connection."""
+        encoder, limits = self._encoder, self._limits
 
         def encode_fire(fire: Any, now: datetime) -> tuple[str, str]:
             return encoder.encode([fire.message(now, limits)])[0]
@@ -54,8 +61,8 @@ class AsyncClient:
         def encode(messages: list[TaskMessage]) -> list[tuple[str, str]]:
             return encoder.encode(messages)
 
-        operator = Operator(settings, self.redis, encode=encode_fire, queue_keys=encoder.queue_keys, by=by)
-        self.ops = JobOps(operator, encode)
+        operator = Operator(self.settings, self.redis, encode=encode_fire, queue_keys=encoder.queue_keys, by=by)
+        return JobOps(operator, encode)
 
     async def create(self, spec: dict[str, Any] | JobSpec, *, note: str = "") -> JobRecord:
         return await self.ops.create(spec, note=note)

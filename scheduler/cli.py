@@ -8,6 +8,7 @@
     chronoq task result TASK_ID [--timeout S]
     chronoq task revoke TASK_ID [--terminate]
     chronoq status                         replicas and roles, queue depths, workers seen, outcomes
+    chronoq web [--host H] [--port P]      the web console and the JSON API (/api/v1)
     chronoq jobs list                      id, trigger, next fire, last outcome, paused
     chronoq jobs show ID                   spec, next 5 fires, history, counters, audit trail
     chronoq jobs pause ID [--note TEXT]    its fires are recorded as skipped on every replica
@@ -56,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
 
     command(commands, "health", "check that the broker answers")
     command(commands, "status", "replicas, queues, workers and outcome counters")
+    web = commands.add_parser("web", help="serve the web console and the HTTP API (/api/v1)")
+    web.add_argument("--host", help="address to listen on (default WEB_HOST, 127.0.0.1)")
+    web.add_argument("--port", type=int, help="port (default WEB_PORT, 8765; 0 picks a free one)")
     task = commands.add_parser("task", help="ad-hoc tasks").add_subparsers(dest="action", required=True)
     submit = command(task, "submit", "send a task by name to the ad-hoc queue")
     submit.add_argument("name")
@@ -112,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
     settings = build_settings(args.env_file, process="cli")
     if isinstance(settings, int):
         return settings
+    if args.command == "web":
+        from scheduler.web.serve import run_web
+
+        return run_web(settings, args.host, args.port)
     with resolve_redis(settings) as settings:
         # Every command first: a wrong password, a TLS mistake or a closed port is one line and
         # 78 or 69 (raised here, reported by main()), whatever the command goes on to do.

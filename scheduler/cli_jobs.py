@@ -20,7 +20,7 @@ import yaml
 
 from scheduler.api import AsyncClient
 from scheduler.jobfiles import parse_job_file
-from scheduler.jobops import ApplyPlan, BackfillResult
+from scheduler.jobmodels import ApplyPlan, BackfillResult
 from scheduler.jobstore import JobRecord
 from shared.errors import EX_CONFIG, JobChangeError, JobSpecError, UnknownJobError
 from shared.settings import AppSettings

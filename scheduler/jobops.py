@@ -16,12 +16,13 @@ import itertools
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import redis
-from pydantic import BaseModel
 
 from scheduler.fires import Fire, Limits
+from scheduler.jobmodels import ApplyPlan, BackfillResult, JobPage, TriggerResult
 from scheduler.jobstore import (
     API,
     JobRecord,
@@ -51,43 +52,6 @@ from shared.names import format_scheduled_at
 Encode = Callable[[list[TaskMessage]], list[tuple[str, str]]]
 UPDATE_TRIES = 5
 """An update without ``expected_version`` re-reads and retries this often on a conflict."""
-
-
-class JobPage(BaseModel):
-    items: list[JobRecord]
-    total: int
-    offset: int
-    limit: int
-
-
-class TriggerResult(BaseModel):
-    job: str
-    outcome: str
-    task_id: str
-    scheduled_at: str
-    reason: str = ""
-    forced: bool = False
-    dispatched: bool = False
-
-
-class BackfillResult(BaseModel):
-    job: str
-    overlap: Literal["allow", "sequential"]
-    dispatched: list[str]
-    """scheduled_at of the fires dispatched by this request."""
-    already_decided: list[str]
-    """Nominal fires of the range the ledger had decided (ran, skipped...): left alone."""
-    queued: list[str]
-    """``sequential``: fires dispatched later, each once the previous one finished."""
-
-
-class ApplyPlan(BaseModel):
-    create: list[str] = []
-    update: list[str] = []
-    delete: list[str] = []
-    unchanged: list[str] = []
-    diff: list[str] = []
-    applied: bool = False
 
 
 def backfill_intent(fire: Fire, now: datetime, limits: Limits, encode: Encode) -> FireIntent:
@@ -131,12 +95,9 @@ class JobOps:
     def __init__(self, operator: Operator, encode: Encode | None = None) -> None:
         self.operator = operator
         self.settings = operator.settings
-        self.client = operator.client
-        self.keys = operator.keys
-        self.by = operator.by
-        sched = self.settings.scheduler
-        self.defaults = JobDefaults.from_settings(sched, self.settings.celery.cron_queue)
-        self.store = JobStore(self.client, self.keys, changes_maxlen=sched.changes_maxlen)
+        self.client, self.keys, self.by = operator.client, operator.keys, operator.by
+        self.defaults = JobDefaults.from_settings(self.settings.scheduler, self.settings.celery.cron_queue)
+        self.store = JobStore(self.client, self.keys, changes_maxlen=self.settings.scheduler.changes_maxlen)
         self._encode = encode
 
     def _audit(self, action: str, job_id: str, note: str) -> dict[str, Any]:
@@ -164,26 +125,48 @@ class JobOps:
         source: Literal["api", "file", "code"] | None = None,
         paused: bool | None = None,
         prefix: str = "",
+        query: str = "",
+        queue: str | None = None,
         offset: int = 0,
         limit: int = 100,
     ) -> JobPage:
-        """Jobs sorted by id, filtered by source, paused and id prefix, one page."""
-        registry = await self.operator.control.jobs()
-        api = await self.store.all_raw()
-        paused_flags = await self.operator.control.paused()
+        """Jobs sorted by id, filtered by source, paused, queue, id prefix and ``query`` (a
+        case-insensitive substring of id or task), one page. Only ids are read for the whole
+        fleet unless a filter needs the specs, and only the page's records are built."""
+        registry_ids = {str(k) for k in await self.client.hkeys(self.keys.jobs)}
+        api_ids = {str(k) for k in await self.client.hkeys(self.keys.api_jobs)}
+        paused_flags, needle = await self.operator.control.paused(), query.casefold()
+        ids = [job_id for job_id in sorted(registry_ids | api_ids) if job_id.startswith(prefix)
+               and (paused is None or (job_id in paused_flags) == paused) and (source != API or job_id in api_ids)]  # fmt: skip
+        if (source is not None and source != API) or queue is not None or needle:
+            ids = [job_id for job_id, raw in zip(ids, await self._raw_specs(ids, api_ids), strict=True)
+                   if self._matches(job_id, raw, job_id in api_ids, source, queue, needle)]  # fmt: skip
+        page = ids[offset : offset + limit]
         records = []
-        for job_id in sorted(set(registry) | set(api)):
-            if not job_id.startswith(prefix) or (paused is not None and (job_id in paused_flags) != paused):
-                continue
+        for job_id, raw in zip(page, await self._raw_specs(page, api_ids), strict=True):
             entry = paused_flags.get(job_id)
             flags = {"paused": entry is not None, "paused_note": (entry or {}).get("note", "")}
-            if job_id in api:
-                record = JobRecord.model_validate({**json.loads(api[job_id]), **flags})
-            else:
-                record = self._registry_record(JobSpec.model_validate(registry[job_id]["spec"]), flags)
-            if source is None or record.source == source:
-                records.append(record)
-        return JobPage(items=records[offset : offset + limit], total=len(records), offset=offset, limit=limit)
+            records.append(JobRecord.model_validate({**json.loads(raw), **flags}) if job_id in api_ids
+                           else self._registry_record(JobSpec.model_validate(json.loads(raw)["spec"]), flags))  # fmt: skip
+        return JobPage(items=records, total=len(ids), offset=offset, limit=limit)
+
+    async def _raw_specs(self, ids: Sequence[str], api_ids: set[str]) -> Sequence[str]:
+        """Each job's stored JSON: its API record, else its registry entry (both hold ``spec``)."""
+        api = [job_id for job_id in ids if job_id in api_ids]
+        other = [job_id for job_id in ids if job_id not in api_ids]
+        found = dict(zip(api, await self.client.hmget(self.keys.api_jobs, api), strict=True)) if api else {}
+        found |= dict(zip(other, await self.client.hmget(self.keys.jobs, other), strict=True)) if other else {}
+        return [str(found[job_id] or '{"spec": {}}') for job_id in ids]
+
+    @staticmethod
+    def _matches(job_id: str, raw: str, api: bool, source: str | None, queue: str | None, needle: str) -> bool:
+        if needle and needle not in job_id.casefold() and needle not in raw.casefold():
+            return False  # cheap: most jobs of a search are ruled out before parsing
+        spec = json.loads(raw)["spec"]
+        kind = API if api else source_kind(str(spec.get("source", "code")))
+        if (source is not None and kind != source) or (queue is not None and spec.get("queue") != queue):
+            return False
+        return not needle or needle in job_id.casefold() or needle in str(spec.get("task", "")).casefold()
 
     # -- changing API jobs ---------------------------------------------------------------
     def validate(self, document: dict[str, Any] | JobSpec) -> JobSpec:
@@ -304,10 +287,12 @@ class JobOps:
         overlap: Literal["allow", "sequential"] = "allow",
         note: str = "",
         now: datetime | None = None,
+        dry_run: bool = False,
     ) -> BackfillResult:
         """Dispatch every nominal fire in [start, end] that the ledger has not decided, each
         with its own ``scheduled_at`` and ``trigger: backfill``, even when the job is paused:
-        all at once (``allow``) or one after another in nominal order (``sequential``)."""
+        all at once (``allow``) or one after another in nominal order (``sequential``).
+        ``dry_run``: the same answer, nothing sent or recorded (the console's preview)."""
         if self._encode is None:
             raise RuntimeError("these operations cannot publish (no encoder)")
         now = now or datetime.now(UTC)
@@ -319,6 +304,10 @@ class JobOps:
         stamps = [format_scheduled_at(t) for t in times]
         decided = [bool(d) for d in await self.operator.ledger.decided([(job_id, s) for s in stamps])] if times else []
         first, later = plan_backfill(spec, times, decided, now, sequential=overlap == "sequential")
+        already = [s for s, d in zip(stamps, decided, strict=True) if d]
+        if dry_run:
+            return BackfillResult(job=job_id, overlap=overlap, dispatched=[f.stamp for f in first],
+                                  already_decided=already, queued=[f.stamp for f in later], dry_run=True)  # fmt: skip
         limits = self.operator.limits
         intents = [backfill_intent(fire, now, limits, self._encode) for fire in first]
         results = await self.operator.ledger.decide(intents, f"api:{self.by}") if intents else []
@@ -331,7 +320,6 @@ class JobOps:
             f"{len(dispatched)} dispatched, {len(queued)} queued, {sum(decided)} already decided]".strip(),
             by=self.by,
         )  # fmt: skip
-        already = [s for s, d in zip(stamps, decided, strict=True) if d]
         return BackfillResult(
             job=job_id, overlap=overlap, dispatched=dispatched, already_decided=already, queued=queued
         )
@@ -358,8 +346,6 @@ class JobOps:
         """Make the API jobs equal the job file ``document``: create, update and (``prune``)
         delete. Jobs of files and code in it must match them exactly (else OwnershipError).
         The whole document is validated first: an invalid one changes nothing."""
-        from pathlib import Path
-
         specs = validate_job_documents([(Path(label), document)], self.defaults)
         registry = await self.operator.control.jobs()
         api = {k: JobRecord.model_validate_json(v) for k, v in (await self.store.all_raw()).items()}

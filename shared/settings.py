@@ -17,7 +17,7 @@ import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.errors import ConfigError
@@ -210,6 +210,21 @@ class LogSettings(Group):
         return none_if_null(value)
 
 
+class WebSettings(Group):
+    """``chronoq web``: where the console listens and who may use it (README "Web console")."""
+
+    host: str = "127.0.0.1"
+    """Any address but loopback is refused unless ``token`` or ``username``+``password`` is set."""
+    port: int = Field(8765, ge=0, le=65535)
+    token: SecretStr | None = None
+    """Bearer token for ``/api/v1`` (pages accept it as the basic-auth password too)."""
+    username: str | None = None
+    password: SecretStr | None = None
+    """Basic auth for pages and the API, with ``username``."""
+    read_only: bool = False
+    """Refuse every change (403); pages hide the actions."""
+
+
 class AppSettings(BaseSettings):
     """All of chronoq's settings. Build with :meth:`load` (or directly in tests, with
     ``_env_file=None``)."""
@@ -231,6 +246,7 @@ class AppSettings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     http: HttpSettings = HttpSettings()
     log: LogSettings = LogSettings()
+    web: WebSettings = WebSettings()
 
     @field_validator("task_modules", mode="before")
     @classmethod
@@ -320,7 +336,7 @@ class AppSettings(BaseSettings):
         )
 
 
-_SECRET_FIELDS = {"url", "password", "sentinel_password", "broker_url", "result_backend"}
+_SECRET_FIELDS = {"url", "password", "sentinel_password", "broker_url", "result_backend", "token"}
 
 
 def describe_errors(exc: ValidationError) -> list[str]:

@@ -1,0 +1,81 @@
+"""The console's ASGI app: :func:`create_app`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
+from loguru import logger
+
+from scheduler.web.api_v1 import router as api_router
+from scheduler.web.console import Console, error_status
+from scheduler.web.pages import router as pages_router
+from scheduler.web.security import Guard
+from shared.settings import AppSettings
+
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(settings: AppSettings) -> FastAPI:
+    """The console and ``/api/v1`` for the fleet ``settings`` names (``settings.redis`` must
+    name a server: ``chronoq web`` resolves the embedded one first). Connects to nothing until
+    the first request; a mounted app needs no lifespan of its own."""
+    console = Console(settings)
+    guard = Guard(settings.web)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Served on its own. Mounted, the host's lifespan should await app.state.console.aclose().
+        yield
+        await console.aclose()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="chronoq",
+        summary="Jobs, fires, workers and replicas of a chronoq fleet",
+        version="1",
+        openapi_url="/api/v1/openapi.json",
+        docs_url="/api/v1/docs",
+        redoc_url=None,
+    )
+    app.state.console = console
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.include_router(api_router(console, guard))
+    app.include_router(pages_router(console, guard))
+
+    def is_api(request: Request) -> bool:
+        return request.url.path.removeprefix(request.scope.get("root_path", "")).startswith("/api/")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        detail = str(exc.detail)
+        if is_api(request):
+            return JSONResponse({"error": detail, "problems": [detail]}, exc.status_code, headers=exc.headers)
+        return PlainTextResponse(f"{exc.status_code}: {detail}\n", exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse({"error": lines[0] if lines else "invalid request", "problems": lines}, 422)
+
+    @app.middleware("http")
+    async def chronoq_errors(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        # Redis down, an unknown job, a refused change: a status and one line, not a traceback.
+        try:
+            return await call_next(request)
+        except Exception as exc:
+            found = error_status(exc)
+            if found is None:  # a bug: logged with its traceback, one line to the client
+                logger.opt(exception=exc).error("console: {} {} failed", request.method, request.url.path)
+                found = (500, [f"internal error ({type(exc).__name__}); see the console's log"])
+            status_code, lines = found
+            if is_api(request):
+                return JSONResponse({"error": lines[0], "problems": lines}, status_code)
+            return PlainTextResponse("\n".join(lines) + "\n", status_code)
+
+    return app

@@ -1,0 +1,164 @@
+"""What the API and the pages share: one Redis client and Celery app per console (created on
+first use, in the serving event loop, so a mounted console needs no lifespan hook), the
+operations of a request's user, and how chronoq's errors become HTTP statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+import redis
+
+from scheduler.api import AsyncClient
+from scheduler.jobops import JobOps
+from scheduler.operator import Operator
+from scheduler.specs import JobSpec
+from scheduler.triggers import next_fire_times
+from shared.errors import (
+    BackfillLimitError,
+    ChronoqError,
+    ConfigError,
+    OwnershipError,
+    RedisUnavailableError,
+    UnknownJobError,
+    VersionConflictError,
+)
+from shared.redaction import redact_text
+from shared.settings import AppSettings
+
+TIMELINE_TTL_S = 10.0
+"""Open timelines share one computation this long (10,000 jobs take a second or more of CPU)."""
+TIMELINE_MAX_FIRES = 2000
+"""Per job and per page: the timeline lists at most this many fires (its chart counts all)."""
+
+
+class Console:
+    """The state of one console app: settings and a lazily created client."""
+
+    def __init__(self, settings: AppSettings) -> None:
+        self.settings = settings
+        self._client: AsyncClient | None = None
+        self._lock = asyncio.Lock()
+        self.specs = SpecCache()
+        self._timelines: dict[float, tuple[datetime, list[dict[str, Any]]]] = {}
+        self._timeline_lock = asyncio.Lock()
+
+    async def client(self) -> AsyncClient:
+        async with self._lock:
+            if self._client is None:
+                self._client = AsyncClient(self.settings, by="web")
+            return self._client
+
+    async def ops(self, by: str) -> JobOps:
+        """The one operations layer (as the CLI and the Python client), recorded as ``by``."""
+        return (await self.client()).ops_as(by)
+
+    async def operator(self) -> Operator:
+        return (await self.client()).ops.operator
+
+    async def timeline(self, minutes: float) -> tuple[datetime, list[dict[str, Any]]]:
+        """:func:`upcoming` as of now, computed at most once per :data:`TIMELINE_TTL_S` for all
+        the tabs polling it (a cached answer drops the fires already past)."""
+        async with self._timeline_lock:
+            now = datetime.now(UTC)
+            cached = self._timelines.get(minutes)
+            if cached is None or (now - cached[0]).total_seconds() > TIMELINE_TTL_S:
+                cached = (now, await upcoming(await self.operator(), minutes, now, cache=self.specs))
+                self._timelines[minutes] = cached
+        stamp = now.isoformat()
+        return now, [fire for fire in cached[1] if fire["at"] > stamp]
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+def error_status(exc: BaseException) -> tuple[int, list[str]] | None:
+    """The HTTP status and message lines of an error an operation raised, or None when it is
+    not one of chronoq's (a bug: 500). Ownership is 409: the request conflicts with who owns
+    the job (403 means the caller may not act at all)."""
+    if isinstance(exc, ConfigError):  # JobSpecError too: one line per problem naming job and field
+        return 422, exc.problems
+    if isinstance(exc, UnknownJobError):
+        return 404, [str(exc)]
+    if isinstance(exc, VersionConflictError | OwnershipError):
+        return 409, [str(exc)]
+    if isinstance(exc, BackfillLimitError):
+        return 422, [str(exc)]
+    if isinstance(exc, RedisUnavailableError):
+        return 503, [redact_text(str(exc))]
+    if isinstance(exc, redis.RedisError | ConnectionError | TimeoutError):
+        return 503, [redact_text(f"redis unavailable: {exc}")]
+    if isinstance(exc, ChronoqError):
+        return 400, [str(exc)]
+    return None
+
+
+async def upcoming(
+    operator: Operator, minutes: float, now: datetime | None = None, cache: SpecCache | None = None
+) -> list[dict[str, Any]]:
+    """Every registered job's fires of the next ``minutes`` (paused and disabled jobs left out:
+    they would not run), sorted by time, at most :data:`TIMELINE_MAX_FIRES` per job. The trigger
+    math runs in a worker thread (10,000 jobs take a while; the console keeps answering), on
+    specs validated once per registry entry when ``cache`` is given."""
+    now = now or datetime.now(UTC)
+    registry = await operator.client.hgetall(operator.keys.jobs)
+    paused = await operator.control.paused()
+    cache = cache if cache is not None else SpecCache()
+    entries = {str(k): str(v) for k, v in registry.items() if k not in paused}
+    return await anyio.to_thread.run_sync(cache.upcoming, entries, now, now + timedelta(minutes=minutes))
+
+
+class SpecCache:
+    """Registry entries already validated, by their JSON: a refresh validates only changed jobs."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, tuple[str, JobSpec]] = {}
+        self._lock = threading.Lock()
+
+    def upcoming(self, entries: dict[str, str], now: datetime, end: datetime) -> list[dict[str, Any]]:
+        with self._lock:
+            fires: list[dict[str, Any]] = []
+            for job_id, raw in entries.items():
+                known = self._specs.get(job_id)
+                if known is None or known[0] != raw:
+                    known = (raw, JobSpec.model_validate(json.loads(raw)["spec"]))
+                    self._specs[job_id] = known
+                spec = known[1]
+                if spec.enabled:
+                    fires += [{"at": t.astimezone(UTC).isoformat(), "job": job_id, "task": spec.task}
+                              for t in _fires_between(spec, now, end)]  # fmt: skip
+            for gone in self._specs.keys() - entries.keys():
+                del self._specs[gone]
+        fires.sort(key=lambda f: (f["at"], f["job"]))
+        return fires
+
+
+def _fires_between(spec: JobSpec, now: datetime, end: datetime) -> list[datetime]:
+    """Fire times in (now, end], asked for in growing batches: a daily job costs one."""
+    found: list[datetime] = []
+    after, size = now, 2
+    while len(found) < TIMELINE_MAX_FIRES:
+        batch = next_fire_times(spec, after, size)
+        inside = [t for t in batch if t <= end]
+        found += inside
+        if len(inside) < size:
+            break
+        after, size = batch[-1], min(size * 4, 256)
+    return found[:TIMELINE_MAX_FIRES]
+
+
+def histogram(fires: list[dict[str, Any]], now: datetime, minutes: int, buckets: int = 60) -> list[int]:
+    """Fires per bucket of ``minutes / buckets`` from ``now`` (the timeline's bar chart)."""
+    width = minutes * 60 / buckets
+    counts = [0] * buckets
+    for fire in fires:
+        index = int((datetime.fromisoformat(fire["at"]) - now).total_seconds() // width)
+        if 0 <= index < buckets:
+            counts[index] += 1
+    return counts

@@ -1,0 +1,291 @@
+"""The console's pages: server-rendered (Jinja2) and usable without JavaScript; htmx (shipped
+in ``static/``) refreshes the live parts every few seconds while the tab is visible.
+
+Every form posts a CSRF token (:mod:`scheduler.web.security`) and goes through the same
+operations as the API. A refused action renders the page again with the error and its status
+(422, 404, 409, 403, 503); a done one redirects back (303) with a message.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote, urlencode
+
+import yaml
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from scheduler.jobstore import JobRecord
+from scheduler.web.api_v1 import job_rows
+from scheduler.web.charts import runs_chart, timeline_chart
+from scheduler.web.console import TIMELINE_MAX_FIRES, Console, error_status, histogram
+from scheduler.web.security import CSRF_COOKIE, CSRF_FIELD, Guard, User
+from shared.errors import JobSpecError
+
+PAGE_SIZE = 50
+POLL_S = 5
+TEMPLATES = Path(__file__).parent / "templates"
+_ACTIONS = ("pause", "resume", "trigger", "delete", "backfill", "edit")
+
+
+def router(console: Console, guard: Guard) -> APIRouter:
+    templates = Jinja2Templates(directory=TEMPLATES)
+    templates.env.filters["todt"] = datetime.fromisoformat
+    pages = APIRouter(include_in_schema=False)
+
+    def render(request: Request, user: User, name: str, status_code: int = 200, **context: Any) -> Response:
+        cookie = request.cookies.get(CSRF_COOKIE, "")
+        token = cookie if cookie and guard.token_valid(cookie) else guard.new_token()
+        base = request.scope.get("root_path", "")
+        context = {"base": base, "csrf": token, "csrf_field": CSRF_FIELD, "user": user, "poll_s": POLL_S,
+                   "read_only": guard.web.read_only, "done": request.query_params.get("done", ""), **context}  # fmt: skip
+        response = templates.TemplateResponse(request, name, context, status_code=status_code)
+        if token != cookie:
+            response.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="strict", path=base or "/")
+        return response
+
+    def partial(request: Request) -> bool:
+        return request.headers.get("hx-request") == "true" and request.headers.get("hx-target") is not None
+
+    async def failed(request: Request, user: User, exc: Exception, page: str = "error.html", **ctx: Any) -> Response:
+        found = error_status(exc)
+        if found is None:
+            raise exc
+        status_code, lines = found
+        return render(request, user, page, status_code=status_code, errors=lines, **ctx)
+
+    @pages.get("/", response_class=HTMLResponse)
+    async def overview(request: Request) -> Response:
+        user = guard.user(request)
+        try:
+            operator = await console.operator()
+            status = await operator.status()
+            audit = await operator.control.audit(None, limit=10)
+        except Exception as exc:
+            return await failed(request, user, exc, title="Overview")
+        name = "overview_live.html" if partial(request) else "overview.html"
+        now_ms = int(datetime.now(UTC).timestamp() * 1000)
+        rates = _rates(request.query_params.get("prev", ""), now_ms, status["counters"])
+        return render(request, user, name, title="Overview", status=status, audit=audit, stamp=_ms_time,
+                      rates=rates, prev=json.dumps({"at_ms": now_ms, "counters": status["counters"]}))  # fmt: skip
+
+    @pages.get("/jobs", response_class=HTMLResponse)
+    async def jobs(request: Request) -> Response:
+        user = guard.user(request)
+        params = request.query_params
+        search = params.get("q", "").strip()
+        filters: dict[str, Any] = {
+            "source": params.get("source") or None,
+            "queue": params.get("queue") or None,
+            "paused": {"yes": True, "no": False}.get(params.get("paused", "")),
+        }
+        page = max(1, _int(params.get("page"), 1))
+        if filters["source"] not in (None, "api", "file", "code"):
+            filters["source"] = None
+        try:
+            rows = await job_rows(console, user, search, **filters, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE)
+        except Exception as exc:
+            return await failed(request, user, exc, title="Jobs")
+        pages_total = max(1, -(-rows["total"] // PAGE_SIZE))
+        query = {k: v for k, v in params.items() if k != "page" and v}
+        links = {
+            "prev": urlencode({**query, "page": page - 1}) if page > 1 else None,
+            "next": urlencode({**query, "page": page + 1}) if page < pages_total else None,
+        }
+        name = "jobs_table.html" if partial(request) else "jobs.html"
+        return render(request, user, name, title="Jobs", rows=rows, page=page, pages_total=pages_total,
+                      links=links, filters=params, query=urlencode(query))  # fmt: skip
+
+    @pages.get("/jobs/new", response_class=HTMLResponse)
+    async def new_job(request: Request) -> Response:
+        user = guard.user(request)
+        return render(request, user, "new.html", title="New job", form={})
+
+    @pages.post("/jobs/new", response_class=HTMLResponse)
+    async def create_job(request: Request) -> Response:
+        user = guard.user(request)
+        form = {k: str(v) for k, v in (await request.form()).items()}
+        guard.check_csrf(request, form.get(CSRF_FIELD, ""))
+        guard.writable()
+        try:
+            document = _form_spec(form)
+            record = await (await console.ops(user.by)).create(document, note=form.get("note", ""))
+        except Exception as exc:
+            return await failed(request, user, exc, "new.html", title="New job", form=form)
+        return _back(request, record.id, f"created {record.id} (version {record.version})")
+
+    @pages.get("/jobs/{job_id}", response_class=HTMLResponse)
+    async def job_page(request: Request, job_id: str) -> Response:
+        user = guard.user(request)
+        try:
+            context = await _job_context(console, user, job_id)
+        except Exception as exc:
+            return await failed(request, user, exc, title=job_id)
+        name = "job_live.html" if partial(request) else "job.html"
+        return render(request, user, name, title=job_id, **context)
+
+    @pages.post("/jobs/{job_id}/{action}", response_class=HTMLResponse)
+    async def act(request: Request, job_id: str, action: str) -> Response:
+        user = guard.user(request)
+        if action not in _ACTIONS:
+            raise HTTPException(404, f"no action {action!r}")
+        form = {k: str(v) for k, v in (await request.form()).items()}
+        guard.check_csrf(request, form.get(CSRF_FIELD, ""))
+        preview = action == "backfill" and form.get("preview") == "1"
+        if not preview:
+            guard.writable()
+        note = form.get("note", "").strip()
+        try:
+            ops = await console.ops(user.by)
+            if action in ("pause", "resume") and not note:
+                raise JobSpecError(f"job {job_id!r}: note: required to {action} (say why, for the audit trail)")
+            if action == "pause":
+                await ops.pause(job_id, note)
+                done = f"paused {job_id}"
+            elif action == "resume":
+                await ops.resume(job_id, note)
+                done = f"resumed {job_id}"
+            elif action == "trigger":
+                result = await ops.trigger(job_id, force=form.get("force") == "1", note=note)
+                reason = f" ({result.reason})" if result.reason and not result.dispatched else ""
+                done = f"triggered {job_id}: {result.outcome}{reason}, task {result.task_id}"
+            elif action == "delete":
+                await ops.delete(job_id, expected_version=_int(form.get("expected_version"), None), note=note)
+                return _redirect(request, "/jobs", f"deleted {job_id}")
+            elif action == "edit":
+                spec = _parse_spec(form.get("spec", ""))
+                version = _int(form.get("expected_version"), None)
+                record = await ops.update(job_id, spec=spec, expected_version=version, note=note)
+                done = f"saved {job_id} (version {record.version})"
+            else:
+                start, end = _when(job_id, form, "start"), _when(job_id, form, "end")
+                overlap: Literal["allow", "sequential"] = (
+                    "sequential" if form.get("overlap") == "sequential" else "allow"
+                )
+                result_b = await ops.backfill(job_id, start, end, overlap=overlap, note=note, dry_run=preview)
+                if preview:
+                    context = await _job_context(console, user, job_id)
+                    return render(request, user, "job.html", title=job_id, **context, backfill=result_b, form=form)
+                done = f"backfill {job_id}: {len(result_b.dispatched)} dispatched, {len(result_b.queued)} queued"
+        except Exception as exc:
+            try:
+                context = await _job_context(console, user, job_id)
+            except Exception:
+                context = {}
+            page = "job.html" if context else "error.html"
+            return await failed(request, user, exc, page, title=job_id, form=form, open_action=action, **context)
+        return _back(request, job_id, done)
+
+    @pages.get("/timeline", response_class=HTMLResponse)
+    async def timeline(request: Request) -> Response:
+        user = guard.user(request)
+        minutes = min(24 * 60, max(5, _int(request.query_params.get("minutes"), 60)))
+        try:
+            now, fires = await console.timeline(minutes)
+        except Exception as exc:
+            return await failed(request, user, exc, title="Timeline")
+        counts = histogram(fires, now, minutes)
+        name = "timeline_live.html" if partial(request) else "timeline.html"
+        return render(request, user, name, title="Timeline", fires=fires[:TIMELINE_MAX_FIRES], total=len(fires),
+                      minutes=minutes, chart=timeline_chart(counts, now, minutes), now=now)  # fmt: skip
+
+    return pages
+
+
+async def _job_context(console: Console, user: User, job_id: str) -> dict[str, Any]:
+    ops = await console.ops(user.by)
+    record: JobRecord = await ops.get(job_id)
+    shown = await ops.operator.show(job_id, history=50)
+    return {
+        "record": record,
+        "job": shown,
+        "spec_text": json.dumps(record.spec, indent=2),
+        "chart": runs_chart(shown["history"]),
+        "stamp": _ms_time,
+    }
+
+
+def _back(request: Request, job_id: str, done: str) -> Response:
+    return _redirect(request, f"/jobs/{quote(job_id, safe='')}", done)
+
+
+def _redirect(request: Request, path: str, done: str) -> Response:
+    base = request.scope.get("root_path", "")
+    return RedirectResponse(f"{base}{path}?{urlencode({'done': done})}", status_code=303)
+
+
+def _int(text: str | None, default: Any) -> Any:
+    try:
+        return int(text) if text not in (None, "") else default
+    except ValueError:
+        return default
+
+
+def _ms_time(ms: Any) -> str:
+    try:
+        return datetime.fromtimestamp(int(ms) / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except (TypeError, ValueError):
+        return "-"
+
+
+def _when(job_id: str, form: dict[str, str], field: str) -> datetime:
+    text = form.get(field, "").strip()
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise JobSpecError(f"job {job_id!r}: backfill {field}: not an ISO time: {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _parse_spec(text: str) -> dict[str, Any]:
+    """A spec typed as YAML or JSON, with ``chronoq jobs add --spec``'s messages."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise JobSpecError(f"spec: not YAML or JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise JobSpecError("spec: must be a mapping with id, task and a trigger")
+    return document
+
+
+def _form_spec(form: dict[str, str]) -> dict[str, Any]:
+    """The new-job form as a job-file mapping: the fields, then any extra keys typed as YAML."""
+    document = _parse_spec(form["extra"]) if form.get("extra", "").strip() else {}
+    for key in ("id", "task", "queue", "description"):
+        if form.get(key, "").strip():
+            document[key] = form[key].strip()
+    kind, value = form.get("kind", "cron"), form.get("schedule", "").strip()
+    if kind in ("cron", "interval", "date") and value:
+        document[kind] = value if kind != "interval" else _parse_value(document.get("id", "?"), kind, value)
+    for key in ("args", "kwargs"):
+        if form.get(key, "").strip():
+            try:
+                document[key] = json.loads(form[key])
+            except ValueError as exc:
+                raise JobSpecError(f"job {document.get('id', '?')!r}: {key}: not JSON: {exc}") from None
+    return document
+
+
+def _parse_value(job_id: str, field: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise JobSpecError(f"job {job_id!r}: {field}: not a YAML value: {exc}") from None
+
+
+def _rates(previous: str, now_ms: int, counters: dict[str, int]) -> dict[str, float]:
+    """Fires per minute per outcome since the counters the last refresh saw (the page carries
+    them: the console keeps no state). Empty on the first load or after a counter reset."""
+    try:
+        before = json.loads(previous) if previous else {}
+        elapsed_min = (now_ms - int(before["at_ms"])) / 60_000
+        old = {str(k): int(v) for k, v in before["counters"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
+    if not 0 < elapsed_min < 10 or any(counters.get(k, 0) < v for k, v in old.items()):
+        return {}
+    return {k: round((v - old.get(k, 0)) / elapsed_min, 1) for k, v in counters.items()}

@@ -1,0 +1,165 @@
+"""The console in a real headless browser (Debian's chromium and chromium-driver, Selenium)
+against a real redis-server, scheduler and Celery worker: the overview, finding a job, pausing
+it with a note (``chronoq jobs show`` agrees), running it and watching the run appear in its
+history as the page refreshes itself, creating a job through the form and seeing it fire, and
+the auth and CSRF refusals. One browser for the module."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from shared.settings import AppSettings
+from tests.conftest import RedisServer, SchedulerProcess, chronoq, executions, write_jobs
+from tests.web.conftest import ConsoleProcess
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1000",
+)  # fmt: skip
+
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(
+        not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+        reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run does)",
+    ),
+]
+
+if CHROMIUM.exists():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    with tempfile.TemporaryDirectory() as profile:
+        options = webdriver.ChromeOptions()
+        options.binary_location = str(CHROMIUM)
+        for flag in (*FLAGS, f"--user-data-dir={profile}"):
+            options.add_argument(flag)
+        driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+        try:
+            yield driver
+        finally:
+            driver.quit()
+
+
+def until(browser: WebDriver, condition: Callable[[WebDriver], Any], what: str, timeout_s: float = 30) -> Any:
+    return WebDriverWait(browser, timeout_s, poll_frequency=0.1).until(condition, message=f"waiting for {what}")
+
+
+def text(browser: WebDriver, css: str) -> str:
+    return str(browser.find_element(By.CSS_SELECTOR, css).text)
+
+
+@pytest.fixture
+def fleet(settings: AppSettings, tmp_path: Path, start_scheduler: Any, start_worker: Any) -> SchedulerProcess:
+    jobs: list[dict[str, Any]] = [
+        {"id": "orders-sync", "task": "demo.record_fire", "interval": 3600},
+        {"id": "report-daily", "task": "demo.record_fire", "cron": "0 2 * * *"},
+    ]
+    replicas: list[SchedulerProcess] = start_scheduler(settings, write_jobs(tmp_path / "jobs.yaml", jobs))
+    start_worker(settings)
+    return replicas[0]
+
+
+def test_operator_flow(
+    browser: WebDriver,
+    settings: AppSettings,
+    fleet: SchedulerProcess,
+    start_console: Any,
+    redis_server: RedisServer,
+) -> None:
+    console: ConsoleProcess = start_console(settings)
+    browser.get(console.url + "/")
+    until(browser, lambda b: fleet.owner in b.page_source, "the overview to name the leader")
+    assert "Replicas alive" in browser.page_source
+
+    browser.find_element(By.LINK_TEXT, "Jobs").click()
+    until(browser, lambda b: "2 jobs" in text(b, "#jobs-count"), "the jobs list")
+    browser.find_element(By.ID, "q").send_keys("orders")
+    until(browser, lambda b: text(b, "#jobs-count").startswith("1 job,"), "the search to narrow the table")
+    assert "q=orders" in browser.current_url, "the search is in the URL (a link can be shared)"
+    browser.find_element(By.LINK_TEXT, "orders-sync").click()
+
+    until(browser, lambda b: text(b, "#job-id") == "orders-sync", "the job page")
+    browser.find_element(By.ID, "pause-note").send_keys("supplier API down until 14:00")
+    browser.find_element(By.ID, "pause-button").click()
+    until(browser, lambda b: "paused orders-sync" in b.page_source, "the pause to be confirmed")
+    shown = json.loads(chronoq(settings, "jobs", "show", "orders-sync", "--json").stdout)
+    assert (shown["paused"], shown["paused_note"]) == (True, "supplier API down until 14:00")
+
+    browser.find_element(By.ID, "trigger-button").click()
+    until(browser, lambda b: "triggered orders-sync: dispatched" in b.page_source, "the trigger to be confirmed")
+    # No reload: the history is a live region that refreshes itself while the tab is visible.
+    until(browser, lambda b: "succeeded" in text(b, "#history"), "the manual run to appear in the history")
+    assert "manual" in text(browser, "#history")
+
+    browser.get(console.url + "/jobs/new")
+    browser.find_element(By.NAME, "id").send_keys("made-in-browser")
+    browser.find_element(By.NAME, "task").send_keys("demo.record_fire")
+    Select(browser.find_element(By.NAME, "kind")).select_by_value("interval")
+    browser.find_element(By.NAME, "schedule").send_keys("2")
+    browser.find_element(By.NAME, "note").send_keys("from the form")
+    browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    until(browser, lambda b: "created made-in-browser" in b.page_source, "the new job's page")
+    until(browser, lambda b: "succeeded" in text(b, "#history"), "the new job to fire and run", timeout_s=45)
+    with redis_server.client() as r:
+        assert any(e["job_id"] == "made-in-browser" for e in executions(r, settings))
+
+
+def test_bad_form_input_names_job_and_field(browser: WebDriver, settings: AppSettings, start_console: Any) -> None:
+    console: ConsoleProcess = start_console(settings)
+    browser.get(console.url + "/jobs/new")
+    browser.find_element(By.NAME, "id").send_keys("broken")
+    browser.find_element(By.NAME, "task").send_keys("demo.sleep")
+    browser.find_element(By.NAME, "schedule").send_keys("61 * * * *")
+    browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    until(browser, lambda b: b.find_elements(By.ID, "errors"), "the error")
+    assert "job 'broken': cron" in text(browser, "#errors")
+    assert browser.find_element(By.NAME, "schedule").get_attribute("value") == "61 * * * *", "the form keeps input"
+
+
+def test_auth_and_csrf_refusals(
+    browser: WebDriver, settings: AppSettings, start_console: Any, redis_server: RedisServer
+) -> None:
+    env = {"WEB_USERNAME": "ops", "WEB_PASSWORD": "pw-5d1c9e"}
+    console: ConsoleProcess = start_console(settings, extra_env=env)
+    with console.http(auth=("ops", "pw-5d1c9e")) as http:
+        spec = {"id": "guarded", "task": "demo.sleep", "cron": "0 2 * * *"}
+        assert http.post("/api/v1/jobs", json={"spec": spec}).status_code == 201
+    browser.get(console.url + "/jobs/guarded")
+    assert not browser.find_elements(By.ID, "pause-note"), "no page without credentials"
+    host = console.url.removeprefix("http://")
+    browser.get(f"http://ops:{quote('pw-5d1c9e')}@{host}/jobs/guarded")
+    until(browser, lambda b: b.find_elements(By.ID, "pause-note"), "the job page with credentials")
+    anonymous = (
+        "const done = arguments[0]; fetch(location.origin + '/jobs', {credentials: 'omit'})"
+        ".then(r => done(r.status), e => done(String(e)))"
+    )
+    assert browser.execute_async_script(anonymous) == 401
+    # A forged token in the page's own form: refused, nothing paused.
+    browser.execute_script("document.querySelectorAll('input[name=csrf]').forEach(e => e.value = 'forged.0')")
+    browser.find_element(By.ID, "pause-note").send_keys("should not pause")
+    browser.find_element(By.ID, "pause-button").click()
+    until(browser, lambda b: "CSRF token missing or invalid" in b.page_source, "the CSRF refusal")
+    # Another page (another origin) posting a valid-looking form: refused as well.
+    form = (
+        f"<form method=post action='{console.url}/jobs/guarded/pause'><input name=csrf value=x.y>"
+        "<input name=note value=evil></form><script>document.forms[0].submit()</script>"
+    )
+    browser.get("data:text/html," + quote(form))
+    until(browser, lambda b: "403" in b.page_source or "CSRF" in b.page_source, "the cross-origin refusal")
+    with redis_server.client() as r:
+        assert r.hget(f"{settings.redis.key_prefix}paused", "guarded") is None
