@@ -29,6 +29,7 @@ from scheduler.control import ControlStore
 from scheduler.epoch import redis_facts
 from scheduler.events import SentEvents
 from scheduler.fires import Fire, Limits
+from scheduler.jobstore import source_kind
 from scheduler.planner import plan_manual
 from scheduler.specs import JobSpec
 from scheduler.state import StateStore
@@ -137,7 +138,8 @@ class Operator:
             "queue": spec.queue,
             "trigger": describe_trigger(spec),
             "enabled": spec.enabled,
-            "source": spec.source,
+            "source": source_kind(spec.source),
+            "owner": spec.source,
             "next_fire": upcoming[0].isoformat() if upcoming else None,
             "last_fire": last.get("scheduled_at") if last else None,
             "last_outcome": last.get("final"),

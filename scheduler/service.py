@@ -264,7 +264,8 @@ class SchedulerService:
             return False
         before = {spec.id for spec in self.manager.list()}
         self._hashes = file_hashes(self.options.job_files)
-        report = self.manager.reconcile(await self._without_removed(self.feed.admit(specs)))
+        # Admitted last, with no await after it: an API job the feed applied meanwhile wins.
+        report = self.manager.reconcile(self.feed.admit(await self._without_removed(specs)))
         await asyncio.wait([self._registry])  # the start-up's registry must not land after this one
         await self.control.publish_jobs(
             self.manager.list(), self._hashes, dropped=before - {s.id for s in self.manager.list()}

@@ -14,9 +14,9 @@ so the caller's own retry reaches the promoted replica without a restart.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -29,6 +29,8 @@ from shared.errors import ConfigError
 from shared.redis_checks import check_eviction, describe_failure, tls_warnings
 from shared.sentinel import async_master, sync_master
 from shared.settings import AppSettings, RedisSettings
+
+T = TypeVar("T")
 
 
 def client_options(settings: RedisSettings) -> dict[str, Any]:
@@ -199,3 +201,16 @@ def resolve_redis(settings: AppSettings) -> Iterator[AppSettings]:
     with EmbeddedRedis(settings.redis.embedded_dir, settings.redis.server_bin) as url:
         logger.info("using embedded redis at {} (set REDIS_URL to use your own)", url)
         yield settings.with_redis_url(url)
+
+
+def retry_through_restart(call: Callable[[], T], within_s: float, every_s: float = 0.2) -> T:
+    """``call()`` (blocking), tried again every ``every_s`` for up to ``within_s`` while Redis
+    cannot be reached (a restart, a failover); then its error is raised."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() + every_s > deadline:
+                raise
+            time.sleep(every_s)

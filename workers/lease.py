@@ -36,12 +36,15 @@ from loguru import logger
 
 from shared.fleet import FireLedger, Outcome
 from shared.names import HEADER_JOB_ID, HEADER_SCHEDULED_AT, RedisKeys
-from shared.redis import create_redis
+from shared.redis import create_redis, retry_through_restart
 from shared.settings import AppSettings
 from workers.heartbeat import Heartbeat
 from workers.keeper import Held, LeaseKeeper
 
 ERROR_MAX_CHARS = 300
+FINISH_RETRY_S = 3.0
+"""An outcome Redis cannot take is tried again this long (a restart): lost, the lease lapses and
+the message, whose ack was lost too, runs again after the visibility timeout."""
 _RECEIVED_MAX = 10_000
 DEFER_MIN_S = 1.0
 """A deferred duplicate comes back at least this late."""
@@ -326,18 +329,20 @@ class WorkerFleet:
         if fire is None:
             return
         job_id, scheduled_at = fire
+        finish = partial(
+            self.ledger.finish,
+            job_id,
+            scheduled_at,
+            task_id,
+            outcome,
+            error,
+            worker=self.hostname,
+            runner=lease.runner,
+            attempt=lease.attempt,
+            retry_lapse_ms=retry_lapse_ms,
+        )
         try:
-            verdict, current = self.ledger.finish(
-                job_id,
-                scheduled_at,
-                task_id,
-                outcome,
-                error,
-                worker=self.hostname,
-                runner=lease.runner,
-                attempt=lease.attempt,
-                retry_lapse_ms=retry_lapse_ms,
-            )
+            verdict, current = retry_through_restart(finish, FINISH_RETRY_S)
             if verdict == "applied" and outcome in (Outcome.SUCCEEDED, Outcome.FAILED):
                 self.ledger.streak(job_id, scheduled_at, outcome, error, by=self.hostname)
         except redis.RedisError as exc:
