@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -59,6 +60,37 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(interval_s)
+
+
+@contextlib.contextmanager
+def serving(
+    command: list[str], log_path: Path, probe: Callable[[], object], what: str, timeout_s: float, **popen: Any
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``command`` (an HTTP service: Flower, celery-exporter) with its output in
+    ``log_path`` until ``probe`` stops raising OSError; stop it on exit. A process that dies
+    while starting fails the test with its log."""
+    log = log_path.open("wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, **popen)
+
+    def answers() -> bool:
+        try:
+            probe()
+            return True
+        except OSError:
+            return process.poll() is not None
+
+    try:
+        wait_for(answers, timeout_s, what)
+        assert process.poll() is None, log_path.read_text()
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+        log.close()
 
 
 @dataclass

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.settings import AppSettings
-from tests.conftest import RedisServer, SchedulerProcess, WorkerProcess, free_port, wait_for, write_jobs
+from tests.conftest import RedisServer, SchedulerProcess, WorkerProcess, free_port, serving, wait_for, write_jobs
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -52,20 +52,14 @@ def exporter(
 ) -> Iterator[Callable[[], dict[tuple[str, str], float]]]:
     """The exporter on a free port; yields a scrape: (metric, task name) -> value, summed."""
     port = free_port()
-    log = (tmp_path / "exporter.log").open("wb")
-    process = subprocess.Popen(
-        [
-            str(exporter_python),
-            "-c",
-            "from src.cli import cli; cli()",
-            f"--broker-url={settings.broker_url()}",
-            f"--port={port}",
-            "--host=127.0.0.1",
-        ],
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    command = [
+        str(exporter_python),
+        "-c",
+        "from src.cli import cli; cli()",
+        f"--broker-url={settings.broker_url()}",
+        f"--port={port}",
+        "--host=127.0.0.1",
+    ]
 
     def scrape() -> dict[tuple[str, str], float]:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
@@ -77,25 +71,8 @@ def exporter(
                 totals[key] = totals.get(key, 0) + sample.value
         return totals
 
-    def answers() -> bool:
-        try:
-            scrape()
-            return True
-        except OSError:
-            return process.poll() is not None
-
-    try:
-        wait_for(answers, 60, "celery-exporter to answer")
-        assert process.poll() is None, (tmp_path / "exporter.log").read_text()
+    with serving(command, tmp_path / "exporter.log", scrape, "celery-exporter to answer", 60, cwd=tmp_path):
         yield scrape
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-        log.close()
 
 
 def test_celery_exporter_counts_chronoq_fires_sent_and_succeeded(

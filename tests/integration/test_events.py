@@ -5,7 +5,6 @@ real Flower process, whose API must show each fire as sent and then succeeded.""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import threading
 import urllib.request
@@ -26,6 +25,7 @@ from tests.conftest import (
     chronoq,
     executions,
     free_port,
+    serving,
     settings_env,
     wait_for,
     write_jobs,
@@ -74,39 +74,17 @@ class EventLog:
 def flower(settings: AppSettings, tmp_path: Path) -> Iterator[Callable[[str], Any]]:
     """A real Flower on a free port; yields a GET of its API returning JSON."""
     port = free_port()
-    log = (tmp_path / "flower.log").open("wb")
     env = {**settings_env(settings), "FLOWER_UNAUTHENTICATED_API": "true"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "workers.app", "flower", "--address=127.0.0.1", f"--port={port}"],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    command = [sys.executable, "-m", "celery", "-A", "workers.app", "flower", "--address=127.0.0.1", f"--port={port}"]
 
     def get(path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
             return json.loads(reply.read())
 
-    def answers() -> bool:
-        try:
-            get("/api/tasks")
-            return True
-        except OSError:
-            return process.poll() is not None
-
-    try:
-        wait_for(answers, 30, "Flower to answer")
-        assert process.poll() is None, (tmp_path / "flower.log").read_text()
+    with serving(
+        command, tmp_path / "flower.log", lambda: get("/api/tasks"), "Flower to answer", 30, cwd=ROOT, env=env
+    ):
         yield get
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-        log.close()
 
 
 def test_fires_are_announced_as_sent_then_seen_succeeding(
