@@ -179,7 +179,7 @@ def account(master: RedisProcess, ledger: RedisProcess, settings: AppSettings, s
                     problem = "ran, not dispatched"
                 elif outcome == "dispatched" and ran == 0:
                     problem = "dispatched, never ran"
-                elif outcome == "dispatched" and record.get("run") != "succeeded":
+                elif outcome == "dispatched" and (record or {}).get("run") != "succeeded":
                     problem = "ran, outcome not recorded"
                 if problem:
                     counts[problem] += 1
@@ -400,6 +400,11 @@ def test_plain_sentinel_failover_with_wait_loses_nothing(
         logs=logs,
     )
     report("SENTINEL FAILOVER with WAIT", result, lost, at, promoted, flowing)
+    turned_away = logs["worker"].count("not dispatched (a failover lost its decision)")
+    deferred = logs["worker"].count("not confirmed by the replicas yet")
+    print(
+        f"  worker: {turned_away} deliveries of discarded decisions turned away, {deferred} unconfirmed leases deferred"
+    )
     counts = result["counts"]
     assert counts["fires"] >= 20 * 2 * RUN_AFTER_S
     assert lost == [], f"{len(lost)} acknowledged probe writes lost"

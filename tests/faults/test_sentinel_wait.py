@@ -80,10 +80,12 @@ def test_every_kind_of_write_waits_for_the_replica(redis_process: Callable[..., 
 
     def sync_writes() -> list[object]:
         with client.pipeline(transaction=False) as pipe:
-            pipe.set(f"{namespace}:p", 1).get(f"{namespace}:p")
+            pipe.set(f"{namespace}:p", 1)
+            pipe.get(f"{namespace}:p")
             piped = pipe.execute()
         with client.pipeline(transaction=True) as pipe:
-            pipe.incr(f"{namespace}:t").incr(f"{namespace}:t")
+            pipe.incr(f"{namespace}:t")
+            pipe.incr(f"{namespace}:t")
             transacted = pipe.execute()
         return [client.set(f"{namespace}:s", "v"), incr(keys=[f"{namespace}:n"]), piped, transacted]
 
@@ -112,12 +114,13 @@ def test_every_kind_of_write_waits_for_the_replica(redis_process: Callable[..., 
         with replica.client() as replica_client:  # confirmed means the replica has it
             assert replica_client.get(f"{namespace}:s") == "v"
         replica.freeze()  # connected, but acknowledges nothing
-        for name, write in [
+        writes: list[tuple[str, Callable[[], object]]] = [
             ("set", lambda: client.set(f"{namespace}:s", "w")),
             ("script", lambda: incr(keys=[f"{namespace}:n"])),
             ("pipeline", sync_writes),
             ("async", lambda: asyncio.run(async_writes())),
-        ]:
+        ]
+        for name, write in writes:
             started = time.monotonic()
             with pytest.raises(NotReplicatedError, match=r"confirmed by 0 of 1 replicas within 200 ms"):
                 write()
