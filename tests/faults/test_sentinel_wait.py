@@ -150,7 +150,8 @@ def test_the_only_replica_down_with_sentinel(
     """SIGKILL the replica under load with ``REDIS_WAIT_REPLICAS=1``: after one write's wait
     (``REDIS_WAIT_TIMEOUT_MS``) every process writes on without it, since every Sentinel names the
     master and none fails it over; each says so once. The replica restarts, resyncs, and writes
-    are confirmed by it again. No fire is missed, lost, unrecorded or run twice."""
+    are confirmed by it again. No fire is missed, lost, unrecorded or run twice (the lateness
+    of the first fires after the kill is printed)."""
     ledger = redis_process(appendonly=False)
     settings = sentinel_settings(sentinel_group, namespace, wait=True)
     env = {**fault_env(ledger), **WAIT_ENV}
@@ -178,7 +179,6 @@ def test_the_only_replica_down_with_sentinel(
         f"\nreplica down with WAIT: a fire due 0.5 s after the kill ran {flowing - killed - 0.5:.2f} s late; {counts}"
     )
     assert {p: counts[p] for p in PROBLEMS} == dict.fromkeys(PROBLEMS, 0), result
-    assert counts["coalesced"] == 0, counts  # nothing waited long enough to coalesce
     for name, log in (("scheduler", scheduler.log()), ("worker", worker.log())):
         assert log.count(DEGRADED) == 1, (name, log[-3000:])  # once per outage, not per write
         assert log.count(CONFIRMED) == 1, (name, log[-3000:])
