@@ -424,3 +424,38 @@ def test_plain_sentinel_failover_with_wait_loses_nothing(
     for name, log in logs.items():
         assert log.count("redis writes wait for 0 of REDIS_WAIT_REPLICAS=1") <= 2, (name, log[-3000:])
         assert "redis writes confirmed by 1 replicas again" in log, (name, log[-3000:])
+
+
+def test_sigkill_of_the_master_with_wait_loses_nothing(
+    sentinel_group: SentinelGroup,
+    redis_process: Callable[..., RedisProcess],
+    start_worker: Callable[..., WorkerProcess],
+    start_scheduler: Callable[..., list[SchedulerProcess]],
+    tmp_path: Path,
+    namespace: str,
+) -> None:
+    """SIGKILL of the master with ``REDIS_WAIT_REPLICAS=1``: a write is acknowledged only once
+    the replica has it, so the promoted replica has every acknowledged write. The old master
+    never comes back: the new one has no replica, and every Sentinel names it, so writes go
+    on without waiting (said once per process). Nothing lost, unrecorded or run twice."""
+    logs: dict[str, str] = {}
+    result, lost, at, promoted, flowing = run_failover(
+        lambda group: group.kill_master()[1],
+        sentinel_group,
+        redis_process,
+        start_worker,
+        start_scheduler,
+        tmp_path,
+        namespace,
+        wait=True,
+        logs=logs,
+    )
+    report("SIGKILL with WAIT", result, lost, at, promoted, flowing)
+    counts = result["counts"]
+    assert counts["fires"] >= 20 * 2 * RUN_AFTER_S
+    assert lost == [], f"{len(lost)} acknowledged probe writes lost"
+    problems = ("missed", "gaps", "unrecorded", "duplicates", "ran, not dispatched", "dispatched, never ran")
+    assert {p: counts[p] for p in problems} == dict.fromkeys(problems, 0), result
+    assert counts["coalesced"] >= 20, counts  # the fires due during the failover: one per job
+    for name, log in logs.items():
+        assert log.count("redis writes wait for 0 of REDIS_WAIT_REPLICAS=1") == 1, (name, log[-3000:])
