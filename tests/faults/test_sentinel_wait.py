@@ -62,11 +62,11 @@ def in_sync(master: RedisProcess) -> bool:
         return False
 
 
-def waiting_settings(master: RedisProcess, namespace: str) -> AppSettings:
+def waiting_settings(master: RedisProcess, namespace: str, wait_timeout_ms: int = WAIT_TIMEOUT_MS) -> AppSettings:
     return make_settings(
         master.url,
         namespace,
-        redis={"wait_replicas": 1, "wait_timeout_ms": WAIT_TIMEOUT_MS, "socket_timeout_s": 2},
+        redis={"wait_replicas": 1, "wait_timeout_ms": wait_timeout_ms, "socket_timeout_s": 2},
         celery={"visibility_timeout_s": VISIBILITY_TIMEOUT_S, "task_time_limit_s": TIME_LIMIT_S},
         scheduler={"slot_margin_s": SLOT_MARGIN_S},
     )
@@ -74,7 +74,8 @@ def waiting_settings(master: RedisProcess, namespace: str) -> AppSettings:
 
 def test_every_kind_of_write_waits_for_the_replica(redis_process: Callable[..., RedisProcess], namespace: str) -> None:
     master, replica = master_and_replica(redis_process)
-    settings = waiting_settings(master, namespace)
+    # A replica starved of CPU (a loaded test machine) can take longer than 200 ms to acknowledge.
+    settings = waiting_settings(master, namespace, wait_timeout_ms=1500)
     client = create_redis(settings.redis)
     incr = client.register_script("return redis.call('INCR', KEYS[1])")
 
@@ -122,9 +123,9 @@ def test_every_kind_of_write_waits_for_the_replica(redis_process: Callable[..., 
         ]
         for name, write in writes:
             started = time.monotonic()
-            with pytest.raises(NotReplicatedError, match=r"confirmed by 0 of 1 replicas within 200 ms"):
+            with pytest.raises(NotReplicatedError, match=r"confirmed by 0 of 1 replicas within 1500 ms"):
                 write()
-            assert time.monotonic() - started < 10, name
+            assert time.monotonic() - started < 15, name
         assert client.get(f"{namespace}:s") == "w"  # reads are not held up (and see the master)
         replica.thaw()
         wait_for(lambda: client.set(f"{namespace}:s", "x"), 10, "writes to be confirmed again")
