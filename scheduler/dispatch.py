@@ -42,7 +42,7 @@ from scheduler.planner import (
 )
 from scheduler.timeline import Encoder, Preparer, Timeline
 from shared.clock import SYSTEM_CLOCK, Clock
-from shared.errors import DispatchError
+from shared.errors import DispatchError, NotReplicatedError
 from shared.fleet import FireIntent, Outcome
 from shared.redis import raise_if_cancelling
 
@@ -221,7 +221,11 @@ class Dispatcher:
                 self.metrics.decide_retries.inc()
                 self.metrics.redis_errors.labels("decide").inc()
             delay = min(self.max_backoff_s, 0.05 * 2**attempt)
-            logger.warning("dispatch failed (attempt {}), retrying in {:.2f}s: {}", attempt, delay, error)
+            # Replicas missing is reported once by shared.durability: only the first try here.
+            quiet = isinstance(error, NotReplicatedError) and attempt > 1
+            (logger.debug if quiet else logger.warning)(
+                "dispatch failed (attempt {}), retrying in {:.2f}s: {}", attempt, delay, error
+            )
             await asyncio.sleep(delay)
 
     async def _decide_in_lanes(self, fires: list[Fire]) -> tuple[list[Fire], BaseException | None]:

@@ -26,6 +26,7 @@ from scheduler.specs import TRIGGER_KEYS, JobDefaults, JobSpec, _describe, trigg
 from shared import lua
 from shared.errors import (
     JobSpecError,
+    NotReplicatedError,
     OwnershipError,
     RedisUnavailableError,
     UnknownJobError,
@@ -165,6 +166,11 @@ class JobStore:
             raise RedisUnavailableError(
                 f"job {job_id!r}: {op}: redis did not answer in time ({exc}); the change was applied whole or "
                 "not at all: read the job to see which (its version tells)"
+            ) from None
+        except NotReplicatedError as exc:
+            raise RedisUnavailableError(
+                f"job {job_id!r}: {op}: not confirmed by the replicas ({exc}); it may have been applied on a "
+                "master that was replaced: read the job to see (its version tells)"
             ) from None
         except (redis.ConnectionError, OSError) as exc:
             raise RedisUnavailableError(f"job {job_id!r}: {op} not stored: redis unavailable ({exc})") from None

@@ -24,6 +24,7 @@ import redis.asyncio
 from loguru import logger
 
 from shared.clock import SYSTEM_CLOCK, Clock
+from shared.errors import NotReplicatedError
 from shared.names import RedisKeys
 from shared.redis import raise_if_cancelling
 
@@ -90,7 +91,10 @@ class Leadership:
         except (redis.RedisError, OSError) as exc:
             raise_if_cancelling()
             self._leader = False
-            logger.warning("leader lease not renewed: {}", exc)
+            # A write its replicas did not confirm may be discarded (a failover): no leader on
+            # its strength. Replicas missing is reported once (shared.durability), so say it once.
+            quiet = isinstance(exc, NotReplicatedError) and not was
+            (logger.debug if quiet else logger.warning)("leader lease not renewed: {}", exc)
             if self.metrics is not None:
                 self.metrics.redis_errors.labels("lease").inc()
         if self.metrics is not None and was and not self._leader:

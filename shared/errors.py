@@ -7,6 +7,8 @@
     │   └── JobSpecError         one or more job-file problems, each naming file, job and field
     ├── RedisUnavailableError    Redis refused, timed out or rejected our credentials
     │   └── RedisAuthError       wrong password or user: retrying cannot help
+    ├── NotReplicatedError       a write was not confirmed by REDIS_WAIT_REPLICAS replicas (also
+    │                            a redis ConnectionError: every caller retries it as one)
     ├── EmbeddedRedisError       no redis-server binary, or the embedded server would not start
     ├── DispatchError            a fire could not be published (retried by the dispatcher)
     ├── UnknownJobError          no job with that id (also a KeyError): not registered with
@@ -21,6 +23,8 @@ with :func:`shared.redis.redact_url` before they are put in a message.
 """
 
 from __future__ import annotations
+
+import redis
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 EX_UNAVAILABLE = 69  # sysexits.h: a service we need is unavailable
@@ -52,6 +56,13 @@ class RedisUnavailableError(ChronoqError):
 
 class RedisAuthError(RedisUnavailableError):
     """Redis rejected our credentials; retrying cannot help."""
+
+
+class NotReplicatedError(ChronoqError, redis.ConnectionError):
+    """A write was not confirmed by ``REDIS_WAIT_REPLICAS`` replicas within
+    ``REDIS_WAIT_TIMEOUT_MS`` (the master may have been replaced: what it took can be discarded).
+    A ``redis.ConnectionError`` too, so every caller retries it as a dropped connection: on
+    the master the Sentinels name by then, and chronoq's writes are safe to repeat."""
 
 
 class EmbeddedRedisError(ChronoqError):

@@ -136,6 +136,7 @@ class FireLedger:
     older than now. Fires of one job are decided in order except for jitter and a follower's
     take-over delay, so the window must exceed those: a fire still undecided that long after
     its nominal time, once later fires of its job were retired, would count as decided.
+    ``require_record``: a delivery of a fire without a record never runs (:meth:`start`).
     """
 
     def __init__(
@@ -146,8 +147,10 @@ class FireLedger:
         fire_ttl_s: int = 7 * 86400,
         history_limit: int = 100,
         fence_window_s: float = 300,
+        require_record: bool = False,
     ) -> None:
         self.keys = keys
+        self.require_record = require_record
         self.fire_ttl_s = fire_ttl_s
         self.history_limit = history_limit
         self.fence_window_ms = int(fence_window_s * 1000)
@@ -194,6 +197,7 @@ class FireLedger:
         *,
         retries: int = 0,
         force: bool = False,
+        token: str = "",
     ) -> Any:
         """Take the run lease of a fire for ``lease_ms``; ``retries`` is the delivery's retry count.
 
@@ -201,10 +205,17 @@ class FireLedger:
         for :meth:`finish`), ``['done', '', 0, 0]`` (the fire succeeded already, or its record
         was retired: at or before the job's fence watermark) or ``['busy', holder,
         lease_left_ms, 0]`` (another attempt holds a live lease). ``force`` takes a live lease
-        over. Refreshes the fire hash's TTL.
+        over. ``token`` names this admission: the same call repeated (a lost reply, a write
+        ``WAIT`` did not confirm) answers ``run`` with the same attempt. ``['done', outcome, 0, 0]``:
+        the fire is recorded coalesced, skipped or missed (or has no record, ``'undecided'``, with
+        ``require_record``): its message came from a decision a failover discarded, see start.lua.
+        Refreshes the fire hash's TTL.
         """
         args: list[str | int] = [self._templates, job_id, scheduled_at, task_id, runner, lease_ms]
-        return self._start(keys=[self.keys.fence], args=[*args, "1" if force else "0", self.fire_ttl_s, retries])
+        return self._start(
+            keys=[self.keys.fence],
+            args=[*args, "1" if force else "0", self.fire_ttl_s, retries, token, int(self.require_record)],
+        )
 
     def renew(self, job_id: str, scheduled_at: str, task_id: str, runner: str, attempt: int, lease_ms: int) -> Any:
         """Extend a running attempt's run lease and its slot to ``lease_ms`` from now, while

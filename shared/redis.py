@@ -25,7 +25,8 @@ from loguru import logger
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from shared.errors import ConfigError
+from shared.durability import AsyncWaitingRedis, Durability, WaitingRedis
+from shared.errors import ConfigError, NotReplicatedError
 from shared.redis_checks import check_eviction, describe_failure, tls_warnings
 from shared.sentinel import async_master, sync_master
 from shared.settings import AppSettings, RedisSettings
@@ -95,36 +96,58 @@ def _master_name(settings: RedisSettings) -> str:
     return settings.sentinel_master
 
 
+def durability(settings: RedisSettings) -> Durability | None:
+    """The ``WAIT`` settings of every client (:mod:`shared.durability`); None when off."""
+    if not settings.wait_replicas:
+        return None
+    return Durability(settings.wait_replicas, settings.wait_timeout_ms, settings.sentinel_check_s)
+
+
 def create_redis(settings: RedisSettings, url: str | None = None) -> redis.Redis:
     """A blocking client for ``url`` (default: the configured server, through Sentinel when it
-    is configured). Never call it on the event loop; use :func:`create_async_redis` there."""
+    is configured). With ``REDIS_WAIT_REPLICAS`` its writes wait for replicas. Never call it on
+    the event loop; use :func:`create_async_redis` there."""
     target = url or settings.connection_url()
+    waits = durability(settings)
+    cls = redis.Redis if waits is None else WaitingRedis
     if is_sentinel_url(target):
-        return sync_master(
+        client = sync_master(
             _sentinel_hosts(target),
             _master_name(settings),
             sentinel_options(settings),
             settings.sentinel_check_s,
             settings.sentinel_tls,
+            cls,
             **_master_options(settings, target),
         )
-    return redis.Redis.from_url(target, **client_options(settings))
+    else:
+        client = cls.from_url(target, **client_options(settings))
+    if isinstance(client, WaitingRedis):
+        client.durability = waits
+    return client
 
 
 def create_async_redis(settings: RedisSettings, url: str | None = None) -> redis.asyncio.Redis:
     """An asyncio client for ``url`` (default: the configured server, through Sentinel when it
-    is configured)."""
+    is configured); with ``REDIS_WAIT_REPLICAS`` its writes wait for replicas."""
     target = url or settings.connection_url()
+    waits = durability(settings)
+    cls = redis.asyncio.Redis if waits is None else AsyncWaitingRedis
     if is_sentinel_url(target):
-        return async_master(
+        client = async_master(
             _sentinel_hosts(target),
             _master_name(settings),
             sentinel_options(settings),
             settings.sentinel_check_s,
             settings.sentinel_tls,
+            cls,
             **_master_options(settings, target),
         )
-    return redis.asyncio.Redis.from_url(target, **client_options(settings))
+    else:
+        client = cls.from_url(target, **client_options(settings))
+    if isinstance(client, AsyncWaitingRedis):
+        client.durability = waits
+    return client
 
 
 def check_redis(settings: RedisSettings, url: str | None = None) -> float:
@@ -211,6 +234,20 @@ def retry_through_restart(call: Callable[[], T], within_s: float, every_s: float
         try:
             return call()
         except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() + every_s > deadline:
+                raise
+            time.sleep(every_s)
+
+
+def retry_unconfirmed(call: Callable[[], T], within_s: float, every_s: float = 0.2) -> T:
+    """``call()`` (blocking), tried again every ``every_s`` for up to ``within_s`` while its write
+    is not confirmed by the replicas (:class:`~shared.errors.NotReplicatedError`: a failover
+    under way moves the client meanwhile); then that error is raised."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return call()
+        except NotReplicatedError:
             if time.monotonic() + every_s > deadline:
                 raise
             time.sleep(every_s)

@@ -73,6 +73,13 @@ class RedisSettings(Group):
     sentinel_check_s: float = Field(0.5, gt=0, le=60)
     """How often each client asks the Sentinels whether the master moved (a graceful failover
     leaves the old master up and accepting writes that are later discarded)."""
+    wait_replicas: int = Field(0, ge=0, le=16)
+    """``WAIT``-based durability: every chronoq write is acknowledged only once this many
+    replicas have it (0: off). A shortfall is retried like a dropped connection, on the master
+    the Sentinels name; see :mod:`shared.durability`."""
+    wait_timeout_ms: int = Field(250, gt=0, le=60000)
+    """How long each write waits for ``wait_replicas`` replicas before it counts as not
+    replicated (below ``socket_timeout_s``)."""
 
     @field_validator(
         "url",

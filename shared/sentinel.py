@@ -131,13 +131,15 @@ def sync_master(
     sentinel_kwargs: dict[str, Any],
     check_s: float,
     tls: bool,
+    redis_class: type[redis.Redis] = redis.Redis,
     **options: Any,
 ) -> redis.Redis:
-    """A client of the master named ``master``, found through the Sentinels at ``hosts``."""
+    """A client (of ``redis_class``) of the master named ``master``, found through the
+    Sentinels at ``hosts``."""
     sentinel = redis.sentinel.Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)
     client: redis.Redis = sentinel.master_for(
         master,
-        redis_class=redis.Redis,
+        redis_class=redis_class,
         connection_pool_class=FollowingPool,
         connection_class=FencedSSLConnection if tls else FencedConnection,
         check_s=check_s,
@@ -152,13 +154,14 @@ def async_master(
     sentinel_kwargs: dict[str, Any],
     check_s: float,
     tls: bool,
+    redis_class: type[redis.asyncio.Redis] = redis.asyncio.Redis,
     **options: Any,
 ) -> redis.asyncio.Redis:
     """:func:`sync_master` for asyncio."""
     sentinel = redis.asyncio.sentinel.Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)
     client: redis.asyncio.Redis = sentinel.master_for(
         master,
-        redis_class=redis.asyncio.Redis,
+        redis_class=redis_class,
         connection_pool_class=AsyncFollowingPool,
         connection_class=AsyncFencedSSLConnection if tls else AsyncFencedConnection,
         check_s=check_s,

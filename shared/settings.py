@@ -257,6 +257,11 @@ class AppSettings(BaseSettings):
     def _check_sentinel(self) -> AppSettings:
         # Checked here, not in RedisSettings, so that the line names the variables alone.
         redis = self.redis
+        if redis.wait_replicas and redis.wait_timeout_ms >= redis.socket_timeout_s * 1000:
+            raise ValueError(
+                f"REDIS_WAIT_TIMEOUT_MS ({redis.wait_timeout_ms}) must be below REDIS_SOCKET_TIMEOUT_S "
+                f"({redis.socket_timeout_s:g} s), or a write waiting for its replicas times out the connection"
+            )
         if redis.sentinel_master is not None and not redis.sentinels:
             raise ValueError(
                 "REDIS_SENTINEL_MASTER is set but REDIS_SENTINELS is not: list the Sentinels (host:port,...)"

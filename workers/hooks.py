@@ -13,7 +13,8 @@ from loguru import logger
 from shared.logging import bind_context, configure_logging, reset_context
 from shared.names import HEADER_JOB_ID, HEADER_SCHEDULED_AT, HEADER_TRACE_ID
 from shared.settings import AppSettings
-from workers.lease import WorkerFleet, header
+from workers.lease import WorkerFleet
+from workers.requests import header
 from workers.runtime import ChronoqTask, runtime
 
 _tokens: dict[str, Any] = {}

@@ -23,47 +23,38 @@ import socket
 import threading
 import weakref
 from collections import OrderedDict
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any, NamedTuple, NoReturn
 
-import psutil
 import redis
 from billiard.exceptions import WorkerLostError
 from celery import Task
 from celery.exceptions import Ignore, Reject, TimeLimitExceeded
 from loguru import logger
 
+from shared.errors import NotReplicatedError
 from shared.fleet import FireLedger, Outcome
-from shared.names import HEADER_JOB_ID, HEADER_SCHEDULED_AT, RedisKeys
-from shared.redis import create_redis, retry_through_restart
+from shared.names import RedisKeys
+from shared.redis import create_redis, retry_through_restart, retry_unconfirmed
 from shared.settings import AppSettings
 from workers.heartbeat import Heartbeat
 from workers.keeper import Held, LeaseKeeper
+from workers.requests import ERROR_MAX_CHARS, Headers, fire_of, pid_is_gone, retry_delay_s, short_error
 
-ERROR_MAX_CHARS = 300
 FINISH_RETRY_S = 3.0
 """An outcome Redis cannot take is tried again this long (a restart): lost, the lease lapses and
 the message, whose ack was lost too, runs again after the visibility timeout."""
 _RECEIVED_MAX = 10_000
+_DONE = {"": "the fire already succeeded", "retired": "its record was retired long ago"}
 DEFER_MIN_S = 1.0
 """A deferred duplicate comes back at least this late."""
 DEFER_SLACK_S = 0.5
 """... and this long after the holder's lease ends, so it finds it lapsed."""
-
-
-def header(request: Any, name: str) -> str | None:
-    """A custom message header of a task request (protocol 2 puts them on the request)."""
-    value = getattr(request, name, None)
-    if value is None:
-        value = (getattr(request, "headers", None) or {}).get(name)
-    return None if value is None else str(value)
-
-
-def fire_of(request: Any) -> tuple[str, str] | None:
-    """(job_id, scheduled_at) of a scheduled fire's request; None for ad-hoc work."""
-    job_id, scheduled_at = header(request, HEADER_JOB_ID), header(request, HEADER_SCHEDULED_AT)
-    return None if job_id is None or scheduled_at is None else (job_id, scheduled_at)
+UNCONFIRMED_RETRY_S = 2.0
+"""A run lease start its replicas did not confirm (``REDIS_WAIT_REPLICAS``) is tried again this
+long (at most a quarter of the time limit): a failover moves the client to the new master."""
+UNCONFIRMED_DEFER_S = 4.5
+"""... then the delivery comes back this much later (deferred, not re-queued at once)."""
 
 
 class Lease(NamedTuple):
@@ -76,32 +67,6 @@ class Lease(NamedTuple):
 
 
 NEVER_STARTED = Lease("", 0)
-
-
-def retry_delay_s(when: Any) -> float:
-    """Seconds until a retry is due, from ``Retry.when`` (seconds, or an ETA datetime where
-    naive means UTC); 0 if unknown or past."""
-    if isinstance(when, int | float):
-        return max(0.0, float(when))
-    if isinstance(when, datetime):
-        due = when if when.tzinfo else when.replace(tzinfo=UTC)
-        return max(0.0, (due - datetime.now(UTC)).total_seconds())
-    return 0.0
-
-
-def short_error(exc: BaseException) -> str:
-    """``Type: message``, cut to :data:`ERROR_MAX_CHARS`."""
-    return f"{type(exc).__name__}: {exc}"[:ERROR_MAX_CHARS]
-
-
-def pid_is_gone(pid: int) -> bool:
-    """True if no process ``pid`` runs on this host (a zombie counts as gone)."""
-    try:
-        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.Error:
-        return False  # it exists but we may not look at it
 
 
 class WorkerFleet:
@@ -123,6 +88,8 @@ class WorkerFleet:
         # no request, and for the pool process an attempt ran in. Bounded: most entries are
         # never looked up.
         self._received: OrderedDict[str, tuple[tuple[str, str], list[weakref.ref[Any]]]] = OrderedDict()
+        self._tokens: dict[str, str] = {}
+        """Task id -> the token of a run lease start that failed (see :meth:`admit`)."""
         self._heartbeat: Heartbeat | None = None
         self._nodename: str | None = None
         self._keeper = LeaseKeeper(lambda: self.ledger, settings.worker.pool)
@@ -132,7 +99,8 @@ class WorkerFleet:
         pair = self._clients.get(os.getpid())
         if pair is None:
             client = create_redis(self.settings.redis)
-            ledger = FireLedger(client, self.keys, history_limit=self.settings.scheduler.history_limit)
+            limit, strict = self.settings.scheduler.history_limit, self.settings.redis.wait_replicas > 0
+            ledger = FireLedger(client, self.keys, history_limit=limit, require_record=strict)
             pair = self._clients.setdefault(os.getpid(), (client, ledger))
         return pair
 
@@ -167,15 +135,34 @@ class WorkerFleet:
         runner = f"{hostname}:{os.getpid()}"
         time_limit_s = self.time_limit_s(task, request)
         lease_ms = int((time_limit_s + self.slot_margin_s) * 1000)
+        # A start whose reply was lost, or that its replicas did not confirm, may have taken the
+        # lease after all: sent again, here or in a later delivery to this process, with the same
+        # token it finds the lease its own instead of busy until it lapses.
+        token = self._tokens.pop(task_id, None) or os.urandom(8).hex()
         start = partial(
-            self.ledger.start, job_id, scheduled_at, task_id, runner, lease_ms, retries=request.retries or 0
+            self.ledger.start,
+            job_id,
+            scheduled_at,
+            task_id,
+            runner,
+            lease_ms,
+            retries=request.retries or 0,
+            token=token,
         )
         try:
-            verdict, holder, left_ms, attempt = start()
+            verdict, holder, left_ms, attempt = retry_unconfirmed(start, min(UNCONFIRMED_RETRY_S, time_limit_s / 4))
             if verdict == "busy" and self._holder_is_gone(str(holder), hostname):
                 logger.warning("run lease taken over job_id={} holder={} (its process is gone)", job_id, holder)
                 verdict, holder, left_ms, attempt = start(force=True)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if len(self._tokens) >= _RECEIVED_MAX:  # deliveries that went elsewhere: forget them
+                self._tokens.clear()
+            self._tokens[task_id] = token
+            if isinstance(exc, NotReplicatedError):
+                # The broker answers (a re-queued message would come straight back): try later.
+                # shared.durability has reported the missing replicas once.
+                why = "its run lease is not confirmed by the replicas yet"
+                self.defer(task, request, job_id, "-", UNCONFIRMED_DEFER_S, time_limit_s, why=why)
             logger.error("run lease unavailable, message re-queued job_id={}: {}", job_id, exc)
             raise Reject(exc, requeue=True) from exc
         if verdict == "run":
@@ -184,13 +171,20 @@ class WorkerFleet:
             self._keeper.hold(key, Held(job_id, scheduled_at, task_id, runner, int(attempt), lease_ms, time_limit_s))
             return
         if verdict == "done":
-            why = "its record was retired long ago" if holder == "retired" else "the fire already succeeded"
+            why = _DONE.get(str(holder)) or f"the fire is {holder}, not dispatched (a failover lost its decision)"
             logger.info("duplicate delivery skipped job_id={} holder=- ({})", job_id, why)
             raise Ignore()
         self.defer(task, request, job_id, str(holder), int(left_ms) / 1000, time_limit_s)
 
     def defer(
-        self, task: Task, request: Any, job_id: str, holder: str, lease_left_s: float, time_limit_s: float
+        self,
+        task: Task,
+        request: Any,
+        job_id: str,
+        holder: str,
+        lease_left_s: float,
+        time_limit_s: float,
+        why: str = "another attempt holds a live lease",
     ) -> NoReturn:
         """Publish this delivery again, due when the holder's lease ends, then ack it (``Ignore``).
 
@@ -216,10 +210,11 @@ class WorkerFleet:
             logger.error("duplicate delivery not deferred, message re-queued job_id={}: {}", job_id, exc)
             raise Reject(exc, requeue=True) from exc
         logger.info(
-            "duplicate delivery deferred job_id={} holder={} countdown_s={:.1f} (another attempt holds a live lease)",
+            "duplicate delivery deferred job_id={} holder={} countdown_s={:.1f} ({})",
             job_id,
             holder or "-",
             countdown_s,
+            why,
         )
         raise Ignore()
 
@@ -237,7 +232,7 @@ class WorkerFleet:
 
     # -- outcomes ------------------------------------------------------------------------
     def on_received(self, request: Any = None, **_: Any) -> None:
-        fire = fire_of(_Headers(getattr(request, "request_dict", None) or {}))
+        fire = fire_of(Headers(getattr(request, "request_dict", None) or {}))
         if request is None or fire is None:
             return
         task_id = str(request.id)
@@ -306,7 +301,7 @@ class WorkerFleet:
         """Main process: a fire of a task this worker has not registered was dropped. Record it
         failed and free its slot now, instead of the slot lapsing after queue wait, time limit
         and margin (about 31 min by default)."""
-        fire = fire_of(_Headers(getattr(message, "headers", None) or {}))
+        fire = fire_of(Headers(getattr(message, "headers", None) or {}))
         self._finish(fire, str(id), Outcome.FAILED, f"unregistered task {name}"[:ERROR_MAX_CHARS], lease=NEVER_STARTED)
 
     def _pool_attempt(self, task_id: str) -> tuple[tuple[str, str] | None, Lease]:
@@ -391,10 +386,3 @@ class WorkerFleet:
         for client, _ledger in self._clients.values():
             client.close()
         self._clients.clear()
-
-
-class _Headers:
-    """A message's header dict seen as a request (attributes), for :func:`fire_of`."""
-
-    def __init__(self, headers: dict[str, Any]) -> None:
-        self.headers = headers

@@ -9,7 +9,8 @@
 --
 -- Returns {'ok', version, recreated} (recreated 1: the id had fires before, of a deleted job),
 -- {'exists', version} (create of a taken API id), {'owned', source} (the id belongs to a job
--- file or code), {'missing', ''} or {'conflict', current version}: nothing was written.
+-- file or code), {'missing', ''} or {'conflict', current version}: nothing was written. A create,
+-- or an update with an expected version, repeated after it was applied answers {'ok', version, 0}.
 -- The record is stored as '{"version":N,' .. ARGV[4] minus its '{', so the version is its first
 -- field. Delete also forgets the job's pause, last fire, failure streak and invalid report: a job created
 -- later under the same id is a new job (no catch-up from the old one's last fire).
@@ -30,7 +31,14 @@ end
 local current = redis.call('HGET', api_jobs, id)
 local version = 0
 if current then version = tonumber(string.match(current, '^{%s*"version"%s*:%s*(%d+)')) or 0 end
+-- This very write sent again (its reply was lost, or WAIT did not confirm it and it reached the
+-- master that took over): the stored record is its own, so it answers 'ok' and writes nothing.
+local function again()
+  local comma = current and string.find(current, ',', 1, true)
+  return comma ~= nil and string.sub(current, comma + 1) == string.sub(ARGV[4], 2)
+end
 if op == 'create' then
+  if current and again() then return {'ok', tostring(version), 0} end
   if current then return {'exists', tostring(version)} end
 else
   if not current then
@@ -38,7 +46,10 @@ else
     if source then return {'owned', source} end
     return {'missing', ''}
   end
-  if expected ~= '' and tonumber(expected) ~= version then return {'conflict', tostring(version)} end
+  if expected ~= '' and tonumber(expected) ~= version then
+    if op == 'update' and tonumber(expected) + 1 == version and again() then return {'ok', tostring(version), 0} end
+    return {'conflict', tostring(version)}
+  end
 end
 local source = owner()
 if source then return {'owned', source} end

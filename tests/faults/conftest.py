@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.faults.harness import RedisProcess, TcpProxy
+from tests.faults.sentinel_harness import SentinelGroup
 
 
 @pytest.fixture
@@ -41,3 +42,13 @@ def tcp_proxy() -> Iterator[Callable[[int], TcpProxy]]:
     yield start
     for proxy in proxies:
         proxy.close()
+
+
+@pytest.fixture
+def sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
+    """A master, a replica and three Sentinels (tests/faults/sentinel_harness.py), stopped at teardown."""
+    group = SentinelGroup(tmp_path / "sentinel")
+    try:
+        yield group.start()
+    finally:
+        group.stop()

@@ -26,7 +26,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -65,19 +65,17 @@ refuses writes) about 11.3 s after the promotion (measured here)."""
 """How long the fleet keeps firing after the new master is in place."""
 
 
-@pytest.fixture
-def sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
-    group = SentinelGroup(tmp_path / "sentinel")
-    try:
-        yield group.start()
-    finally:
-        group.stop()
+WAIT_TIMEOUT_MS = 200
+WAIT_ENV = {"REDIS_WAIT_REPLICAS": "1", "REDIS_WAIT_TIMEOUT_MS": str(WAIT_TIMEOUT_MS)}
+"""``WAIT``-based durability: every chronoq write waits for the one replica."""
 
 
-def sentinel_settings(group: SentinelGroup, namespace: str) -> AppSettings:
+def sentinel_settings(group: SentinelGroup, namespace: str, wait: bool = False) -> AppSettings:
     return AppSettings(
         _env_file=None,
         redis={
+            "wait_replicas": 1 if wait else 0,
+            "wait_timeout_ms": WAIT_TIMEOUT_MS,
             "sentinels": group.addresses,
             "sentinel_master": MASTER_NAME,
             "sentinel_password": SENTINEL_PASSWORD,
@@ -168,6 +166,8 @@ def account(master: RedisProcess, ledger: RedisProcess, settings: AppSettings, s
                 ran = len(by_task.get(task_id, [])) if task_id else by_fire.get((job_id, t), 0)
                 counts["fires"] += 1
                 counts[outcome or "no record"] += 1
+                if record and record.get("run"):
+                    counts[f"run {record['run']}"] += 1
                 problem = None
                 if outcome is None and ran == 0:
                     problem = "gaps"
@@ -175,8 +175,12 @@ def account(master: RedisProcess, ledger: RedisProcess, settings: AppSettings, s
                     problem = "unrecorded"
                 elif ran > 1:
                     problem = "duplicates"
+                elif outcome != "dispatched" and ran > 0:
+                    problem = "ran, not dispatched"
                 elif outcome == "dispatched" and ran == 0:
                     problem = "dispatched, never ran"
+                elif outcome == "dispatched" and (record or {}).get("run") != "succeeded":
+                    problem = "ran, outcome not recorded"
                 if problem:
                     counts[problem] += 1
                     runs = [f"{e['pid']}@{e['ms']}" for e in by_task.get(task_id or "", [])]
@@ -194,13 +198,16 @@ def run_failover(
     tmp_path: Path,
     namespace: str,
     run_after_s: float = RUN_AFTER_S,
+    wait: bool = False,
+    logs: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], list[float], float, float, float]:
     """The fleet under load, one failover by ``fail``, the accounting (fires until
     ``run_after_s`` past the promotion); returns it with the probe's lost writes, when the
-    failover began, the promotion and the first fresh run."""
+    failover began, the promotion and the first fresh run. ``wait``: every process (and the
+    probe) with ``WAIT``-based durability; ``logs`` receives the processes' logs."""
     ledger = redis_process(appendonly=False)
-    settings = sentinel_settings(sentinel_group, namespace)
-    env = fault_env(ledger)
+    settings = sentinel_settings(sentinel_group, namespace, wait)
+    env = {**fault_env(ledger), **(WAIT_ENV if wait else {})}
     worker = start_worker(settings, "--pool", "threads", "--concurrency", "8", extra_env=env)
     (scheduler,) = start_scheduler(settings, write_jobs(tmp_path / "jobs.yaml", JOBS), extra_env=env)
     with ledger.client() as ledger_client:
@@ -238,6 +245,8 @@ def run_failover(
         for f in result["where"].get(p, [])
     }
     result["worker log"] = [line[:300] for line in worker.log().splitlines() if any(t in line for t in tasks)]
+    if logs is not None:
+        logs.update(scheduler=scheduler.log(), worker=worker.log())
     return result, probe.lost(new), at, promoted, flowing
 
 
@@ -308,7 +317,7 @@ def test_plain_sentinel_failover_loses_only_its_window(
     report("SENTINEL FAILOVER", result, lost, at, promoted, flowing)
     counts, where = result["counts"], result["where"]
     assert counts["fires"] >= 20 * 2 * RUN_AFTER_S
-    assert counts["missed"] == 0, result
+    assert counts["missed"] == 0, counts
     # The clients move at their next check (REDIS_SENTINEL_CHECK_S), later on a loaded machine;
     # at the latest the old master refuses writes once the Sentinels have made it a replica.
     window = (at - 1.0, promoted + OLD_MASTER_DEMOTED_S + 1.0)
@@ -361,3 +370,92 @@ def test_planned_failover_loses_nothing(
     old = next(node for node in sentinel_group.nodes if node.port != sentinel_group.master_port())
     with old.client() as client:
         assert client.config_get("min-replicas-to-write")["min-replicas-to-write"] == "0"
+
+
+def test_plain_sentinel_failover_with_wait_loses_nothing(
+    sentinel_group: SentinelGroup,
+    redis_process: Callable[..., RedisProcess],
+    start_worker: Callable[..., WorkerProcess],
+    start_scheduler: Callable[..., list[SchedulerProcess]],
+    tmp_path: Path,
+    namespace: str,
+) -> None:
+    """A plain ``SENTINEL FAILOVER`` with ``REDIS_WAIT_REPLICAS=1``: a write the old master takes
+    after the promotion is never confirmed (its replica left it), so every process does it again
+    on the new master. The new master has no replica until the old one rejoins; every Sentinel
+    names it with no failover under way, so writes go on there without waiting (logged once).
+    No acknowledged probe write is lost; every fire is recorded once, dispatched fires ran once
+    and their outcome is recorded; the fires due meanwhile are decided within their grace."""
+    logs: dict[str, str] = {}
+    result, lost, at, promoted, flowing = run_failover(
+        lambda group: group.failover(),
+        sentinel_group,
+        redis_process,
+        start_worker,
+        start_scheduler,
+        tmp_path,
+        namespace,
+        run_after_s=OLD_MASTER_DEMOTED_S + 4,
+        wait=True,
+        logs=logs,
+    )
+    report("SENTINEL FAILOVER with WAIT", result, lost, at, promoted, flowing)
+    turned_away = logs["worker"].count("not dispatched (a failover lost its decision)")
+    deferred = logs["worker"].count("not confirmed by the replicas yet")
+    print(
+        f"  worker: {turned_away} deliveries of discarded decisions turned away, {deferred} unconfirmed leases deferred"
+    )
+    counts = result["counts"]
+    assert counts["fires"] >= 20 * 2 * RUN_AFTER_S
+    assert lost == [], f"{len(lost)} acknowledged probe writes lost"
+    problems = (
+        "missed",
+        "gaps",
+        "unrecorded",
+        "duplicates",
+        "ran, not dispatched",
+        "dispatched, never ran",
+        "ran, outcome not recorded",
+    )
+    assert {p: counts[p] for p in problems} == dict.fromkeys(problems, 0), result
+    assert counts["dispatched"] + counts["coalesced"] == counts["fires"], counts
+    # Each process said once that writes went on with fewer replicas, and once that the old
+    # master, back as a replica, confirms them again.
+    for name, log in logs.items():
+        assert log.count("redis writes wait for 0 of REDIS_WAIT_REPLICAS=1") <= 2, (name, log[-3000:])
+        assert "redis writes confirmed by 1 replicas again" in log, (name, log[-3000:])
+
+
+def test_sigkill_of_the_master_with_wait_loses_nothing(
+    sentinel_group: SentinelGroup,
+    redis_process: Callable[..., RedisProcess],
+    start_worker: Callable[..., WorkerProcess],
+    start_scheduler: Callable[..., list[SchedulerProcess]],
+    tmp_path: Path,
+    namespace: str,
+) -> None:
+    """SIGKILL of the master with ``REDIS_WAIT_REPLICAS=1``: a write is acknowledged only once
+    the replica has it, so the promoted replica has every acknowledged write. The old master
+    never comes back: the new one has no replica, and every Sentinel names it, so writes go
+    on without waiting (said once per process). Nothing lost, unrecorded or run twice."""
+    logs: dict[str, str] = {}
+    result, lost, at, promoted, flowing = run_failover(
+        lambda group: group.kill_master()[1],
+        sentinel_group,
+        redis_process,
+        start_worker,
+        start_scheduler,
+        tmp_path,
+        namespace,
+        wait=True,
+        logs=logs,
+    )
+    report("SIGKILL with WAIT", result, lost, at, promoted, flowing)
+    counts = result["counts"]
+    assert counts["fires"] >= 20 * 2 * RUN_AFTER_S
+    assert lost == [], f"{len(lost)} acknowledged probe writes lost"
+    problems = ("missed", "gaps", "unrecorded", "duplicates", "ran, not dispatched", "dispatched, never ran")
+    assert {p: counts[p] for p in problems} == dict.fromkeys(problems, 0), result
+    assert counts["coalesced"] >= 20, counts  # the fires due during the failover: one per job
+    for name, log in logs.items():
+        assert log.count("redis writes wait for 0 of REDIS_WAIT_REPLICAS=1") == 1, (name, log[-3000:])

@@ -18,7 +18,7 @@ from loguru import logger
 
 from shared.names import HEADER_JOB_ID, HEADER_SCHEDULED_AT
 from workers.hooks import worker_fleet
-from workers.lease import header
+from workers.requests import header
 
 EXECUTIONS_KEY = "executions"
 """``<prefix>executions``: the list :func:`record_fire` appends to, one JSON line per run."""
