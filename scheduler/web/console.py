@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
+from collections.abc import Awaitable, Callable, Hashable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import anyio
 import redis
@@ -32,8 +34,14 @@ from shared.settings import AppSettings
 
 TIMELINE_TTL_S = 10.0
 """Open timelines share one computation this long (10,000 jobs take a second or more of CPU)."""
+LIVE_TTL_S = 2.0
+"""Live regions (htmx polls) of every open tab share what was read for them this long."""
+LIVE_MAX_KEYS = 500
 TIMELINE_MAX_FIRES = 2000
 """Per job and per page: the timeline lists at most this many fires (its chart counts all)."""
+
+
+T = TypeVar("T")
 
 
 class Console:
@@ -46,6 +54,10 @@ class Console:
         self.specs = SpecCache()
         self._timelines: dict[float, tuple[datetime, list[dict[str, Any]]]] = {}
         self._timeline_lock = asyncio.Lock()
+        self._live: dict[Hashable, tuple[float, Any]] = {}
+        self._live_locks: dict[Hashable, asyncio.Lock] = {}
+        self.live_reads = 0
+        """How often a live region's data was read from Redis (not taken from the cache)."""
 
     async def client(self) -> AsyncClient:
         async with self._lock:
@@ -71,6 +83,28 @@ class Console:
                 self._timelines[minutes] = cached
         stamp = now.isoformat()
         return now, [fire for fire in cached[1] if fire["at"] > stamp]
+
+    async def live(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
+        """``read()``'s answer, shared by every poll of ``key`` for :data:`LIVE_TTL_S`: twenty
+        open tabs cost about what one does. A change made through this console drops them all
+        (:meth:`changed`); one made elsewhere shows within the TTL. Errors are not kept."""
+        lock = self._live_locks.setdefault(key, asyncio.Lock())
+        async with lock:  # the tabs polling together wait for one read
+            found = self._live.get(key)
+            now = time.monotonic()
+            if found is not None and now - found[0] < LIVE_TTL_S:
+                return cast(T, found[1])
+            value = await read()
+            self.live_reads += 1
+            if len(self._live) > LIVE_MAX_KEYS:  # searches typed in many tabs: keep it bounded
+                self._live.clear()
+                self._live_locks = {key: lock}
+            self._live[key] = (now, value)
+            return value
+
+    def changed(self) -> None:
+        """Something was changed through this console: live regions read afresh."""
+        self._live.clear()
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -8,10 +8,12 @@ operations as the API. A refused action renders the page again with the error an
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Awaitable, Callable, Hashable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote, urlencode
 
 import yaml
@@ -20,12 +22,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from scheduler.jobstore import JobRecord
+from scheduler.views import OUTCOMES
 from scheduler.web.api_v1 import job_rows
 from scheduler.web.charts import runs_chart, timeline_chart
 from scheduler.web.console import TIMELINE_MAX_FIRES, Console, error_status, histogram
 from scheduler.web.security import CSRF_COOKIE, CSRF_FIELD, Guard, User
 from shared.errors import JobSpecError
 
+T = TypeVar("T")
 PAGE_SIZE = 50
 POLL_S = 5
 TEMPLATES = Path(__file__).parent / "templates"
@@ -46,7 +50,14 @@ def router(console: Console, guard: Guard) -> APIRouter:
         response = templates.TemplateResponse(request, name, context, status_code=status_code)
         if token != cookie:
             response.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="strict", path=base or "/")
+        response.headers["Vary"] = "HX-Request, HX-Target"  # a fragment and its page share a URL
+        if partial(request) and status_code == 200:
+            return _unchanged_or(request, response)
         return response
+
+    async def fetch(request: Request, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
+        """A live region's poll shares ``read`` with every tab (Console.live); a page load reads."""
+        return await console.live(key, read) if partial(request) else await read()
 
     def partial(request: Request) -> bool:
         return request.headers.get("hx-request") == "true" and request.headers.get("hx-target") is not None
@@ -61,10 +72,13 @@ def router(console: Console, guard: Guard) -> APIRouter:
     @pages.get("/", response_class=HTMLResponse)
     async def overview(request: Request) -> Response:
         user = guard.user(request)
-        try:
+
+        async def read() -> tuple[dict[str, Any], list[dict[str, Any]]]:
             operator = await console.operator()
-            status = await operator.status()
-            audit = await operator.control.audit(None, limit=10)
+            return await operator.status(), await operator.control.audit(None, limit=10)
+
+        try:
+            status, audit = await fetch(request, "overview", read)
         except Exception as exc:
             return await failed(request, user, exc, title="Overview")
         name = "overview_live.html" if partial(request) else "overview.html"
@@ -82,12 +96,15 @@ def router(console: Console, guard: Guard) -> APIRouter:
             "source": params.get("source") or None,
             "queue": params.get("queue") or None,
             "paused": {"yes": True, "no": False}.get(params.get("paused", "")),
+            "outcome": params.get("outcome") if params.get("outcome") in OUTCOMES else None,
         }
         page = max(1, _int(params.get("page"), 1))
         if filters["source"] not in (None, "api", "file", "code"):
             filters["source"] = None
         try:
-            rows = await job_rows(console, user, search, **filters, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE)
+            offset = (page - 1) * PAGE_SIZE
+            rows = await fetch(request, ("jobs", search, tuple(filters.items()), page),
+                               lambda: job_rows(console, user, search, **filters, offset=offset, limit=PAGE_SIZE))  # fmt: skip
         except Exception as exc:
             return await failed(request, user, exc, title="Jobs")
         pages_total = max(1, -(-rows["total"] // PAGE_SIZE))
@@ -98,14 +115,14 @@ def router(console: Console, guard: Guard) -> APIRouter:
         }
         name = "jobs_table.html" if partial(request) else "jobs.html"
         return render(request, user, name, title="Jobs", rows=rows, page=page, pages_total=pages_total,
-                      links=links, filters=params, query=urlencode(query))  # fmt: skip
+                      links=links, filters=params, query=urlencode(query), outcomes=OUTCOMES)  # fmt: skip
 
-    @pages.get("/jobs/new", response_class=HTMLResponse)
+    @pages.get("/new", response_class=HTMLResponse)
     async def new_job(request: Request) -> Response:
         user = guard.user(request)
         return render(request, user, "new.html", title="New job", form={})
 
-    @pages.post("/jobs/new", response_class=HTMLResponse)
+    @pages.post("/new", response_class=HTMLResponse)
     async def create_job(request: Request) -> Response:
         user = guard.user(request)
         form = {k: str(v) for k, v in (await request.form()).items()}
@@ -122,7 +139,7 @@ def router(console: Console, guard: Guard) -> APIRouter:
     async def job_page(request: Request, job_id: str) -> Response:
         user = guard.user(request)
         try:
-            context = await _job_context(console, user, job_id)
+            context = await fetch(request, ("job", job_id), lambda: _job_context(console, user, job_id))
         except Exception as exc:
             return await failed(request, user, exc, title=job_id)
         name = "job_live.html" if partial(request) else "job.html"
@@ -207,6 +224,17 @@ async def _job_context(console: Console, user: User, job_id: str) -> dict[str, A
         "chart": runs_chart(shown["history"]),
         "stamp": _ms_time,
     }
+
+
+def _unchanged_or(request: Request, response: Response) -> Response:
+    """A live region's answer with an ETag: a browser revalidating its copy (If-None-Match) of
+    an unchanged fragment gets 304 and no body, and htmx gets the copy it already has."""
+    etag = '"' + hashlib.blake2b(bytes(response.body), digest_size=12).hexdigest() + '"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache", "Vary": "HX-Request, HX-Target"}
+    if etag in {tag.strip() for tag in request.headers.get("if-none-match", "").split(",")}:
+        return Response(status_code=304, headers=headers)
+    response.headers.update(headers)
+    return response
 
 
 def _back(request: Request, job_id: str, done: str) -> Response:

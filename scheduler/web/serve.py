@@ -14,6 +14,9 @@ from scheduler.web.security import auth_configured, bind_problem, is_loopback
 from shared.errors import ConfigError
 from shared.settings import AppSettings
 
+SHUTDOWN_GRACE_S = 5
+"""On SIGTERM, requests still open (a slow page) get this long before the console exits."""
+
 
 def check_bind(host: str, port: int, settings: AppSettings) -> socket.socket:
     """The listening socket, bound before the app starts. Raises ConfigError (exit 78) for a
@@ -76,7 +79,10 @@ def serve(settings: AppSettings, host: str, sock: socket.socket) -> int:
     logger.info("chronoq web console{} at http://{}:{}/ ({})", mode, shown, bound_port, auth)
     print(f"chronoq web: console at http://{shown}:{bound_port}/  API at http://{shown}:{bound_port}/api/v1/docs",
           flush=True)  # fmt: skip
-    config = uvicorn.Config(create_app(settings), log_config=None, access_log=False, lifespan="on")
+    config = uvicorn.Config(
+        create_app(settings), log_config=None, access_log=False, lifespan="on",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )  # fmt: skip
     _server_class()(config).run(sockets=[sock])
     return 0
 

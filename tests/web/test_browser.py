@@ -106,7 +106,7 @@ def test_operator_flow(
     until(browser, lambda b: "succeeded" in text(b, "#history"), "the manual run to appear in the history")
     assert "manual" in text(browser, "#history")
 
-    browser.get(console.url + "/jobs/new")
+    browser.get(console.url + "/new")
     browser.find_element(By.NAME, "id").send_keys("made-in-browser")
     browser.find_element(By.NAME, "task").send_keys("demo.record_fire")
     Select(browser.find_element(By.NAME, "kind")).select_by_value("interval")
@@ -121,7 +121,7 @@ def test_operator_flow(
 
 def test_bad_form_input_names_job_and_field(browser: WebDriver, settings: AppSettings, start_console: Any) -> None:
     console: ConsoleProcess = start_console(settings)
-    browser.get(console.url + "/jobs/new")
+    browser.get(console.url + "/new")
     browser.find_element(By.NAME, "id").send_keys("broken")
     browser.find_element(By.NAME, "task").send_keys("demo.sleep")
     browser.find_element(By.NAME, "schedule").send_keys("61 * * * *")
