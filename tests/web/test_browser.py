@@ -15,9 +15,10 @@ from urllib.parse import quote
 
 import pytest
 
+from scheduler.web.pages import POLL_S
 from shared.settings import AppSettings
-from tests.conftest import RedisServer, SchedulerProcess, chronoq, executions, write_jobs
-from tests.web.conftest import ConsoleProcess
+from tests.conftest import RedisServer, SchedulerProcess, chronoq, executions, wait_for, write_jobs
+from tests.web.conftest import ConsoleProcess, CountingProxy
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 FLAGS = (
@@ -163,3 +164,56 @@ def test_auth_and_csrf_refusals(
     until(browser, lambda b: "403" in b.page_source or "CSRF" in b.page_source, "the cross-origin refusal")
     with redis_server.client() as r:
         assert r.hget(f"{settings.redis.key_prefix}paused", "guarded") is None
+
+
+def set_visibility(browser: WebDriver, state: str) -> None:
+    """What a browser does when its tab is hidden or shown again: ``document.visibilityState``
+    (and ``hidden``) change, then ``visibilitychange`` is dispatched on the document."""
+    browser.execute_script(
+        "const state = arguments[0];"
+        "Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => state});"
+        "Object.defineProperty(document, 'hidden', {configurable: true, get: () => state === 'hidden'});"
+        "document.dispatchEvent(new Event('visibilitychange'));",
+        state,
+    )
+
+
+def test_live_updates_stop_while_the_tab_is_hidden(
+    browser: WebDriver, settings: AppSettings, start_console: Any, namespace: str
+) -> None:
+    console: ConsoleProcess = start_console(settings)
+    with console.http() as http:
+        for job_id in ("seen-1", "quiet-1"):
+            spec = {"id": job_id, "task": "demo.sleep", "args": [0], "cron": "0 2 * * *", "queue": f"none_{namespace}"}
+            assert http.post("/api/v1/jobs", json={"spec": spec}).status_code == 201
+        assert http.post("/api/v1/jobs/seen-1/trigger", json={}).json()["outcome"] == "dispatched"
+    proxy = CountingProxy(int(console.url.rsplit(":", 1)[1]))
+    try:
+        # The last-outcome filter, in the browser.
+        browser.get(proxy.url + "/jobs")
+        until(browser, lambda b: "2 jobs" in text(b, "#jobs-count"), "the jobs list")
+        Select(browser.find_element(By.NAME, "outcome")).select_by_value("dispatched")
+        until(browser, lambda b: text(b, "#jobs-count").startswith("1 job,"), "the outcome filter to narrow it")
+        assert "outcome=dispatched" in browser.current_url and "seen-1" in text(browser, "#jobs-table")
+        Select(browser.find_element(By.NAME, "outcome")).select_by_value("never")
+        until(browser, lambda b: "quiet-1" in text(b, "#jobs-table") and "seen-1" not in text(b, "#jobs-table"),
+              "the never-run jobs")  # fmt: skip
+
+        browser.get(proxy.url + "/jobs/seen-1")
+        until(browser, lambda b: text(b, "#job-id") == "seen-1", "the job page")
+        polls = lambda: proxy.seen("/jobs/seen-1")  # noqa: E731 (the page load, then its live region)
+        wait_for(lambda: len(polls()) >= 3, 3 * POLL_S + 10, "the live region to poll twice")
+
+        set_visibility(browser, "hidden")
+        hidden_at = len(polls())
+        # Hidden for three poll intervals: the server receives no poll at all.
+        with pytest.raises(pytest.fail.Exception):
+            wait_for(lambda: len(polls()) > hidden_at, 3 * POLL_S, "a poll while hidden")
+        assert len(polls()) == hidden_at
+
+        set_visibility(browser, "visible")
+        wait_for(lambda: len(polls()) > hidden_at, 3, "the refresh on becoming visible (at once)")
+        wait_for(lambda: len(polls()) > hidden_at + 1, POLL_S + 5, "the polling to resume")
+        assert "seen-1" in text(browser, "#job-id")
+    finally:
+        proxy.close()
