@@ -115,15 +115,20 @@ class JobIndex:
         newest = replies[1][0][0] if replies[1] else None
         return replies[0], newest, replies[2], replies[3]
 
+    async def fingerprint(self, client: redis.asyncio.Redis, keys: RedisKeys) -> tuple[Any, ...]:
+        """What moves with every write of a job definition (one round trip): a reader of the
+        whole registry (the console's timeline) keeps what it computed while this is unchanged."""
+        async with client.pipeline(transaction=False) as pipe:
+            self._fingerprint_commands(pipe, keys)
+            return self._fingerprint(await pipe.execute())
+
     async def snapshot(self, client: redis.asyncio.Redis, keys: RedisKeys) -> Snapshot:
         """The job list as Redis holds it now (re-read only when it moved)."""
         async with self._lock:  # one reload for all the requests that found it stale
             current = self._snapshot
-            if current is not None and self._clock() - current.loaded_at < self.max_age_s:
-                async with client.pipeline(transaction=False) as pipe:
-                    self._fingerprint_commands(pipe, keys)
-                    if self._fingerprint(await pipe.execute()) == current.fingerprint:
-                        return current
+            fresh = current is not None and self._clock() - current.loaded_at < self.max_age_s
+            if current is not None and fresh and await self.fingerprint(client, keys) == current.fingerprint:
+                return current
             started = self._clock()
             async with client.pipeline(transaction=True) as pipe:  # the fingerprint of exactly what is read
                 self._fingerprint_commands(pipe, keys)

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
@@ -33,7 +34,10 @@ from shared.redaction import redact_text
 from shared.settings import AppSettings
 
 TIMELINE_TTL_S = 10.0
-"""Open timelines share one computation this long (10,000 jobs take a second or more of CPU)."""
+"""A timeline is computed at most this often (10,000 jobs take a second or more of CPU)."""
+TIMELINE_SLACK_S = 600.0
+"""A timeline is computed this far beyond its end, and reused until that runs out, as long as
+no job changed (the job list's fingerprint and the paused jobs): every open tab, for minutes."""
 LIVE_TTL_S = 2.0
 """Live regions (htmx polls) of every open tab share what was read for them this long."""
 LIVE_MAX_KEYS = 500
@@ -44,6 +48,16 @@ TIMELINE_MAX_FIRES = 2000
 T = TypeVar("T")
 
 
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    """A computed timeline: when, up to when, for which state of the jobs, its fires."""
+
+    at: datetime
+    end: datetime
+    moved: tuple[Any, ...]
+    fires: list[dict[str, Any]]
+
+
 class Console:
     """The state of one console app: settings and a lazily created client."""
 
@@ -52,7 +66,8 @@ class Console:
         self._client: AsyncClient | None = None
         self._lock = asyncio.Lock()
         self.specs = SpecCache()
-        self._timelines: dict[float, tuple[datetime, list[dict[str, Any]]]] = {}
+        self._timelines: dict[float, Timeline] = {}
+        self.timeline_computations = 0
         self._timeline_lock = asyncio.Lock()
         self._live: dict[Hashable, tuple[float, Any]] = {}
         self._live_locks: dict[Hashable, asyncio.Lock] = {}
@@ -73,16 +88,30 @@ class Console:
         return (await self.client()).ops.operator
 
     async def timeline(self, minutes: float) -> tuple[datetime, list[dict[str, Any]]]:
-        """:func:`upcoming` as of now, computed at most once per :data:`TIMELINE_TTL_S` for all
-        the tabs polling it (a cached answer drops the fires already past)."""
+        """:func:`upcoming` as of now. Computed :data:`TIMELINE_SLACK_S` beyond its end and
+        reused, dropping the fires already past, until that runs out or a job changed; a change
+        is in it within :data:`TIMELINE_TTL_S` (it is computed at most that often)."""
         async with self._timeline_lock:
             now = datetime.now(UTC)
+            client, operator = await self.client(), await self.operator()
+            moved = (
+                await client.index.fingerprint(client.redis, operator.keys),
+                frozenset(await operator.control.paused()),
+            )
             cached = self._timelines.get(minutes)
-            if cached is None or (now - cached[0]).total_seconds() > TIMELINE_TTL_S:
-                cached = (now, await upcoming(await self.operator(), minutes, now, cache=self.specs))
+            stale = (
+                cached is None
+                or now + timedelta(minutes=minutes) > cached.end
+                or (cached.moved != moved and (now - cached.at).total_seconds() > TIMELINE_TTL_S)
+            )
+            if cached is None or stale:
+                horizon = minutes + TIMELINE_SLACK_S / 60
+                fires = await upcoming(operator, horizon, now, cache=self.specs)
+                cached = Timeline(now, now + timedelta(minutes=horizon), moved, fires)
                 self._timelines[minutes] = cached
-        stamp = now.isoformat()
-        return now, [fire for fire in cached[1] if fire["at"] > stamp]
+                self.timeline_computations += 1
+        start, end = now.isoformat(), (now + timedelta(minutes=minutes)).isoformat()
+        return now, [fire for fire in cached.fires if start < fire["at"] <= end]
 
     async def live(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
         """``read()``'s answer, shared by every poll of ``key`` for :data:`LIVE_TTL_S`: twenty

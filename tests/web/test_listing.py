@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from scheduler.api import Client
-from scheduler.web.console import LIVE_TTL_S
+from scheduler.web.console import LIVE_TTL_S, TIMELINE_TTL_S
 from shared.settings import AppSettings
 from tests.conftest import SchedulerProcess, chronoq, wait_for, write_jobs
 from tests.web.conftest import ConsoleProcess
@@ -184,3 +184,21 @@ def test_every_valid_job_id_has_a_page_and_api_routes(settings: AppSettings, sta
         assert http.get("/api/v1/jobs").json()["total"] == len(VALID_IDS)
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{console.url}/jobs/a/b", timeout=5).raise_for_status()
+
+
+def test_the_timeline_is_reused_until_a_job_changes(settings: AppSettings, start_console: Any) -> None:
+    """Computed once beyond its end and reused while no job changes; a job created or paused
+    through another process is in it within TIMELINE_TTL_S."""
+    first, second = start_console(settings), start_console(settings)
+    every_minute = {"task": "demo.sleep", "cron": "* * * * *"}
+    with first.http() as a, second.http() as b:
+        assert b.post("/api/v1/jobs", json={"spec": {"id": "tl-1", **every_minute}}).status_code == 201
+
+        def jobs_in_timeline() -> set[str]:
+            return {fire["job"] for fire in a.get("/api/v1/timeline", params={"minutes": 10}).json()}
+
+        assert jobs_in_timeline() == {"tl-1"}
+        assert b.post("/api/v1/jobs", json={"spec": {"id": "tl-2", **every_minute}}).status_code == 201
+        wait_for(lambda: jobs_in_timeline() == {"tl-1", "tl-2"}, TIMELINE_TTL_S + 10, "the new job in the timeline")
+        assert b.post("/api/v1/jobs/tl-1/pause", json={"note": "quiet"}).status_code == 200
+        wait_for(lambda: jobs_in_timeline() == {"tl-2"}, TIMELINE_TTL_S + 10, "the paused job out of the timeline")
