@@ -201,14 +201,18 @@ def router(console: Console, guard: Guard) -> APIRouter:
     async def timeline(request: Request) -> Response:
         user = guard.user(request)
         minutes = min(24 * 60, max(5, _int(request.query_params.get("minutes"), 60)))
+
+        async def read() -> dict[str, Any]:
+            now, fires, stamps = await console.timeline(minutes)
+            chart = timeline_chart(histogram(stamps, now, minutes), now, minutes)
+            return {"now": now, "fires": fires[:TIMELINE_MAX_FIRES], "total": len(fires), "chart": chart}
+
         try:
-            now, fires = await console.timeline(minutes)
+            view = await fetch(request, ("timeline", minutes), read)
         except Exception as exc:
             return await failed(request, user, exc, title="Timeline")
-        counts = histogram(fires, now, minutes)
         name = "timeline_live.html" if partial(request) else "timeline.html"
-        return render(request, user, name, title="Timeline", fires=fires[:TIMELINE_MAX_FIRES], total=len(fires),
-                      minutes=minutes, chart=timeline_chart(counts, now, minutes), now=now)  # fmt: skip
+        return render(request, user, name, title="Timeline", minutes=minutes, **view)
 
     return pages
 

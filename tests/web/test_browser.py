@@ -36,6 +36,7 @@ pytestmark = [
 
 if CHROMIUM.exists():
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.remote.webdriver import WebDriver
@@ -57,7 +58,9 @@ def browser() -> Iterator[WebDriver]:
 
 
 def until(browser: WebDriver, condition: Callable[[WebDriver], Any], what: str, timeout_s: float = 30) -> Any:
-    return WebDriverWait(browser, timeout_s, poll_frequency=0.1).until(condition, message=f"waiting for {what}")
+    # A live region swapped between finding an element and reading it: look again.
+    wait = WebDriverWait(browser, timeout_s, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException])
+    return wait.until(condition, message=f"waiting for {what}")
 
 
 def text(browser: WebDriver, css: str) -> str:
@@ -194,7 +197,8 @@ def test_live_updates_stop_while_the_tab_is_hidden(
         until(browser, lambda b: "2 jobs" in text(b, "#jobs-count"), "the jobs list")
         Select(browser.find_element(By.NAME, "outcome")).select_by_value("dispatched")
         until(browser, lambda b: text(b, "#jobs-count").startswith("1 job,"), "the outcome filter to narrow it")
-        assert "outcome=dispatched" in browser.current_url and "seen-1" in text(browser, "#jobs-table")
+        until(browser, lambda b: "seen-1" in text(b, "#jobs-table"), "the dispatched job")
+        assert "outcome=dispatched" in browser.current_url, "the filter is in the URL (a link can be shared)"
         Select(browser.find_element(By.NAME, "outcome")).select_by_value("never")
         until(browser, lambda b: "quiet-1" in text(b, "#jobs-table") and "seen-1" not in text(b, "#jobs-table"),
               "the never-run jobs")  # fmt: skip
@@ -214,6 +218,6 @@ def test_live_updates_stop_while_the_tab_is_hidden(
         set_visibility(browser, "visible")
         wait_for(lambda: len(polls()) > hidden_at, 3, "the refresh on becoming visible (at once)")
         wait_for(lambda: len(polls()) > hidden_at + 1, POLL_S + 5, "the polling to resume")
-        assert "seen-1" in text(browser, "#job-id")
+        until(browser, lambda b: text(b, "#job-id") == "seen-1", "the page after the refresh")
     finally:
         proxy.close()
