@@ -205,7 +205,10 @@ def test_live_updates_stop_while_the_tab_is_hidden(
 
         browser.get(proxy.url + "/jobs/seen-1")
         until(browser, lambda b: text(b, "#job-id") == "seen-1", "the job page")
-        polls = lambda: proxy.seen("/jobs/seen-1")  # noqa: E731 (the page load, then its live region)
+
+        def polls() -> list[float]:  # the page load, then its live region's polls
+            return proxy.seen("/jobs/seen-1")
+
         wait_for(lambda: len(polls()) >= 3, 3 * POLL_S + 10, "the live region to poll twice")
 
         set_visibility(browser, "hidden")
