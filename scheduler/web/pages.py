@@ -55,6 +55,20 @@ def router(console: Console, guard: Guard) -> APIRouter:
             return _unchanged_or(request, response)
         return response
 
+    async def region(
+        request: Request, key: Hashable, name: str, read: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> Response:
+        """A live region's poll (htmx) whose HTML depends on nothing but its data (no form, no
+        user): read and rendered once per LIVE_TTL_S for every tab (Console.live)."""
+        base = request.scope.get("root_path", "")
+
+        async def build() -> bytes:
+            context = {"base": base, "poll_s": POLL_S, "read_only": guard.web.read_only, **await read()}
+            return templates.env.get_template(name).render(context).encode()
+
+        body = await console.live(("html", name, key, base), build)
+        return _unchanged_or(request, HTMLResponse(body, headers={"Vary": "HX-Request, HX-Target"}))
+
     async def fetch(request: Request, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
         """A live region's poll shares ``read`` with every tab (Console.live); a page load reads."""
         return await console.live(key, read) if partial(request) else await read()
@@ -101,21 +115,24 @@ def router(console: Console, guard: Guard) -> APIRouter:
         page = max(1, _int(params.get("page"), 1))
         if filters["source"] not in (None, "api", "file", "code"):
             filters["source"] = None
+        query = {k: v for k, v in params.items() if k != "page" and v}
+
+        async def read() -> dict[str, Any]:
+            rows = await job_rows(console, user, search, **filters, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE)
+            pages_total = max(1, -(-rows["total"] // PAGE_SIZE))
+            links = {
+                "prev": urlencode({**query, "page": page - 1}) if page > 1 else None,
+                "next": urlencode({**query, "page": page + 1}) if page < pages_total else None,
+            }
+            return {"rows": rows, "page": page, "pages_total": pages_total, "links": links, "query": urlencode(query)}
+
         try:
-            offset = (page - 1) * PAGE_SIZE
-            rows = await fetch(request, ("jobs", search, tuple(filters.items()), page),
-                               lambda: job_rows(console, user, search, **filters, offset=offset, limit=PAGE_SIZE))  # fmt: skip
+            if partial(request):
+                return await region(request, (urlencode(query), page), "jobs_table.html", read)
+            context = await read()
         except Exception as exc:
             return await failed(request, user, exc, title="Jobs")
-        pages_total = max(1, -(-rows["total"] // PAGE_SIZE))
-        query = {k: v for k, v in params.items() if k != "page" and v}
-        links = {
-            "prev": urlencode({**query, "page": page - 1}) if page > 1 else None,
-            "next": urlencode({**query, "page": page + 1}) if page < pages_total else None,
-        }
-        name = "jobs_table.html" if partial(request) else "jobs.html"
-        return render(request, user, name, title="Jobs", rows=rows, page=page, pages_total=pages_total,
-                      links=links, filters=params, query=urlencode(query), outcomes=OUTCOMES)  # fmt: skip
+        return render(request, user, "jobs.html", title="Jobs", filters=params, outcomes=OUTCOMES, **context)
 
     @pages.get("/new", response_class=HTMLResponse)
     async def new_job(request: Request) -> Response:
@@ -139,11 +156,12 @@ def router(console: Console, guard: Guard) -> APIRouter:
     async def job_page(request: Request, job_id: str) -> Response:
         user = guard.user(request)
         try:
-            context = await fetch(request, ("job", job_id), lambda: _job_context(console, user, job_id))
+            if partial(request):
+                return await region(request, job_id, "job_live.html", lambda: _job_context(console, user, job_id))
+            context = await _job_context(console, user, job_id)
         except Exception as exc:
             return await failed(request, user, exc, title=job_id)
-        name = "job_live.html" if partial(request) else "job.html"
-        return render(request, user, name, title=job_id, **context)
+        return render(request, user, "job.html", title=job_id, **context)
 
     @pages.post("/jobs/{job_id}/{action}", response_class=HTMLResponse)
     async def act(request: Request, job_id: str, action: str) -> Response:
@@ -205,14 +223,16 @@ def router(console: Console, guard: Guard) -> APIRouter:
         async def read() -> dict[str, Any]:
             now, fires, stamps = await console.timeline(minutes)
             chart = timeline_chart(histogram(stamps, now, minutes), now, minutes)
-            return {"now": now, "fires": fires[:TIMELINE_MAX_FIRES], "total": len(fires), "chart": chart}
+            return {"now": now, "fires": fires[:TIMELINE_MAX_FIRES], "total": len(fires), "chart": chart,
+                    "minutes": minutes}  # fmt: skip
 
         try:
-            view = await fetch(request, ("timeline", minutes), read)
+            if partial(request):
+                return await region(request, minutes, "timeline_live.html", read)
+            view = await read()
         except Exception as exc:
             return await failed(request, user, exc, title="Timeline")
-        name = "timeline_live.html" if partial(request) else "timeline.html"
-        return render(request, user, name, title="Timeline", minutes=minutes, **view)
+        return render(request, user, "timeline.html", title="Timeline", **view)
 
     return pages
 
