@@ -23,6 +23,7 @@ from celery import Celery
 
 from scheduler.encoder import MessageEncoder
 from scheduler.fires import Limits
+from scheduler.joblist import JobIndex
 from scheduler.jobmodels import ApplyPlan, BackfillResult, JobPage, TriggerResult
 from scheduler.jobops import JobOps
 from scheduler.jobstore import JobRecord
@@ -48,6 +49,8 @@ class AsyncClient:
         self._encoder = MessageEncoder(self.app)
         self._limits = Limits.from_settings(settings)
         self.redis = create_async_redis(settings.redis)
+        self.index = JobIndex()
+        """One snapshot of the job list for every ``ops_as`` user of this client."""
         self.ops = self.ops_as(by)
 
     def ops_as(self, by: str | None) -> JobOps:
@@ -62,7 +65,7 @@ class AsyncClient:
             return encoder.encode(messages)
 
         operator = Operator(self.settings, self.redis, encode=encode_fire, queue_keys=encoder.queue_keys, by=by)
-        return JobOps(operator, encode)
+        return JobOps(operator, encode, self.index)
 
     async def create(self, spec: dict[str, Any] | JobSpec, *, note: str = "") -> JobRecord:
         return await self.ops.create(spec, note=note)
@@ -90,10 +93,15 @@ class AsyncClient:
         source: Source | None = None,
         paused: bool | None = None,
         prefix: str = "",
+        query: str = "",
+        queue: str | None = None,
+        outcome: str | None = None,
         offset: int = 0,
         limit: int = 100,
     ) -> JobPage:
-        return await self.ops.list(source=source, paused=paused, prefix=prefix, offset=offset, limit=limit)
+        """See :meth:`scheduler.jobops.JobOps.list` (``outcome``: ``failed``, ``never``...)."""
+        return await self.ops.list(source=source, paused=paused, prefix=prefix, query=query, queue=queue,
+                                   outcome=outcome, offset=offset, limit=limit)  # fmt: skip
 
     async def pause(self, job_id: str, *, note: str = "") -> JobRecord:
         return await self.ops.pause(job_id, note)
@@ -193,10 +201,14 @@ class Client(TaskClient):
         source: Source | None = None,
         paused: bool | None = None,
         prefix: str = "",
+        query: str = "",
+        queue: str | None = None,
+        outcome: str | None = None,
         offset: int = 0,
         limit: int = 100,
     ) -> JobPage:
-        return self._call(self.jobs.list, source=source, paused=paused, prefix=prefix, offset=offset, limit=limit)
+        return self._call(self.jobs.list, source=source, paused=paused, prefix=prefix, query=query, queue=queue,
+                          outcome=outcome, offset=offset, limit=limit)  # fmt: skip
 
     def pause(self, job_id: str, *, note: str = "") -> JobRecord:
         return self._call(self.jobs.pause, job_id, note=note)

@@ -9,7 +9,7 @@
     chronoq task revoke TASK_ID [--terminate]
     chronoq status                         replicas and roles, queue depths, workers seen, outcomes
     chronoq web [--host H] [--port P]      the web console and the JSON API (/api/v1)
-    chronoq jobs list                      id, trigger, next fire, last outcome, paused
+    chronoq jobs list [--outcome O]        id, trigger, next fire, last outcome, paused
     chronoq jobs show ID                   spec, next 5 fires, history, counters, audit trail
     chronoq jobs pause ID [--note TEXT]    its fires are recorded as skipped on every replica
     chronoq jobs resume ID [--note TEXT]
@@ -81,7 +81,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "revoke":
             sub.add_argument("--terminate", action="store_true", help="also kill it if running")
     jobs = commands.add_parser("jobs", help="scheduled jobs").add_subparsers(dest="action", required=True)
-    command(jobs, "list", "every registered job")
+    from scheduler.views import OUTCOMES
+
+    listing = command(jobs, "list", "every registered job")
+    listing.add_argument("--outcome", choices=OUTCOMES, help="only jobs whose last fire ended so (never: no fire yet)")
     show = command(jobs, "show", "one job in detail")
     show.add_argument("job_id")
     show.add_argument("--limit", type=int, default=10, help="history entries (default 10)")
@@ -232,11 +235,13 @@ async def _status(args: argparse.Namespace, settings: Any) -> int:
 
 async def _steer(args: argparse.Namespace, settings: Any) -> int:
     from scheduler.operator import Operator, with_operator
+    from scheduler.views import last_outcome
     from shared.errors import OwnershipError, UnknownJobError
 
     async def action(operator: Operator) -> Any:
         if args.action == "list":
-            return await operator.list_jobs()
+            rows = await operator.list_jobs()
+            return [r for r in rows if args.outcome in (None, last_outcome(r["last_outcome"]))]
         if args.action == "show":
             return await operator.show(args.job_id, history=args.limit)
         if args.action == "trigger":

@@ -81,6 +81,7 @@ class ControlStore:
             await self.client.hset(self.keys.jobs, mapping=entries)  # type: ignore[arg-type]
         if gone := list(dropped):
             await self.client.hdel(self.keys.jobs, *gone)
+        await self.client.incr(self.keys.jobs_version)  # after the writes: a reader never keeps an older list
 
     async def jobs(self) -> dict[str, dict[str, Any]]:
         raw = await self.client.hgetall(self.keys.jobs)
@@ -106,6 +107,7 @@ class ControlStore:
             pipe.hset(self.keys.removed, job_id, json.dumps(removed))
             pipe.hdel(self.keys.paused, job_id)
             pipe.hdel(self.keys.jobs, job_id)
+            pipe.incr(self.keys.jobs_version)
 
         await self._change("remove", job_id, note, by, apply)
 

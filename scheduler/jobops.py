@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 import redis
 
 from scheduler.fires import Fire, Limits
+from scheduler.joblist import JobIndex
 from scheduler.jobmodels import ApplyPlan, BackfillResult, JobPage, TriggerResult
 from scheduler.jobstore import (
     API,
@@ -38,6 +39,7 @@ from scheduler.operator import Operator
 from scheduler.planner import backfill_problem, plan_backfill, refusal
 from scheduler.specs import JobDefaults, JobSpec, validate_job_documents
 from scheduler.triggers import next_fire_times
+from scheduler.views import NEVER_RUN, OUTCOMES
 from shared.errors import (
     BackfillLimitError,
     JobSpecError,
@@ -92,8 +94,10 @@ def _changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 class JobOps:
     """Operations on jobs of one fleet (one Redis and key prefix), as ``by``."""
 
-    def __init__(self, operator: Operator, encode: Encode | None = None) -> None:
+    def __init__(self, operator: Operator, encode: Encode | None = None, index: JobIndex | None = None) -> None:
+        """``index``: the snapshot of the job list to share (one per process or client)."""
         self.operator = operator
+        self.index = index if index is not None else JobIndex()
         self.settings = operator.settings
         self.client, self.keys, self.by = operator.client, operator.keys, operator.by
         self.defaults = JobDefaults.from_settings(self.settings.scheduler, self.settings.celery.cron_queue)
@@ -127,46 +131,32 @@ class JobOps:
         prefix: str = "",
         query: str = "",
         queue: str | None = None,
+        outcome: str | None = None,
         offset: int = 0,
         limit: int = 100,
     ) -> JobPage:
-        """Jobs sorted by id, filtered by source, paused, queue, id prefix and ``query`` (a
-        case-insensitive substring of id or task), one page. Only ids are read for the whole
-        fleet unless a filter needs the specs, and only the page's records are built."""
-        registry_ids = {str(k) for k in await self.client.hkeys(self.keys.jobs)}
-        api_ids = {str(k) for k in await self.client.hkeys(self.keys.api_jobs)}
+        """Jobs sorted by id, filtered by source, paused, queue, id prefix, ``query`` (a
+        case-insensitive substring of id or task) and ``outcome`` (the last fire's, one of
+        :data:`scheduler.joblist.OUTCOMES`; ``never``: no fire yet), one page. Searches the
+        process's snapshot of the job list (:class:`scheduler.joblist.JobIndex`: re-read only
+        when a job changed); only the page's records are built."""
+        if outcome is not None and outcome not in OUTCOMES:
+            raise JobSpecError(f"jobs list: outcome: {outcome!r} is not one of {', '.join(OUTCOMES)}")
+        snapshot = await self.index.snapshot(self.client, self.keys)
         paused_flags, needle = await self.operator.control.paused(), query.casefold()
-        ids = [job_id for job_id in sorted(registry_ids | api_ids) if job_id.startswith(prefix)
-               and (paused is None or (job_id in paused_flags) == paused) and (source != API or job_id in api_ids)]  # fmt: skip
-        if (source is not None and source != API) or queue is not None or needle:
-            ids = [job_id for job_id, raw in zip(ids, await self._raw_specs(ids, api_ids), strict=True)
-                   if self._matches(job_id, raw, job_id in api_ids, source, queue, needle)]  # fmt: skip
-        page = ids[offset : offset + limit]
+        entries = [entry for entry in snapshot.entries if entry.id.startswith(prefix)
+                   and (paused is None or (entry.id in paused_flags) == paused)
+                   and entry.matches(source, queue, needle)]  # fmt: skip
+        if outcome is not None:
+            outcomes = await self.index.last_outcomes(self.client, self.keys, [e.id for e in snapshot.entries])
+            entries = [entry for entry in entries if outcomes.get(entry.id, NEVER_RUN) == outcome]
         records = []
-        for job_id, raw in zip(page, await self._raw_specs(page, api_ids), strict=True):
-            entry = paused_flags.get(job_id)
-            flags = {"paused": entry is not None, "paused_note": (entry or {}).get("note", "")}
-            records.append(JobRecord.model_validate({**json.loads(raw), **flags}) if job_id in api_ids
-                           else self._registry_record(JobSpec.model_validate(json.loads(raw)["spec"]), flags))  # fmt: skip
-        return JobPage(items=records, total=len(ids), offset=offset, limit=limit)
-
-    async def _raw_specs(self, ids: Sequence[str], api_ids: set[str]) -> Sequence[str]:
-        """Each job's stored JSON: its API record, else its registry entry (both hold ``spec``)."""
-        api = [job_id for job_id in ids if job_id in api_ids]
-        other = [job_id for job_id in ids if job_id not in api_ids]
-        found = dict(zip(api, await self.client.hmget(self.keys.api_jobs, api), strict=True)) if api else {}
-        found |= dict(zip(other, await self.client.hmget(self.keys.jobs, other), strict=True)) if other else {}
-        return [str(found[job_id] or '{"spec": {}}') for job_id in ids]
-
-    @staticmethod
-    def _matches(job_id: str, raw: str, api: bool, source: str | None, queue: str | None, needle: str) -> bool:
-        if needle and needle not in job_id.casefold() and needle not in raw.casefold():
-            return False  # cheap: most jobs of a search are ruled out before parsing
-        spec = json.loads(raw)["spec"]
-        kind = API if api else source_kind(str(spec.get("source", "code")))
-        if (source is not None and kind != source) or (queue is not None and spec.get("queue") != queue):
-            return False
-        return not needle or needle in job_id.casefold() or needle in str(spec.get("task", "")).casefold()
+        for entry in entries[offset : offset + limit]:
+            flag = paused_flags.get(entry.id)
+            flags = {"paused": flag is not None, "paused_note": (flag or {}).get("note", "")}
+            records.append(JobRecord.model_validate({**json.loads(entry.raw), **flags}) if entry.api
+                           else self._registry_record(JobSpec.model_validate(json.loads(entry.raw)["spec"]), flags))  # fmt: skip
+        return JobPage(items=records, total=len(entries), offset=offset, limit=limit)
 
     # -- changing API jobs ---------------------------------------------------------------
     def validate(self, document: dict[str, Any] | JobSpec) -> JobSpec:

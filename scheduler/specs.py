@@ -164,6 +164,8 @@ class JobSpec(_JobOptions):
     def _check_id(cls, value: str) -> str:
         if not _ID_RE.match(value):
             raise ValueError(f"{value!r} must be 1-200 letters, digits or . _ : -")
+        if value in (".", ".."):  # URLs drop these path segments: no console or API URL could name the job
+            raise ValueError(f"{value!r} cannot name a job (a URL path segment); use letters or digits too")
         return value
 
     @field_validator("task")

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+NEVER_RUN = "never"
+"""The outcome filter's value for jobs without a fire in their history."""
+OUTCOMES = ("succeeded", "failed", "running", "dispatched", "buffered", "retried", "expired", "skipped",
+            "missed", "coalesced", NEVER_RUN)  # fmt: skip
+"""The values of the jobs lists' outcome filter (CLI, API, console): a fire's final state as the
+history shows it (:func:`fire_view`'s ``final``), or ``never`` (no fire yet)."""
+
+
+def last_outcome(final: str | None) -> str:
+    """A job's last ``final`` state as the outcome filter names it (``never`` for none)."""
+    return final or NEVER_RUN
+
 
 def fire_view(raw: dict[str, str]) -> dict[str, Any]:
     """A fire hash as shown to operators: the final outcome first, times as epoch ms."""

@@ -152,6 +152,13 @@ class RedisKeys:
         return self.key("jobs")
 
     @property
+    def jobs_version(self) -> str:
+        """String: a counter raised with every write of file and code jobs to ``jobs`` (a replica
+        publishing its jobs, a removal); API job writes move the ``changes`` feed instead. Readers
+        keep a snapshot of the job list until one of them moves (scheduler.joblist)."""
+        return self.key("jobs_version")
+
+    @property
     def paused(self) -> str:
         """Hash: job id -> JSON (at, note, by) for paused jobs."""
         return self.key("paused")

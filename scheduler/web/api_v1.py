@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from scheduler.jobmodels import BackfillResult, TriggerResult
 from scheduler.jobstore import JobRecord
+from scheduler.views import OUTCOMES
 from scheduler.web.console import Console
 from scheduler.web.security import Guard, User
 
@@ -79,18 +80,19 @@ def router(console: Console, guard: Guard) -> APIRouter:
         workers: list[dict[str, Any]] = (await (await console.operator()).status())["workers"]
         return workers
 
-    @api.get("/jobs", summary="one page of jobs with their next fire and last outcome")
+    @api.get("/jobs", summary="a page of jobs with next fire and last outcome (search, source, queue, paused, outcome)")
     async def jobs(
         who: Reader,
         q: str = Query("", description="a case-insensitive part of the id or the task"),
         source: Literal["api", "file", "code"] | None = None,
         queue: str | None = None,
         paused: bool | None = None,
+        outcome: str | None = Query(None, description=f"the last fire's outcome: {', '.join(OUTCOMES)} (no fire yet)"),
         offset: int = Query(0, ge=0),
         limit: int = Query(50, ge=1, le=1000),
     ) -> dict[str, Any]:
-        found = await job_rows(console, who, q=q, source=source, queue=queue, paused=paused, offset=offset, limit=limit)
-        return found
+        return await job_rows(console, who, q, source=source, queue=queue, paused=paused, outcome=outcome,
+                              offset=offset, limit=limit)  # fmt: skip
 
     @api.get("/jobs/{job_id}", summary="a job: record, spec, next fires, history, counters, audit (as `jobs show`)")
     async def show(job_id: str, who: Reader, history: int = Query(20, ge=1, le=1000)) -> dict[str, Any]:

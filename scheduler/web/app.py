@@ -45,6 +45,13 @@ def create_app(settings: AppSettings) -> FastAPI:
     )
     app.state.console = console
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> Response:
+        # Liveness for probes and healthchecks: no authentication, no Redis, nothing revealed
+        # (Redis down is a 503 on the pages, which should stay reachable to say so).
+        return PlainTextResponse("ok\n", headers={"Cache-Control": "no-store"})
+
     app.include_router(api_router(console, guard))
     app.include_router(pages_router(console, guard))
 
@@ -67,7 +74,10 @@ def create_app(settings: AppSettings) -> FastAPI:
     async def chronoq_errors(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         # Redis down, an unknown job, a refused change: a status and one line, not a traceback.
         try:
-            return await call_next(request)
+            response = await call_next(request)
+            if request.method not in ("GET", "HEAD", "OPTIONS"):  # a change: live regions read afresh
+                console.changed()
+            return response
         except Exception as exc:
             found = error_status(exc)
             if found is None:  # a bug: logged with its traceback, one line to the client

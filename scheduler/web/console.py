@@ -5,10 +5,14 @@ operations of a request's user, and how chronoq's errors become HTTP statuses.""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import threading
+import time
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import anyio
 import redis
@@ -31,9 +35,30 @@ from shared.redaction import redact_text
 from shared.settings import AppSettings
 
 TIMELINE_TTL_S = 10.0
-"""Open timelines share one computation this long (10,000 jobs take a second or more of CPU)."""
+"""A timeline is computed at most this often (10,000 jobs take a second or more of CPU)."""
+TIMELINE_SLACK_S = 600.0
+"""A timeline is computed this far beyond its end, and reused until that runs out, as long as
+no job changed (the job list's fingerprint and the paused jobs): every open tab, for minutes."""
+LIVE_TTL_S = 2.0
+"""Live regions (htmx polls) of every open tab share what was read for them this long."""
+LIVE_MAX_KEYS = 500
 TIMELINE_MAX_FIRES = 2000
 """Per job and per page: the timeline lists at most this many fires (its chart counts all)."""
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    """A computed timeline: when, up to when, for which state of the jobs, its fires."""
+
+    at: datetime
+    end: datetime
+    moved: tuple[Any, ...]
+    fires: list[dict[str, Any]]
+    stamps: list[float]
+    """Each fire's epoch seconds (the fires are sorted by time)."""
 
 
 class Console:
@@ -44,8 +69,13 @@ class Console:
         self._client: AsyncClient | None = None
         self._lock = asyncio.Lock()
         self.specs = SpecCache()
-        self._timelines: dict[float, tuple[datetime, list[dict[str, Any]]]] = {}
+        self._timelines: dict[float, Timeline] = {}
+        self.timeline_computations = 0
         self._timeline_lock = asyncio.Lock()
+        self._live: dict[Hashable, tuple[float, Any]] = {}
+        self._live_locks: dict[Hashable, asyncio.Lock] = {}
+        self.live_reads = 0
+        """How often a live region's data was read from Redis (not taken from the cache)."""
 
     async def client(self) -> AsyncClient:
         async with self._lock:
@@ -60,17 +90,56 @@ class Console:
     async def operator(self) -> Operator:
         return (await self.client()).ops.operator
 
-    async def timeline(self, minutes: float) -> tuple[datetime, list[dict[str, Any]]]:
-        """:func:`upcoming` as of now, computed at most once per :data:`TIMELINE_TTL_S` for all
-        the tabs polling it (a cached answer drops the fires already past)."""
+    async def timeline(self, minutes: float) -> tuple[datetime, list[dict[str, Any]], Sequence[float]]:
+        """:func:`upcoming` as of now, and each fire's epoch seconds. Computed
+        :data:`TIMELINE_SLACK_S` beyond its end and reused (the fires already past cut off by
+        bisection) until that runs out or a job changed; a change is in it within
+        :data:`TIMELINE_TTL_S` (it is computed at most that often)."""
         async with self._timeline_lock:
             now = datetime.now(UTC)
+            client, operator = await self.client(), await self.operator()
+            moved = (
+                await client.index.fingerprint(client.redis, operator.keys),
+                frozenset(await operator.control.paused()),
+            )
             cached = self._timelines.get(minutes)
-            if cached is None or (now - cached[0]).total_seconds() > TIMELINE_TTL_S:
-                cached = (now, await upcoming(await self.operator(), minutes, now, cache=self.specs))
+            stale = (
+                cached is None
+                or now + timedelta(minutes=minutes) > cached.end
+                or (cached.moved != moved and (now - cached.at).total_seconds() > TIMELINE_TTL_S)
+            )
+            if cached is None or stale:
+                horizon = minutes + TIMELINE_SLACK_S / 60
+                fires = await upcoming(operator, horizon, now, cache=self.specs)
+                stamps = [datetime.fromisoformat(fire["at"]).timestamp() for fire in fires]
+                cached = Timeline(now, now + timedelta(minutes=horizon), moved, fires, stamps)
                 self._timelines[minutes] = cached
-        stamp = now.isoformat()
-        return now, [fire for fire in cached[1] if fire["at"] > stamp]
+                self.timeline_computations += 1
+        first = bisect.bisect_right(cached.stamps, now.timestamp())
+        last = bisect.bisect_right(cached.stamps, now.timestamp() + minutes * 60)
+        return now, cached.fires[first:last], cached.stamps[first:last]
+
+    async def live(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
+        """``read()``'s answer, shared by every poll of ``key`` for :data:`LIVE_TTL_S`: twenty
+        open tabs cost about what one does. A change made through this console drops them all
+        (:meth:`changed`); one made elsewhere shows within the TTL. Errors are not kept."""
+        lock = self._live_locks.setdefault(key, asyncio.Lock())
+        async with lock:  # the tabs polling together wait for one read
+            found = self._live.get(key)
+            now = time.monotonic()
+            if found is not None and now - found[0] < LIVE_TTL_S:
+                return cast(T, found[1])
+            value = await read()
+            self.live_reads += 1
+            if len(self._live) > LIVE_MAX_KEYS:  # searches typed in many tabs: keep it bounded
+                self._live.clear()
+                self._live_locks = {key: lock}
+            self._live[key] = (now, value)
+            return value
+
+    def changed(self) -> None:
+        """Something was changed through this console: live regions read afresh."""
+        self._live.clear()
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -153,12 +222,9 @@ def _fires_between(spec: JobSpec, now: datetime, end: datetime) -> list[datetime
     return found[:TIMELINE_MAX_FIRES]
 
 
-def histogram(fires: list[dict[str, Any]], now: datetime, minutes: int, buckets: int = 60) -> list[int]:
-    """Fires per bucket of ``minutes / buckets`` from ``now`` (the timeline's bar chart)."""
-    width = minutes * 60 / buckets
-    counts = [0] * buckets
-    for fire in fires:
-        index = int((datetime.fromisoformat(fire["at"]) - now).total_seconds() // width)
-        if 0 <= index < buckets:
-            counts[index] += 1
-    return counts
+def histogram(stamps: Sequence[float], now: datetime, minutes: float, buckets: int = 60) -> list[int]:
+    """Fires per bucket of ``minutes / buckets`` from ``now`` (the timeline's bar chart), from
+    their sorted epoch seconds: two bisections a bucket, however many fires."""
+    start, width = now.timestamp(), minutes * 60 / buckets
+    edges = [bisect.bisect_left(stamps, start + width * i) for i in range(buckets + 1)]
+    return [edges[i + 1] - edges[i] for i in range(buckets)]

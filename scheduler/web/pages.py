@@ -8,10 +8,12 @@ operations as the API. A refused action renders the page again with the error an
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Awaitable, Callable, Hashable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote, urlencode
 
 import yaml
@@ -20,12 +22,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from scheduler.jobstore import JobRecord
+from scheduler.views import OUTCOMES
 from scheduler.web.api_v1 import job_rows
 from scheduler.web.charts import runs_chart, timeline_chart
 from scheduler.web.console import TIMELINE_MAX_FIRES, Console, error_status, histogram
 from scheduler.web.security import CSRF_COOKIE, CSRF_FIELD, Guard, User
 from shared.errors import JobSpecError
 
+T = TypeVar("T")
 PAGE_SIZE = 50
 POLL_S = 5
 TEMPLATES = Path(__file__).parent / "templates"
@@ -46,7 +50,28 @@ def router(console: Console, guard: Guard) -> APIRouter:
         response = templates.TemplateResponse(request, name, context, status_code=status_code)
         if token != cookie:
             response.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="strict", path=base or "/")
+        response.headers["Vary"] = "HX-Request, HX-Target"  # a fragment and its page share a URL
+        if partial(request) and status_code == 200:
+            return _unchanged_or(request, response)
         return response
+
+    async def region(
+        request: Request, key: Hashable, name: str, read: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> Response:
+        """A live region's poll (htmx) whose HTML depends on nothing but its data (no form, no
+        user): read and rendered once per LIVE_TTL_S for every tab (Console.live)."""
+        base = request.scope.get("root_path", "")
+
+        async def build() -> bytes:
+            context = {"base": base, "poll_s": POLL_S, "read_only": guard.web.read_only, **await read()}
+            return templates.env.get_template(name).render(context).encode()
+
+        body = await console.live(("html", name, key, base), build)
+        return _unchanged_or(request, HTMLResponse(body, headers={"Vary": "HX-Request, HX-Target"}))
+
+    async def fetch(request: Request, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
+        """A live region's poll shares ``read`` with every tab (Console.live); a page load reads."""
+        return await console.live(key, read) if partial(request) else await read()
 
     def partial(request: Request) -> bool:
         return request.headers.get("hx-request") == "true" and request.headers.get("hx-target") is not None
@@ -61,10 +86,13 @@ def router(console: Console, guard: Guard) -> APIRouter:
     @pages.get("/", response_class=HTMLResponse)
     async def overview(request: Request) -> Response:
         user = guard.user(request)
-        try:
+
+        async def read() -> tuple[dict[str, Any], list[dict[str, Any]]]:
             operator = await console.operator()
-            status = await operator.status()
-            audit = await operator.control.audit(None, limit=10)
+            return await operator.status(), await operator.control.audit(None, limit=10)
+
+        try:
+            status, audit = await fetch(request, "overview", read)
         except Exception as exc:
             return await failed(request, user, exc, title="Overview")
         name = "overview_live.html" if partial(request) else "overview.html"
@@ -82,30 +110,36 @@ def router(console: Console, guard: Guard) -> APIRouter:
             "source": params.get("source") or None,
             "queue": params.get("queue") or None,
             "paused": {"yes": True, "no": False}.get(params.get("paused", "")),
+            "outcome": params.get("outcome") if params.get("outcome") in OUTCOMES else None,
         }
         page = max(1, _int(params.get("page"), 1))
         if filters["source"] not in (None, "api", "file", "code"):
             filters["source"] = None
-        try:
+        query = {k: v for k, v in params.items() if k != "page" and v}
+
+        async def read() -> dict[str, Any]:
             rows = await job_rows(console, user, search, **filters, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE)
+            pages_total = max(1, -(-rows["total"] // PAGE_SIZE))
+            links = {
+                "prev": urlencode({**query, "page": page - 1}) if page > 1 else None,
+                "next": urlencode({**query, "page": page + 1}) if page < pages_total else None,
+            }
+            return {"rows": rows, "page": page, "pages_total": pages_total, "links": links, "query": urlencode(query)}
+
+        try:
+            if partial(request):
+                return await region(request, (urlencode(query), page), "jobs_table.html", read)
+            context = await read()
         except Exception as exc:
             return await failed(request, user, exc, title="Jobs")
-        pages_total = max(1, -(-rows["total"] // PAGE_SIZE))
-        query = {k: v for k, v in params.items() if k != "page" and v}
-        links = {
-            "prev": urlencode({**query, "page": page - 1}) if page > 1 else None,
-            "next": urlencode({**query, "page": page + 1}) if page < pages_total else None,
-        }
-        name = "jobs_table.html" if partial(request) else "jobs.html"
-        return render(request, user, name, title="Jobs", rows=rows, page=page, pages_total=pages_total,
-                      links=links, filters=params, query=urlencode(query))  # fmt: skip
+        return render(request, user, "jobs.html", title="Jobs", filters=params, outcomes=OUTCOMES, **context)
 
-    @pages.get("/jobs/new", response_class=HTMLResponse)
+    @pages.get("/new", response_class=HTMLResponse)
     async def new_job(request: Request) -> Response:
         user = guard.user(request)
         return render(request, user, "new.html", title="New job", form={})
 
-    @pages.post("/jobs/new", response_class=HTMLResponse)
+    @pages.post("/new", response_class=HTMLResponse)
     async def create_job(request: Request) -> Response:
         user = guard.user(request)
         form = {k: str(v) for k, v in (await request.form()).items()}
@@ -122,11 +156,12 @@ def router(console: Console, guard: Guard) -> APIRouter:
     async def job_page(request: Request, job_id: str) -> Response:
         user = guard.user(request)
         try:
+            if partial(request):
+                return await region(request, job_id, "job_live.html", lambda: _job_context(console, user, job_id))
             context = await _job_context(console, user, job_id)
         except Exception as exc:
             return await failed(request, user, exc, title=job_id)
-        name = "job_live.html" if partial(request) else "job.html"
-        return render(request, user, name, title=job_id, **context)
+        return render(request, user, "job.html", title=job_id, **context)
 
     @pages.post("/jobs/{job_id}/{action}", response_class=HTMLResponse)
     async def act(request: Request, job_id: str, action: str) -> Response:
@@ -184,14 +219,20 @@ def router(console: Console, guard: Guard) -> APIRouter:
     async def timeline(request: Request) -> Response:
         user = guard.user(request)
         minutes = min(24 * 60, max(5, _int(request.query_params.get("minutes"), 60)))
+
+        async def read() -> dict[str, Any]:
+            now, fires, stamps = await console.timeline(minutes)
+            chart = timeline_chart(histogram(stamps, now, minutes), now, minutes)
+            return {"now": now, "fires": fires[:TIMELINE_MAX_FIRES], "total": len(fires), "chart": chart,
+                    "minutes": minutes}  # fmt: skip
+
         try:
-            now, fires = await console.timeline(minutes)
+            if partial(request):
+                return await region(request, minutes, "timeline_live.html", read)
+            view = await read()
         except Exception as exc:
             return await failed(request, user, exc, title="Timeline")
-        counts = histogram(fires, now, minutes)
-        name = "timeline_live.html" if partial(request) else "timeline.html"
-        return render(request, user, name, title="Timeline", fires=fires[:TIMELINE_MAX_FIRES], total=len(fires),
-                      minutes=minutes, chart=timeline_chart(counts, now, minutes), now=now)  # fmt: skip
+        return render(request, user, "timeline.html", title="Timeline", **view)
 
     return pages
 
@@ -207,6 +248,17 @@ async def _job_context(console: Console, user: User, job_id: str) -> dict[str, A
         "chart": runs_chart(shown["history"]),
         "stamp": _ms_time,
     }
+
+
+def _unchanged_or(request: Request, response: Response) -> Response:
+    """A live region's answer with an ETag: a browser revalidating its copy (If-None-Match) of
+    an unchanged fragment gets 304 and no body, and htmx gets the copy it already has."""
+    etag = '"' + hashlib.blake2b(bytes(response.body), digest_size=12).hexdigest() + '"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache", "Vary": "HX-Request, HX-Target"}
+    if etag in {tag.strip() for tag in request.headers.get("if-none-match", "").split(",")}:
+        return Response(status_code=304, headers=headers)
+    response.headers.update(headers)
+    return response
 
 
 def _back(request: Request, job_id: str, done: str) -> Response:

@@ -14,6 +14,13 @@ from scheduler.web.security import auth_configured, bind_problem, is_loopback
 from shared.errors import ConfigError
 from shared.settings import AppSettings
 
+SHUTDOWN_GRACE_S = 5
+"""On SIGTERM, requests still open (a slow page) get this long before the console exits."""
+KEEP_ALIVE_S = 20
+"""Idle connections are kept this long: above the slowest live region's poll (15 s), so an open
+tab polls on one connection (uvicorn's default of 5 s equals the fastest poll: each one raced
+the server closing the connection, and opened a new one)."""
+
 
 def check_bind(host: str, port: int, settings: AppSettings) -> socket.socket:
     """The listening socket, bound before the app starts. Raises ConfigError (exit 78) for a
@@ -76,7 +83,10 @@ def serve(settings: AppSettings, host: str, sock: socket.socket) -> int:
     logger.info("chronoq web console{} at http://{}:{}/ ({})", mode, shown, bound_port, auth)
     print(f"chronoq web: console at http://{shown}:{bound_port}/  API at http://{shown}:{bound_port}/api/v1/docs",
           flush=True)  # fmt: skip
-    config = uvicorn.Config(create_app(settings), log_config=None, access_log=False, lifespan="on")
+    config = uvicorn.Config(
+        create_app(settings), log_config=None, access_log=False, lifespan="on",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S, timeout_keep_alive=KEEP_ALIVE_S,
+    )  # fmt: skip
     _server_class()(config).run(sockets=[sock])
     return 0
 

@@ -27,14 +27,20 @@ import run_scheduler
 import run_worker
 from scheduler.cli import _parser as chronoq_parser
 from scheduler.localworker import SHUTDOWN_BUDGET_S
-from shared.settings import AppSettings, CelerySettings, HttpSettings
+from scheduler.web.security import bind_problem
+from scheduler.web.serve import SHUTDOWN_GRACE_S
+from shared.settings import AppSettings, CelerySettings, HttpSettings, WebSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 HTTP_PORT_DEFAULT = HttpSettings().port
+WEB_PORT_DEFAULT = WebSettings().port
 """The #12 contract: ``HTTP_PORT`` defaults to 9808, ``HTTP_HOST`` to 127.0.0.1."""
 NOT_CHRONOQ = {"PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PATH"}
 WORKER_STOP_MIN_S = CelerySettings().task_time_limit_s or 0
+UNITS = ("chronoq-scheduler.service", "chronoq-worker.service", "chronoq-web.service")
+SANDBOX = ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "ProtectKernelTunables",
+           "RestrictAddressFamilies", "CapabilityBoundingSet", "ReadWritePaths", "UMask")  # fmt: skip
 
 
 def chronoq_settings() -> set[str]:
@@ -63,7 +69,7 @@ def load_all(path: Path) -> list[Any]:
 def check_command(argv: list[str], where: str) -> None:
     """``argv`` runs something the package installs, with arguments its parser accepts."""
     parse: Callable[[list[str]], object]
-    if argv[0] == "chronoq":
+    if Path(argv[0]).name == "chronoq":
         assert "chronoq" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
         parse = chronoq_parser().parse_args
         args = argv[1:]
@@ -136,13 +142,13 @@ def test_every_command_line_exists_in_the_package() -> None:
         commands.append((service["command"], f"compose {name}"))
     for where, container in containers():
         commands.append((container["command"] + container.get("args", []), where))
-    for name in ("chronoq-scheduler.service", "chronoq-worker.service"):
+    for name in UNITS:
         commands.append((shlex.split(unit(name)["ExecStart"]), name))
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     cmd = re.search(r"^CMD (\[.*\])$", dockerfile, re.M)
     assert cmd, "the Dockerfile has no exec-form CMD"
     commands.append((json.loads(cmd[1]), "Dockerfile CMD"))
-    assert len(commands) >= 9
+    assert len(commands) >= 12
     for argv, where in commands:
         check_command(argv, where)
 
@@ -180,7 +186,7 @@ def test_every_variable_given_to_chronoq_is_a_setting() -> None:
             given += [(var, "Secret") for var in doc["stringData"]]
     for where, container in containers():
         given += [(env["name"], where) for env in container.get("env", [])]
-    for name in ("chronoq-scheduler.service", "chronoq-worker.service"):
+    for name in UNITS:
         given += [(line.split("=", 2)[1], name) for line in unit_lines(name) if line.startswith("Environment=")]
     for match in re.finditer(r"^\s*(?:ENV\s+)?([A-Z_]+)=\S+(?: \\)?$", (DEPLOY / "Dockerfile").read_text(), re.M):
         given.append((match[1], "Dockerfile ENV"))
@@ -273,7 +279,11 @@ def test_compose_services() -> None:
 
 @pytest.mark.parametrize(
     ("name", "stop_above_s"),
-    [("chronoq-scheduler.service", SHUTDOWN_BUDGET_S), ("chronoq-worker.service", WORKER_STOP_MIN_S)],
+    [
+        ("chronoq-scheduler.service", SHUTDOWN_BUDGET_S),
+        ("chronoq-worker.service", WORKER_STOP_MIN_S),
+        ("chronoq-web.service", SHUTDOWN_GRACE_S),
+    ],
 )
 def test_systemd_unit(name: str, stop_above_s: float, tmp_path: Path) -> None:
     options = unit(name)
@@ -294,6 +304,65 @@ def test_systemd_unit(name: str, stop_above_s: float, tmp_path: Path) -> None:
         pytest.skip("systemd-analyze is not installed: the unit was only parsed")
     # verify insists that ExecStart's binary exists: point it at this interpreter.
     copy = tmp_path / name
-    copy.write_text((DEPLOY / "systemd" / name).read_text().replace("/opt/chronoq/venv/bin/python", sys.executable))
+    text = (DEPLOY / "systemd" / name).read_text().replace("/opt/chronoq/venv/bin/python", sys.executable)
+    copy.write_text(text.replace("/opt/chronoq/venv/bin/chronoq", str(Path(sys.executable).parent / "chronoq")))
     result = subprocess.run([verify, "verify", str(copy)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
+
+
+# --- the web console ------------------------------------------------------------------------
+
+
+def web_settings(env: dict[str, str]) -> WebSettings:
+    """The console's settings from the ``WEB_*`` variables a deploy file gives it."""
+    fields = {k.removeprefix("WEB_").lower(): v for k, v in env.items() if k.startswith("WEB_")}
+    return WebSettings.model_validate(fields)
+
+
+def test_web_unit_is_sandboxed_like_the_scheduler_and_binds_loopback() -> None:
+    web, scheduler = unit("chronoq-web.service"), unit("chronoq-scheduler.service")
+    assert {k: web[k] for k in SANDBOX} == {k: scheduler[k] for k in SANDBOX}
+    assert shlex.split(web["ExecStart"])[1:] == ["web"], "WEB_HOST and WEB_PORT come from the env file"
+    assert WebSettings().host == "127.0.0.1", "the unit relies on a loopback default (README: reverse proxy or token)"
+    assert web["RestartPreventExitStatus"] == "78"
+
+
+def test_compose_web_service() -> None:
+    service = chronoq_services()["web"]
+    argv = service["command"]
+    host, port = argv[argv.index("--host") + 1], int(argv[argv.index("--port") + 1])
+    env = {k: str(v) for k, v in service["environment"].items()}
+    assert bind_problem(host, web_settings({**env, "WEB_TOKEN": "set-by-the-operator"})) is None
+    assert env["WEB_TOKEN"].startswith("${CHRONOQ_WEB_TOKEN:?"), "the token comes from the operator, never a default"
+    assert int(env["WEB_PORT"]) == port
+    assert service["ports"] == [f"127.0.0.1:{port}:{port}"]
+    check = " ".join(service["healthcheck"]["test"])
+    assert "/healthz" in check and f"'WEB_PORT', '{WEB_PORT_DEFAULT}'" in check and "curl" not in check
+    assert seconds(service["stop_grace_period"]) > SHUTDOWN_GRACE_S
+
+
+def test_kubernetes_web_deployment_probes_and_service() -> None:
+    docs = load_all(DEPLOY / "kubernetes" / "web.yaml")
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    service = next(d for d in docs if d["kind"] == "Service")
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    port = int(env.get("WEB_PORT", WEB_PORT_DEFAULT))
+    secrets = {
+        d["metadata"]["name"]: d for d in load_all(DEPLOY / "kubernetes" / "config.yaml") if d["kind"] == "Secret"
+    }
+    refs = [ref["secretRef"]["name"] for ref in container["envFrom"] if "secretRef" in ref]
+    from_secrets = {k: v for name in refs for k, v in secrets[name]["stringData"].items()}
+    assert "WEB_TOKEN" in from_secrets
+    assert bind_problem(env["WEB_HOST"], web_settings({**env, **from_secrets})) is None
+    assert env["WEB_HOST"] != "127.0.0.1", "the kubelet and the Service cannot reach a loopback listener"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": port}
+    assert [p["containerPort"] for p in container["ports"]] == [port]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert [named[p["targetPort"]] for p in service["spec"]["ports"]] == [port]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert pod["spec"]["terminationGracePeriodSeconds"] > SHUTDOWN_GRACE_S
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    check_command(container["command"], "web.yaml")

@@ -240,6 +240,9 @@ BAD_JOBS = [
     ("id: x\ntask: os.system()\ninterval: 5", "task: 'os.system()' is not a Celery task name"),
     ("id: x\ntask: " + "a" * 201 + "\ninterval: 5", "task: '" + "a" * 201 + "' is not a Celery task name"),
     ("id: x y\ntask: t.a\ninterval: 5", "id: 'x y' must be 1-200 letters"),
+    ("id: a/b\ntask: t.a\ninterval: 5", "id: 'a/b' must be 1-200 letters"),
+    ("id: '..'\ntask: t.a\ninterval: 5", "id: '..' cannot name a job (a URL path segment)"),
+    ("id: '.'\ntask: t.a\ninterval: 5", "id: '.' cannot name a job (a URL path segment)"),
     (
         "id: x\ntask: t.a\ninterval: 5\nstart_date: 2026-02-01\nend_date: 2026-01-01",
         "end_date: 2026-01-01T00:00:00+00:00 is before",
@@ -261,7 +264,8 @@ BAD_JOBS = [
 def test_bad_job_names_file_job_and_field(tmp_path: Path, body: str, expected: str) -> None:
     path = write(tmp_path, "jobs.yaml", one_job(body))
     problems = problems_of([path])
-    job_id = "x" if body.startswith("id: x\n") else ("x y" if body.startswith("id: x y") else "no id")
+    named = body.split("\n", 1)[0].removeprefix("id: ").strip("'")
+    job_id = "no id" if not body.startswith("id: ") else named
     assert len(problems) == 1
     assert problems[0].startswith(f"{path}: jobs[0] ({job_id}): {expected}")
 

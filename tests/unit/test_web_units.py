@@ -97,9 +97,10 @@ def test_error_statuses(error: Exception, status: int | None) -> None:
 
 def test_histogram_buckets_the_next_minutes() -> None:
     now = datetime(2026, 12, 1, 1, 59, tzinfo=UTC)
-    fires = [{"at": (now + timedelta(seconds=s)).isoformat()} for s in (0, 59, 60, 3599, 3600, -1)]
-    counts = histogram(fires, now, 60)
-    assert (len(counts), counts[0], counts[1], counts[59], sum(counts)) == (60, 2, 1, 1, 4)
+    stamps = [(now + timedelta(seconds=s)).timestamp() for s in sorted((0, 59, 60, 3599, 3600, -1, 59.5))]
+    counts = histogram(stamps, now, 60)
+    assert (len(counts), counts[0], counts[1], counts[59], sum(counts)) == (60, 3, 1, 1, 5)
+    assert histogram([], now, 60) == [0] * 60
 
 
 def test_charts_escape_text() -> None:

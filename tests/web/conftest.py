@@ -3,9 +3,14 @@ on a free port, against the test's Redis and key prefix."""
 
 from __future__ import annotations
 
+import contextlib
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +43,63 @@ class ConsoleProcess:
                 self.process.kill()
                 self.process.wait(5)
         return self.process.returncode
+
+
+class CountingProxy:
+    """A TCP proxy in front of a console that records every HTTP request line passing through
+    it (time, method, target): what the server receives, whatever the browser thinks it sent."""
+
+    REQUEST = re.compile(rb"(GET|POST|HEAD|PUT|PATCH|DELETE) (\S+) HTTP/1\.[01]")
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.requests: list[tuple[float, str, str]] = []
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def seen(self, path_prefix: str) -> list[float]:
+        """When requests for targets starting with ``path_prefix`` arrived."""
+        with self._lock:
+            return [at for at, _, target in self.requests if target.startswith(path_prefix)]
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the console has stopped: the browser's retry is refused too
+                client.close()
+                continue
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, requests: bool) -> None:
+        pending = b""
+        try:
+            while data := source.recv(65536):
+                if requests:  # complete lines only; no body of these pages' requests holds a request line
+                    *lines, pending = (pending + data).split(b"\r\n")
+                    found = [m for line in lines if (m := self.REQUEST.fullmatch(line))]
+                    with self._lock:
+                        self.requests += [(time.monotonic(), m[1].decode(), m[2].decode()) for m in found]
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 def answers(url: str) -> bool:

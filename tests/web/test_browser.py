@@ -15,9 +15,10 @@ from urllib.parse import quote
 
 import pytest
 
+from scheduler.web.pages import POLL_S
 from shared.settings import AppSettings
-from tests.conftest import RedisServer, SchedulerProcess, chronoq, executions, write_jobs
-from tests.web.conftest import ConsoleProcess
+from tests.conftest import RedisServer, SchedulerProcess, chronoq, executions, wait_for, write_jobs
+from tests.web.conftest import ConsoleProcess, CountingProxy
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 FLAGS = (
@@ -35,6 +36,7 @@ pytestmark = [
 
 if CHROMIUM.exists():
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.remote.webdriver import WebDriver
@@ -56,7 +58,9 @@ def browser() -> Iterator[WebDriver]:
 
 
 def until(browser: WebDriver, condition: Callable[[WebDriver], Any], what: str, timeout_s: float = 30) -> Any:
-    return WebDriverWait(browser, timeout_s, poll_frequency=0.1).until(condition, message=f"waiting for {what}")
+    # A live region swapped between finding an element and reading it: look again.
+    wait = WebDriverWait(browser, timeout_s, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException])
+    return wait.until(condition, message=f"waiting for {what}")
 
 
 def text(browser: WebDriver, css: str) -> str:
@@ -106,7 +110,7 @@ def test_operator_flow(
     until(browser, lambda b: "succeeded" in text(b, "#history"), "the manual run to appear in the history")
     assert "manual" in text(browser, "#history")
 
-    browser.get(console.url + "/jobs/new")
+    browser.get(console.url + "/new")
     browser.find_element(By.NAME, "id").send_keys("made-in-browser")
     browser.find_element(By.NAME, "task").send_keys("demo.record_fire")
     Select(browser.find_element(By.NAME, "kind")).select_by_value("interval")
@@ -121,7 +125,7 @@ def test_operator_flow(
 
 def test_bad_form_input_names_job_and_field(browser: WebDriver, settings: AppSettings, start_console: Any) -> None:
     console: ConsoleProcess = start_console(settings)
-    browser.get(console.url + "/jobs/new")
+    browser.get(console.url + "/new")
     browser.find_element(By.NAME, "id").send_keys("broken")
     browser.find_element(By.NAME, "task").send_keys("demo.sleep")
     browser.find_element(By.NAME, "schedule").send_keys("61 * * * *")
@@ -163,3 +167,60 @@ def test_auth_and_csrf_refusals(
     until(browser, lambda b: "403" in b.page_source or "CSRF" in b.page_source, "the cross-origin refusal")
     with redis_server.client() as r:
         assert r.hget(f"{settings.redis.key_prefix}paused", "guarded") is None
+
+
+def set_visibility(browser: WebDriver, state: str) -> None:
+    """What a browser does when its tab is hidden or shown again: ``document.visibilityState``
+    (and ``hidden``) change, then ``visibilitychange`` is dispatched on the document."""
+    browser.execute_script(
+        "const state = arguments[0];"
+        "Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => state});"
+        "Object.defineProperty(document, 'hidden', {configurable: true, get: () => state === 'hidden'});"
+        "document.dispatchEvent(new Event('visibilitychange'));",
+        state,
+    )
+
+
+def test_live_updates_stop_while_the_tab_is_hidden(
+    browser: WebDriver, settings: AppSettings, start_console: Any, namespace: str
+) -> None:
+    console: ConsoleProcess = start_console(settings)
+    with console.http() as http:
+        for job_id in ("seen-1", "quiet-1"):
+            spec = {"id": job_id, "task": "demo.sleep", "args": [0], "cron": "0 2 * * *", "queue": f"none_{namespace}"}
+            assert http.post("/api/v1/jobs", json={"spec": spec}).status_code == 201
+        assert http.post("/api/v1/jobs/seen-1/trigger", json={}).json()["outcome"] == "dispatched"
+    proxy = CountingProxy(int(console.url.rsplit(":", 1)[1]))
+    try:
+        # The last-outcome filter, in the browser.
+        browser.get(proxy.url + "/jobs")
+        until(browser, lambda b: "2 jobs" in text(b, "#jobs-count"), "the jobs list")
+        Select(browser.find_element(By.NAME, "outcome")).select_by_value("dispatched")
+        until(browser, lambda b: text(b, "#jobs-count").startswith("1 job,"), "the outcome filter to narrow it")
+        until(browser, lambda b: "seen-1" in text(b, "#jobs-table"), "the dispatched job")
+        assert "outcome=dispatched" in browser.current_url, "the filter is in the URL (a link can be shared)"
+        Select(browser.find_element(By.NAME, "outcome")).select_by_value("never")
+        until(browser, lambda b: "quiet-1" in text(b, "#jobs-table") and "seen-1" not in text(b, "#jobs-table"),
+              "the never-run jobs")  # fmt: skip
+
+        browser.get(proxy.url + "/jobs/seen-1")
+        until(browser, lambda b: text(b, "#job-id") == "seen-1", "the job page")
+
+        def polls() -> list[float]:  # the page load, then its live region's polls
+            return proxy.seen("/jobs/seen-1")
+
+        wait_for(lambda: len(polls()) >= 3, 3 * POLL_S + 10, "the live region to poll twice")
+
+        set_visibility(browser, "hidden")
+        hidden_at = len(polls())
+        # Hidden for three poll intervals: the server receives no poll at all.
+        with pytest.raises(pytest.fail.Exception):
+            wait_for(lambda: len(polls()) > hidden_at, 3 * POLL_S, "a poll while hidden")
+        assert len(polls()) == hidden_at
+
+        set_visibility(browser, "visible")
+        wait_for(lambda: len(polls()) > hidden_at, 3, "the refresh on becoming visible (at once)")
+        wait_for(lambda: len(polls()) > hidden_at + 1, POLL_S + 5, "the polling to resume")
+        until(browser, lambda b: text(b, "#job-id") == "seen-1", "the page after the refresh")
+    finally:
+        proxy.close()

@@ -51,6 +51,8 @@ def test_token_and_basic_auth(settings: AppSettings, start_console: Any) -> None
         assert ok.status_code == 200, ok.text
         assert http.get("/", auth=("ops", "nope")).status_code == 401
         assert http.get("/jobs").status_code == 401
+        health = http.get("/healthz")  # the probes' route: no credentials, nothing revealed
+        assert (health.status_code, health.text) == (200, "ok\n")
         page = http.get("/", auth=("ops", PASSWORD))
         assert page.status_code == 200 and "ops" in page.text
         assert http.get("/jobs", auth=("anyone", TOKEN)).status_code == 200, "the token is a page password too"
@@ -67,8 +69,8 @@ def test_read_only_refuses_every_change(settings: AppSettings, redis_server: Red
     with console.http() as http:
         refused = http.post("/api/v1/jobs", json={"spec": SPEC})
         assert refused.status_code == 403 and "read-only" in refused.json()["error"]
-        page = http.get("/jobs/new")
-        refused_form = http.post("/jobs/new", data={"csrf": csrf_of(page.text), **SPEC, "kind": "cron"})
+        page = http.get("/new")
+        refused_form = http.post("/new", data={"csrf": csrf_of(page.text), **SPEC, "kind": "cron"})
         assert refused_form.status_code == 403
         assert "New job" not in http.get("/jobs").text.split("<main", 1)[1]
     with redis_server.client() as r:
