@@ -97,11 +97,13 @@ def cpu_per_scrape(url: str, tmp: Path, jobs: int, scrapes: int, cache_s: float,
         idle_started = time.monotonic()
         time.sleep(scrapes)
         idle_rate = (scheduler.cpu_s() - idle_before) / (time.monotonic() - idle_started)
-        walls, sizes = [], []
+        walls, sizes, cpus = [], [], []
         before = scheduler.cpu_s()
         started = time.monotonic()
         for i in range(scrapes):
+            cpu_before, wall_before = scheduler.cpu_s(), time.monotonic()
             wall, size = scrape(port)
+            cpus.append(scheduler.cpu_s() - cpu_before - idle_rate * (time.monotonic() - wall_before))
             walls.append(wall)
             sizes.append(size)
             time.sleep(max(0.0, started + i + 1 - time.monotonic()))
@@ -115,6 +117,8 @@ def cpu_per_scrape(url: str, tmp: Path, jobs: int, scrapes: int, cache_s: float,
         "fleet_cache_s": cache_s,
         "scrapes": scrapes,
         "cpu_ms_per_scrape": round(busy * 1000 / scrapes, 1),
+        "cpu_ms_median_scrape": round(statistics.median(cpus) * 1000, 1),
+        "cpu_ms_max_scrape": round(max(cpus) * 1000, 1),
         "idle_cpu_ms_per_s": round(idle_rate * 1000, 1),
         "wall_ms_median": round(statistics.median(walls) * 1000, 1),
         "bytes": int(statistics.median(sizes)),
@@ -198,6 +202,9 @@ def main() -> int:
     parser.add_argument("--window-s", type=float, default=20)
     parser.add_argument("--only", choices=["cost", "lag"])
     parser.add_argument(
+        "--save", help="also write the results to this JSON file (e.g. bench/results/metrics_scrape.json)"
+    )
+    parser.add_argument(
         "--label-limits", default="10000,1000", help="HTTP_JOB_LABEL_LIMIT values to measure (comma-separated)"
     )
     args = parser.parse_args()
@@ -206,19 +213,40 @@ def main() -> int:
         url, server = start_redis(tmp)
         try:
             limits = [int(n) for n in args.label_limits.split(",")]
+            costs: list[dict[str, object]] = []
+            lags: list[dict[str, object]] = []
             if args.only in (None, "cost"):
                 for limit in limits:
                     for cache_s in (0.0, 2.0):
-                        result = cpu_per_scrape(url, tmp, args.jobs, args.scrapes, cache_s, limit)
-                        print(json.dumps(result), flush=True)
+                        costs.append(cpu_per_scrape(url, tmp, args.jobs, args.scrapes, cache_s, limit))
+                        print(json.dumps(costs[-1]), flush=True)
             if args.only in (None, "lag"):
                 for limit in limits:
-                    result = lag_with_and_without_scrapes(url, tmp, args.windows, args.window_s, limit)
-                    print(json.dumps(result), flush=True)
+                    lags.append(lag_with_and_without_scrapes(url, tmp, args.windows, args.window_s, limit))
+                    print(json.dumps(lags[-1]), flush=True)
         finally:
             server.terminate()
             server.wait(10)
+    ratios = cost_ratios(costs, max(limits), min(limits))
+    if ratios:
+        print(json.dumps(ratios), flush=True)
+    if args.save:
+        record = {"ran_at": datetime.now(UTC).isoformat(timespec="seconds"), "args": vars(args)}
+        Path(args.save).write_text(
+            json.dumps({**record, "cost": costs, "cost_ratios": ratios, "lag": lags}, indent=2) + "\n"
+        )
     return 0
+
+
+def cost_ratios(costs: list[dict[str, object]], high: int, low: int) -> dict[str, float]:
+    """Median CPU per scrape with per-job series for ``high`` jobs over ``low`` jobs (same run)."""
+    ratios = {}
+    for cache_s in (0.0, 2.0):
+        pick = {c["label_limit"]: c for c in costs if c["fleet_cache_s"] == cache_s}
+        if high in pick and low in pick and high != low:
+            a, b = pick[high]["cpu_ms_median_scrape"], pick[low]["cpu_ms_median_scrape"]
+            ratios[f"median_cpu_ratio_{high}_over_{low}_cache_{cache_s:g}s"] = round(float(a) / max(float(b), 1.0), 2)  # type: ignore[arg-type]
+    return ratios
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def collector(client: redis.Redis, settings: AppSettings, jobs: list[JobSpec], *
         RedisKeys(settings.redis.key_prefix),
         jobs=lambda: jobs,
         next_fires=lambda: {spec.id: base + timedelta(seconds=i) for i, spec in enumerate(jobs)},
-        queue_keys={settings.celery.cron_queue: [settings.celery.cron_queue]},
+        queue_keys=lambda queue: [queue],
+        queues=[settings.celery.cron_queue],
         label_limit=int(options.get("label_limit", 1000)),
         cache_s=options.get("cache_s", 2.0),
     )
