@@ -11,7 +11,7 @@ content negotiation, text or OpenMetrics, ``name[]`` filtering, gzip), exactly w
 
 from __future__ import annotations
 
-import gzip
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.openmetrics.exposition import ALLOWUTF8, UNDERSCORES
+
+from scheduler.jobseries import offer_gil
 
 if TYPE_CHECKING:
     from scheduler.fleetmetrics import FleetCollector
@@ -56,26 +58,47 @@ class MetricsPage:
             start_response("405 Method Not Allowed", [("Allow", "OPTIONS,GET")])
             return [f"# HTTP 405 Method Not Allowed: {method}; use OPTIONS or GET\n".encode()]
         params = parse_qs(environ.get("QUERY_STRING", ""))
-        body, content_type = self.body(environ.get("HTTP_ACCEPT"), params.get("name[]"))
+        pieces, content_type = self.pieces(environ.get("HTTP_ACCEPT"), params.get("name[]"))
         headers = [("Content-Type", content_type)]
         if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING") or ""):
-            body = gzip.compress(body)
+            pieces = [_gzip(pieces)]
             headers.append(("Content-Encoding", "gzip"))
+        headers.append(("Content-Length", str(sum(map(len, pieces)))))
         start_response("200 OK", headers)
-        return [body]
+        return pieces
 
     def body(self, accept: str | None, names: list[str] | None = None) -> tuple[bytes, str]:
-        """The exposition ``accept`` asks for (as ``prometheus_client`` chooses it), and its
-        content type."""
+        """The whole page :meth:`pieces` makes, and its content type."""
+        pieces, content_type = self.pieces(accept, names)
+        return b"".join(pieces), content_type
+
+    def pieces(self, accept: str | None, names: list[str] | None = None) -> tuple[list[bytes], str]:
+        """The exposition ``accept`` asks for (as ``prometheus_client`` chooses it), in pieces
+        (one per per-job family: a 4 MB page is never copied whole while the loop waits for the
+        GIL), and its content type."""
         encoder, content_type = choose_encoder(accept or "")
         source = _Registry(self.registry, names)
         collector = self.collector
         escaping = getattr(encoder, "keywords", {}).get("escaping", UNDERSCORES)
         if collector is None or escaping not in (UNDERSCORES, ALLOWUTF8):
-            return encoder(source), content_type
+            return [encoder(source)], content_type
         with collector.scrape() as snap:
             head = encoder(source)
-            jobs = collector.job_text(snap, encoder, set(names) if names is not None else None).encode()
+            jobs = collector.job_text(snap, encoder, set(names) if names is not None else None)
+        tail = b""
         if head.endswith(EOF):
-            return head[: -len(EOF)] + jobs + EOF, content_type
-        return head + jobs, content_type
+            head, tail = head[: -len(EOF)], EOF
+        pieces = [head]
+        for piece in jobs:
+            pieces.append(piece.encode())
+            offer_gil()
+        pieces.append(tail)
+        return pieces, content_type
+
+
+def _gzip(pieces: list[bytes]) -> bytes:
+    """Compress piece by piece (zlib lets go of the GIL while it works on each)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: a gzip header, as gzip.compress writes
+    out = [packer.compress(piece) for piece in pieces]
+    out.append(packer.flush())
+    return b"".join(out)

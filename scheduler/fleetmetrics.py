@@ -39,7 +39,7 @@ from loguru import logger
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from scheduler.jobseries import GAUGES, OTHER, JobColumns, JobSeriesText, job_families
+from scheduler.jobseries import CHUNK, GAUGES, OTHER, JobColumns, JobSeriesText, job_families, offer_gil
 from scheduler.specs import JobSpec
 from scheduler.triggers import describe_trigger
 from shared import lua
@@ -109,8 +109,9 @@ class FleetCollector(Collector):
         self._failed_at = -float("inf")
         self._labelled: tuple[int, list[JobSpec]] = (-1, [])
         self._info: dict[str, tuple[JobSpec, tuple[str, ...]]] = {}
+        self._info_of: tuple[list[JobSpec] | None, tuple[list[str], list[tuple[str, ...]]]] = (None, ([], []))
         self._last_fire_raw: dict[str, tuple[str, float]] = {}
-        self._counters_raw: dict[str, tuple[list[Any], tuple[tuple[str, int], ...], float | None]] = {}
+        self._counters_raw: dict[str, tuple[str, int, tuple[tuple[str, int], ...], float | None]] = {}
         self._stats_batches: tuple[list[str] | None, list[list[str]]] = (None, [])
         self._queue_keys: dict[str, list[str]] = {}
         self._pinned = threading.local()
@@ -179,25 +180,27 @@ class FleetCollector(Collector):
         pipe.hgetall(k.workers)
         pipe.hkeys(k.paused)
         pipe.smembers(k.buffered)
-        labelled = self.labelled_jobs()
-        ids = [spec.id for spec in labelled]
-        if ids:
-            pipe.hmget(k.last_fire, ids)
         queue_keys = self._queues()
         for keys in queue_keys.values():
             for key in keys:
                 pipe.llen(key)
-        for batch in self._stats_keys(ids):
-            self._stats(keys=batch, client=pipe)
         replies = pipe.execute()
         counters, leader, replicas, workers, paused, buffered = replies[:6]
-        at = 7 if ids else 6
+        at = 6
         queues: dict[str, int] = {}
         for n, (name, keys) in enumerate(queue_keys.items()):
             length = sum(int(x) for x in replies[at : at + len(keys)])
             at += len(keys)
             label = name if n < self.queue_limit else OTHER
             queues[label] = queues.get(label, 0) + length
+        # The labelled jobs' part, one round trip per batch: the loop's thread gets the GIL
+        # while each is on the wire, and no send or reply is thousands of items long.
+        ids = [spec.id for spec in self.labelled_jobs()]
+        last_fires: list[str | None] = []
+        stats: list[str] = []
+        for start, batch in zip(range(0, len(ids), STATS_BATCH), self._stats_keys(ids), strict=True):
+            last_fires += self.client.hmget(k.last_fire, ids[start : start + STATS_BATCH])
+            stats += self._stats(keys=batch)
         snap = FleetSnapshot(
             read_at=now,
             counters={str(o): int(c) for o, c in counters.items()},
@@ -207,9 +210,9 @@ class FleetCollector(Collector):
             queues=queues,
             paused={str(j) for j in paused},
             buffered={str(j) for j in buffered},
-            last_fire=self._last_fires(ids, replies[6]) if ids else {},
+            last_fire=self._last_fires(ids, last_fires),
         )
-        self._job_stats(snap, ids, (job for batch in replies[at:] for job in batch))
+        self._job_stats(snap, ids, iter(stats))
         return snap
 
     def _stats_keys(self, ids: list[str]) -> list[list[str]]:
@@ -223,29 +226,34 @@ class FleetCollector(Collector):
             self._stats_batches = (ids, batches)
         return self._stats_batches[1]
 
-    def _job_stats(self, snap: FleetSnapshot, ids: list[str], stats: Iterator[list[Any]]) -> None:
-        """Each job's counters and slots into ``snap``; a counters hash unchanged since the
-        last read is not converted again (most are, between two reads)."""
+    def _job_stats(self, snap: FleetSnapshot, ids: list[str], stats: Iterator[str]) -> None:
+        """Each job's counters and slots into ``snap``; a job whose ``jobstats.lua`` line is
+        unchanged since the last read is not parsed again (most are, between two reads)."""
         known, seen = self._counters_raw, {}
         fires, success, inflight = snap.job_fires, snap.last_success, snap.inflight
-        for job, (raw, slots) in zip(ids, stats, strict=True):
-            inflight[job] = int(slots)
+        for n, (job, raw) in enumerate(zip(ids, stats, strict=True)):
             entry = known.get(job)
             if entry is None or entry[0] != raw:
-                counts = dict(zip(raw[::2], raw[1::2], strict=True))
+                parts = raw.split()
+                counts = dict(zip(parts[1::2], parts[2::2], strict=True))
                 ms = counts.get("last_success_ms")
-                entry = (raw, tuple((o, int(counts[o])) for o in FLEET_OUTCOMES if o in counts), ms and int(ms) / 1000)
+                outcomes = tuple((o, int(counts[o])) for o in FLEET_OUTCOMES if o in counts)
+                entry = (raw, int(parts[0]), outcomes, None if ms is None else int(ms) / 1000)
             seen[job] = entry
-            fires[job] = entry[1]
-            if entry[2] is not None:
-                success[job] = entry[2]
+            inflight[job], fires[job] = entry[1], entry[2]
+            if entry[3] is not None:
+                success[job] = entry[3]
+            if n % CHUNK == CHUNK - 1:
+                offer_gil()
         self._counters_raw = seen  # the labelled jobs only
 
     def _last_fires(self, ids: list[str], raws: list[str | None]) -> dict[str, float]:
         """Each job's last fire record parsed to its nominal time, parsing only records that
         changed since the last read (a JSON document and an ISO time each)."""
         seen, parsed = self._last_fire_raw, {}
-        for job, raw in zip(ids, raws, strict=True):
+        for n, (job, raw) in enumerate(zip(ids, raws, strict=True)):
+            if n % CHUNK == CHUNK - 1:
+                offer_gil()
             if raw is None:
                 continue
             known = seen.get(job)
@@ -269,7 +277,7 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         for family in self._families():
             yield family
-            time.sleep(0)  # between families (each is formatted in one go): the loop's turn
+            offer_gil()  # between families (each is formatted in one go): the loop's turn
 
     def _families(self) -> Iterator[Metric]:
         snap = self.snapshot()
@@ -309,35 +317,31 @@ class FleetCollector(Collector):
         if getattr(self._pinned, "scrape", None) is None:  # a plain collect: the reference families
             yield from job_families(self.job_columns(snap, jobs))
 
-    def job_text(self, snap: FleetSnapshot | None, encoder: Any, names: set[str] | None = None) -> str:
-        """The per-job families as ``encoder`` writes them (see :class:`JobSeriesText`)."""
+    def job_text(self, snap: FleetSnapshot | None, encoder: Any, names: set[str] | None = None) -> list[str]:
+        """The per-job families as ``encoder`` writes them, in pieces (see :class:`JobSeriesText`)."""
         if snap is None:
-            return ""
-        return self.text.render(self.job_columns(snap, self.jobs()), encoder, names)
+            return []
+        return self.text.pieces(self.job_columns(snap, self.jobs()), encoder, names)
 
     def job_columns(self, snap: FleetSnapshot, jobs: Sequence[JobSpec]) -> JobColumns:
         """The per-job values of ``snap``, labelled jobs first, the rest summed up."""
         labelled = self.labelled_jobs()
-        info, ids = self._info_labels(labelled), [spec.id for spec in labelled]
+        ids, info = self._info_labels(labelled)
         next_fires = self.next_fires()
-        stamps = {}
-        for job in ids:
-            at = next_fires.get(job)
-            stamps[job] = None if at is None else at.timestamp()
         last_fire, paused, buffered, inflight = snap.last_fire, snap.paused, snap.buffered, snap.inflight
         success, job_fires = snap.last_success, snap.job_fires
-        columns = JobColumns(
-            info=info,
-            gauges={
-                NEXT: [stamps[job] for job in ids],
-                LAST: [last_fire.get(job) for job in ids],
-                SUCCESS: [success.get(job) for job in ids],
-                PAUSED: [int(job in paused) for job in ids],
-                INFLIGHT: [inflight.get(job, 0) for job in ids],
-                BUFFERED: [int(job in buffered) for job in ids],
-            },
-            fires=[job_fires.get(job, ()) for job in ids],
-        )
+        columns = JobColumns(info=info, gauges={name: [] for name, _ in GAUGES}, ids=ids)
+        gauges = columns.gauges
+        for start in range(0, len(ids), CHUNK):
+            part = ids[start : start + CHUNK]
+            gauges[NEXT] += [None if (at := next_fires.get(job)) is None else at.timestamp() for job in part]
+            gauges[LAST] += [last_fire.get(job) for job in part]
+            gauges[SUCCESS] += [success.get(job) for job in part]
+            gauges[PAUSED] += [int(job in paused) for job in part]
+            gauges[INFLIGHT] += [inflight.get(job, 0) for job in part]
+            gauges[BUFFERED] += [int(job in buffered) for job in part]
+            columns.fires += [job_fires.get(job, ()) for job in part]
+            offer_gil()
         if len(jobs) > len(labelled):
             named = set(ids)
             others = [spec.id for spec in jobs if spec.id not in named]
@@ -348,10 +352,15 @@ class FleetCollector(Collector):
             columns.other_buffered = sum(j in buffered for j in others)
         return columns
 
-    def _info_labels(self, labelled: list[JobSpec]) -> list[tuple[str, ...]]:
-        """Each labelled job's info labels, worked out again only for new or changed specs."""
+    def _info_labels(self, labelled: list[JobSpec]) -> tuple[list[str], list[tuple[str, ...]]]:
+        """The labelled jobs' ids and info labels, worked out again only for new or changed
+        specs (and not at all while the job list is the same)."""
+        if self._info_of[0] is labelled:
+            return self._info_of[1]
         known, info = self._info, {}
-        for spec in labelled:
+        for n, spec in enumerate(labelled):
+            if n % CHUNK == CHUNK - 1:
+                offer_gil()
             entry = known.get(spec.id)
             if entry is None or entry[0] is not spec:
                 labels = (
@@ -361,7 +370,8 @@ class FleetCollector(Collector):
                 entry = (spec, tuple(str(v) for v in labels))
             info[spec.id] = entry
         self._info = info  # only the labelled jobs: deleted ones are dropped
-        return [entry[1] for entry in info.values()]
+        self._info_of = (labelled, (list(info), [entry[1] for entry in info.values()]))
+        return self._info_of[1]
 
     def _beats(self, snap: FleetSnapshot, wall: float) -> Iterator[Metric]:
         replica_beat = GaugeMetricFamily(

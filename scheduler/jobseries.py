@@ -32,6 +32,21 @@ def go_float(value: float) -> str:
     return _float_text(value)  # type: ignore[no-untyped-call,no-any-return]
 
 
+YIELD_S = 0.0002
+"""How long a scrape's thread steps aside for the event loop's between pieces of work. A
+``sleep(0)`` alone lets go of the GIL but takes it straight back, most of the time before the
+waiting loop thread wakes up; the loop then waits out the 5 ms switch interval instead."""
+
+
+CHUNK = 1000
+"""Jobs worked on between two :func:`offer_gil` (well under a millisecond of work)."""
+
+
+def offer_gil() -> None:
+    """Let a thread waiting for the GIL (the event loop's) run now, not in 5 ms."""
+    time.sleep(YIELD_S)
+
+
 OTHER = "_other"
 """The ``job`` label of the aggregate past ``HTTP_JOB_LABEL_LIMIT``."""
 INFO = "chronoq_job_info"
@@ -65,10 +80,12 @@ class JobColumns:
     other_next_fire: float | None = None
     other_paused: int = 0
     other_buffered: int = 0
+    ids: list[str] | None = None
+    """The jobs (the first of each ``info``), when the caller has them at hand."""
 
     @property
     def jobs(self) -> list[str]:
-        return [labels[0] for labels in self.info]
+        return self.ids if self.ids is not None else [labels[0] for labels in self.info]
 
     def other_values(self) -> dict[str, float | None]:
         if not self.unlabelled:
@@ -150,13 +167,21 @@ class _Family:
         if jobs == self.jobs and len(values) == len(self.values):
             if values == self.values:
                 return self.text
-            lines, line = self.lines, self.line
-            for i, (new, old) in enumerate(zip(values, self.values, strict=True)):
-                if new != old:  # 1 == 1.0 == True print alike too (floatToGoString: "1.0")
-                    lines[i] = line(job_labels[i], new)
-                    self.formatted += 1
+            lines, line, before = self.lines, self.line, self.values
+            for start in range(0, len(values), CHUNK):  # slices compare in C; a changed one by value
+                end = start + CHUNK
+                if values[start:end] != before[start:end]:
+                    for i in range(start, min(end, len(values))):
+                        if values[i] != before[i]:  # 1 == 1.0 == True print alike too ("1.0")
+                            lines[i] = line(job_labels[i], values[i])
+                            self.formatted += 1
+                    offer_gil()
         else:
-            self.lines = [self.line(label, value) for label, value in zip(job_labels, values, strict=True)]
+            self.lines = []
+            for start in range(0, len(values), CHUNK):
+                end = start + CHUNK
+                self.lines += map(self.line, job_labels[start:end], values[start:end])
+                offer_gil()
             self.jobs = jobs
             self.formatted += len(values)
         self.values = values
@@ -196,6 +221,10 @@ class JobSeriesText:
         return max(len(family.lines) for family in self._families.values())
 
     def render(self, columns: JobColumns, encoder: Encoder, names: set[str] | None = None) -> str:
+        """:meth:`pieces`, joined."""
+        return "".join(self.pieces(columns, encoder, names))
+
+    def pieces(self, columns: JobColumns, encoder: Encoder, names: set[str] | None = None) -> list[str]:
         """The families of :func:`job_families` as ``encoder`` writes them, without its
         ``# EOF``; with ``names`` (``name[]`` of the request), only families with a sample of
         those names, like ``prometheus_client``'s ``restricted_registry``."""
@@ -217,10 +246,10 @@ class JobSeriesText:
                 if names is not None and not (text or tail):
                     continue
                 out += [headers[name], text, tail]
-                time.sleep(0)  # between families: the event loop's turn
+                offer_gil()  # between families: the event loop's turn
             if names is None or UNLABELLED in names:
                 out.append(headers[UNLABELLED] + f"{UNLABELLED} {go_float(columns.unlabelled)}\n")
-            return "".join(out)
+            return out
 
     def _headers_for(self, encoder: Encoder) -> dict[str, str]:
         """Each family's ``# HELP`` and ``# TYPE`` lines, as ``encoder`` itself writes them."""
