@@ -272,6 +272,11 @@ class FleetCollector(Collector):
             self._labelled = (key, sorted(jobs, key=lambda s: s.id)[: self.label_limit])
         return self._labelled[1]
 
+    def cached_jobs(self) -> int:
+        """The most jobs any per-job cache holds (never more than the labelled jobs)."""
+        sizes = (len(self._info), len(self._counters_raw), len(self._last_fire_raw), self.text.cached_jobs())
+        return max(*sizes, len(self._info_of[1][0]))
+
     # -- exposition ------------------------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
