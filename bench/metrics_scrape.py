@@ -7,13 +7,17 @@
   idle) and per-job series for the first ``--label-limits`` of them (``HTTP_JOB_LABEL_LIMIT``). Scheduler CPU
   (user + system, from /proc via psutil; not wall time) over ``--scrapes`` scrapes one a second,
   minus its idle CPU over as long a window before, per scrape: with ``HTTP_FLEET_CACHE_S=0``
-  (every scrape reads Redis: the worst case) and with the default 2 s cache. Also the wall time
-  and size of one scrape.
+  (every scrape reads Redis: the worst case) and with the default 2 s cache; the mean and the
+  median of the scrapes (each scrape's CPU is read from /proc in 10 ms clock ticks), and the
+  ratio of the medians between the label limits (same run). Also the wall time and size of one
+  scrape.
 - ``lag``: the 10,000-jobs-every-10-s workload (1,000 fires/s, phases spread) on one replica
   with per-job series for ``--label-limits`` jobs; alternating windows without and with a scrape every
   second (``--windows`` each, ``--window-s`` long, the same process: one run), fire lag from the
   broker's side as in ``bench/dispatch_lag.py`` (arrival minus ``scheduled_at``). Reports p50
-  and p99 per condition, pooled, and the ratio.
+  and p99 per condition, pooled and per window (the median of the windows' p99s is the steadier
+  figure on a shared machine), their ratio, and the scheduler's CPU per second in each condition.
+- ``--save FILE`` writes everything as JSON (``bench/results/metrics_scrape.json``).
 
 A benchmark, not a test: the machine is shared and noisy, so compare within one run.
 """
@@ -153,6 +157,8 @@ def lag_with_and_without_scrapes(url: str, tmp: Path, windows: int, window_s: fl
     scraper = Scraper(port)
     lags: dict[bool, list[float]] = {False: [], True: []}
     window_p99: dict[bool, list[float]] = {False: [], True: []}
+    window_p50: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}
     try:
         scheduler.wait_running()
         wait_http(port)
@@ -165,7 +171,9 @@ def lag_with_and_without_scrapes(url: str, tmp: Path, windows: int, window_s: fl
             scraper.active.set() if scraping else scraper.active.clear()
             start = datetime.now(UTC) + timedelta(seconds=1)
             end = start + timedelta(seconds=window_s)
+            cpu_before, wall_before = scheduler.cpu_s(), time.monotonic()
             arrivals = drain(client, time.monotonic() + window_s + 2)
+            cpu[scraping].append((scheduler.cpu_s() - cpu_before) / (time.monotonic() - wall_before))
             window_lags = [
                 (t - datetime.fromisoformat(h["scheduled_at"]).timestamp()) * 1000
                 for t, h in arrivals
@@ -173,6 +181,7 @@ def lag_with_and_without_scrapes(url: str, tmp: Path, windows: int, window_s: fl
             ]
             lags[scraping] += window_lags
             window_p99[scraping].append(round(percentile(window_lags, 0.99), 1))
+            window_p50[scraping].append(round(percentile(window_lags, 0.5), 1))
     finally:
         scraper.stopped.set()
         scheduler.stop()
@@ -189,7 +198,15 @@ def lag_with_and_without_scrapes(url: str, tmp: Path, windows: int, window_s: fl
         "p99_ratio_with_over_without": round(p99[True] / p99[False], 3),
         "window_p99_ms_without": window_p99[False],
         "window_p99_ms_with": window_p99[True],
+        "window_p50_ms_without": window_p50[False],
+        "window_p50_ms_with": window_p50[True],
+        "median_window_p50_ms_without": statistics.median(window_p50[False]),
+        "median_window_p50_ms_with": statistics.median(window_p50[True]),
+        "median_window_p99_ms_without": statistics.median(window_p99[False]),
+        "median_window_p99_ms_with": statistics.median(window_p99[True]),
         "median_window_p99_ratio": round(statistics.median(window_p99[True]) / statistics.median(window_p99[False]), 3),
+        "scheduler_cpu_ms_per_s_without": round(statistics.median(cpu[False]) * 1000, 1),
+        "scheduler_cpu_ms_per_s_with": round(statistics.median(cpu[True]) * 1000, 1),
         "errors": scheduler.errors[:3],
     }
 

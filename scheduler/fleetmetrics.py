@@ -39,7 +39,7 @@ from loguru import logger
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from scheduler.jobseries import CHUNK, GAUGES, OTHER, JobColumns, JobSeriesText, job_families, offer_gil
+from scheduler.jobseries import CHUNK, FIRES, GAUGES, OTHER, JobColumns, JobSeriesText, job_families, offer_gil
 from scheduler.specs import JobSpec
 from scheduler.triggers import describe_trigger
 from shared import lua
@@ -109,6 +109,7 @@ class FleetCollector(Collector):
         self._failed_at = -float("inf")
         self._labelled: tuple[int, list[JobSpec]] = (-1, [])
         self._info: dict[str, tuple[JobSpec, tuple[str, ...]]] = {}
+        self._snap_cols: tuple[FleetSnapshot | None, list[str] | None, dict[str, list[Any]]] = (None, None, {})
         self._info_of: tuple[list[JobSpec] | None, tuple[list[str], list[tuple[str, ...]]]] = (None, ([], []))
         self._last_fire_raw: dict[str, tuple[str, float]] = {}
         self._counters_raw: dict[str, tuple[str, int, tuple[tuple[str, int], ...], float | None]] = {}
@@ -333,20 +334,14 @@ class FleetCollector(Collector):
         labelled = self.labelled_jobs()
         ids, info = self._info_labels(labelled)
         next_fires = self.next_fires()
-        last_fire, paused, buffered, inflight = snap.last_fire, snap.paused, snap.buffered, snap.inflight
-        success, job_fires = snap.last_success, snap.job_fires
-        columns = JobColumns(info=info, gauges={name: [] for name, _ in GAUGES}, ids=ids)
-        gauges = columns.gauges
+        paused, buffered = snap.paused, snap.buffered
+        columns = JobColumns(info=info, gauges={NEXT: []}, ids=ids)
         for start in range(0, len(ids), CHUNK):
             part = ids[start : start + CHUNK]
-            gauges[NEXT] += [None if (at := next_fires.get(job)) is None else at.timestamp() for job in part]
-            gauges[LAST] += [last_fire.get(job) for job in part]
-            gauges[SUCCESS] += [success.get(job) for job in part]
-            gauges[PAUSED] += [int(job in paused) for job in part]
-            gauges[INFLIGHT] += [inflight.get(job, 0) for job in part]
-            gauges[BUFFERED] += [int(job in buffered) for job in part]
-            columns.fires += [job_fires.get(job, ()) for job in part]
+            columns.gauges[NEXT] += [None if (at := next_fires.get(job)) is None else at.timestamp() for job in part]
             offer_gil()
+        columns.gauges.update(self._snap_columns(snap, ids))
+        columns.fires = columns.gauges.pop(FIRES)  # type: ignore[assignment]
         if len(jobs) > len(labelled):
             named = set(ids)
             others = [spec.id for spec in jobs if spec.id not in named]
@@ -356,6 +351,26 @@ class FleetCollector(Collector):
             columns.other_paused = sum(j in paused for j in others)
             columns.other_buffered = sum(j in buffered for j in others)
         return columns
+
+    def _snap_columns(self, snap: FleetSnapshot, ids: list[str]) -> dict[str, list[Any]]:
+        """The columns that come from Redis: the same lists for as long as the same snapshot
+        serves (``HTTP_FLEET_CACHE_S``) and the same jobs, so the text needs no comparing."""
+        if self._snap_cols[0] is snap and self._snap_cols[1] is ids:
+            return dict(self._snap_cols[2])
+        last_fire, paused, buffered, inflight = snap.last_fire, snap.paused, snap.buffered, snap.inflight
+        success, job_fires = snap.last_success, snap.job_fires
+        cols: dict[str, list[Any]] = {name: [] for name in (LAST, SUCCESS, PAUSED, INFLIGHT, BUFFERED, FIRES)}
+        for start in range(0, len(ids), CHUNK):
+            part = ids[start : start + CHUNK]
+            cols[LAST] += [last_fire.get(job) for job in part]
+            cols[SUCCESS] += [success.get(job) for job in part]
+            cols[PAUSED] += [int(job in paused) for job in part]
+            cols[INFLIGHT] += [inflight.get(job, 0) for job in part]
+            cols[BUFFERED] += [int(job in buffered) for job in part]
+            cols[FIRES] += [job_fires.get(job, ()) for job in part]
+            offer_gil()
+        self._snap_cols = (snap, ids, cols)
+        return dict(cols)
 
     def _info_labels(self, labelled: list[JobSpec]) -> tuple[list[str], list[tuple[str, ...]]]:
         """The labelled jobs' ids and info labels, worked out again only for new or changed

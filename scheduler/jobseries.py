@@ -157,15 +157,19 @@ class _Family:
 
     def __init__(self, line: Callable[[str, Any], str]) -> None:
         self.line = line
-        self.values: list[Any] = []
+        self.values: Sequence[Any] = []
         self.lines: list[str] = []
         self.text = ""
         self.jobs: list[str] = []
         self.formatted = 0
 
-    def update(self, jobs: list[str], job_labels: list[str], values: list[Any]) -> str:
+    def update(self, jobs: list[str], job_labels: list[str], values: Sequence[Any]) -> str:
+        """The family's lines for ``values`` (one per job; kept, not copied: do not change it)."""
+        if values is self.values and jobs is self.jobs:  # the same snapshot's column
+            return self.text
         if jobs == self.jobs and len(values) == len(self.values):
             if values == self.values:
+                self.values, self.jobs = values, jobs
                 return self.text
             lines, line, before = self.lines, self.line, self.values
             for start in range(0, len(values), CHUNK):  # slices compare in C; a changed one by value
@@ -176,6 +180,7 @@ class _Family:
                             lines[i] = line(job_labels[i], values[i])
                             self.formatted += 1
                     offer_gil()
+            self.jobs = jobs
         else:
             self.lines = []
             for start in range(0, len(values), CHUNK):
@@ -241,7 +246,8 @@ class JobSeriesText:
             for name, family in self._families.items():
                 if names is not None and (name if name != FIRES else f"{FIRES}_total") not in names:
                     continue
-                text = family.update(jobs, self._job_labels, list(values.get(name, [None] * len(jobs))))
+                column = values.get(name)
+                text = family.update(jobs, self._job_labels, column if column is not None else [None] * len(jobs))
                 tail = family.line(other_label, other[name]) if name in other else ""
                 if names is not None and not (text or tail):
                     continue
