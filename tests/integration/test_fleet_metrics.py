@@ -129,3 +129,25 @@ def test_the_page_equals_prometheus_clients_exposition_and_forgets_deleted_jobs(
     assert body == generate_latest(registry)
     assert b'job="job-03"' not in body
     assert fleet.cached_jobs() == 3, "the deleted jobs' cached lines and values are dropped"
+
+
+def test_queue_lengths_cover_the_jobs_queues_up_to_the_limit(settings: AppSettings, redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    jobs = specs(settings, 4)
+    jobs[1] = jobs[1].model_copy(update={"queue": "zeta"})
+    jobs[2] = jobs[2].model_copy(update={"queue": "alpha"})
+    jobs[3] = jobs[3].model_copy(update={"queue": "beta"})
+    for queue, length in ((settings.celery.cron_queue, 1), ("alpha", 2), ("beta", 3), ("zeta", 4)):
+        client.rpush(queue, *["m"] * length)
+    fleet = collector(client, settings, jobs, cache_s=0)
+    fleet.queue_limit = 2
+    got = samples(fleet)
+    lengths = {dict(labels)["queue"]: v for (name, labels), v in got.items() if name == "chronoq_queue_length"}
+    # the configured queue first, then the jobs' by name: cron, alpha; beta and zeta summed up
+    assert lengths == {settings.celery.cron_queue: 1, "alpha": 2, OTHER: 3 + 4}
+    fleet.queue_limit = 100
+    jobs.pop()  # beta's job is gone: so is its queue's series
+    lengths = {
+        dict(labels)["queue"]: v for (name, labels), v in samples(fleet).items() if name == "chronoq_queue_length"
+    }
+    assert lengths == {settings.celery.cron_queue: 1, "alpha": 2, "zeta": 4}
