@@ -200,7 +200,7 @@ class FleetCollector(Collector):
         last_fires: list[str | None] = []
         stats: list[str] = []
         for start, batch in zip(range(0, len(ids), STATS_BATCH), self._stats_keys(ids), strict=True):
-            last_fires += self.client.hmget(k.last_fire, ids[start : start + STATS_BATCH])
+            last_fires += self.client.hmget(k.last_fire, ids[start : start + STATS_BATCH])  # type: ignore[arg-type]
             stats += self._stats(keys=batch)
         snap = FleetSnapshot(
             read_at=now,
