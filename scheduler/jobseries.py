@@ -262,6 +262,8 @@ class JobSeriesText:
         # choose_encoder builds a new partial per request: key on what it binds
         key = (getattr(encoder, "func", encoder), *sorted(getattr(encoder, "keywords", {}).items()))
         if key not in self._headers:
+            if len(self._headers) >= 16:  # the Accept header picks the version: bounded by us
+                self._headers.clear()
             headers = {}
             for family in job_families(JobColumns()):
                 lines = encoder(Families([family])).decode().splitlines(keepends=True)
