@@ -7,13 +7,17 @@
   idle) and per-job series for the first ``--label-limits`` of them (``HTTP_JOB_LABEL_LIMIT``). Scheduler CPU
   (user + system, from /proc via psutil; not wall time) over ``--scrapes`` scrapes one a second,
   minus its idle CPU over as long a window before, per scrape: with ``HTTP_FLEET_CACHE_S=0``
-  (every scrape reads Redis: the worst case) and with the default 2 s cache. Also the wall time
-  and size of one scrape.
+  (every scrape reads Redis: the worst case) and with the default 2 s cache; the mean and the
+  median of the scrapes (each scrape's CPU is read from /proc in 10 ms clock ticks), and the
+  ratio of the medians between the label limits (same run). Also the wall time and size of one
+  scrape.
 - ``lag``: the 10,000-jobs-every-10-s workload (1,000 fires/s, phases spread) on one replica
   with per-job series for ``--label-limits`` jobs; alternating windows without and with a scrape every
   second (``--windows`` each, ``--window-s`` long, the same process: one run), fire lag from the
   broker's side as in ``bench/dispatch_lag.py`` (arrival minus ``scheduled_at``). Reports p50
-  and p99 per condition, pooled, and the ratio.
+  and p99 per condition, pooled and per window (the median of the windows' p99s is the steadier
+  figure on a shared machine), their ratio, and the scheduler's CPU per second in each condition.
+- ``--save FILE`` writes everything as JSON (``bench/results/metrics_scrape.json``).
 
 A benchmark, not a test: the machine is shared and noisy, so compare within one run.
 """
@@ -97,11 +101,13 @@ def cpu_per_scrape(url: str, tmp: Path, jobs: int, scrapes: int, cache_s: float,
         idle_started = time.monotonic()
         time.sleep(scrapes)
         idle_rate = (scheduler.cpu_s() - idle_before) / (time.monotonic() - idle_started)
-        walls, sizes = [], []
+        walls, sizes, cpus = [], [], []
         before = scheduler.cpu_s()
         started = time.monotonic()
         for i in range(scrapes):
+            cpu_before, wall_before = scheduler.cpu_s(), time.monotonic()
             wall, size = scrape(port)
+            cpus.append(scheduler.cpu_s() - cpu_before - idle_rate * (time.monotonic() - wall_before))
             walls.append(wall)
             sizes.append(size)
             time.sleep(max(0.0, started + i + 1 - time.monotonic()))
@@ -115,6 +121,8 @@ def cpu_per_scrape(url: str, tmp: Path, jobs: int, scrapes: int, cache_s: float,
         "fleet_cache_s": cache_s,
         "scrapes": scrapes,
         "cpu_ms_per_scrape": round(busy * 1000 / scrapes, 1),
+        "cpu_ms_median_scrape": round(statistics.median(cpus) * 1000, 1),
+        "cpu_ms_max_scrape": round(max(cpus) * 1000, 1),
         "idle_cpu_ms_per_s": round(idle_rate * 1000, 1),
         "wall_ms_median": round(statistics.median(walls) * 1000, 1),
         "bytes": int(statistics.median(sizes)),
@@ -149,6 +157,8 @@ def lag_with_and_without_scrapes(url: str, tmp: Path, windows: int, window_s: fl
     scraper = Scraper(port)
     lags: dict[bool, list[float]] = {False: [], True: []}
     window_p99: dict[bool, list[float]] = {False: [], True: []}
+    window_p50: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}
     try:
         scheduler.wait_running()
         wait_http(port)
@@ -161,7 +171,9 @@ def lag_with_and_without_scrapes(url: str, tmp: Path, windows: int, window_s: fl
             scraper.active.set() if scraping else scraper.active.clear()
             start = datetime.now(UTC) + timedelta(seconds=1)
             end = start + timedelta(seconds=window_s)
+            cpu_before, wall_before = scheduler.cpu_s(), time.monotonic()
             arrivals = drain(client, time.monotonic() + window_s + 2)
+            cpu[scraping].append((scheduler.cpu_s() - cpu_before) / (time.monotonic() - wall_before))
             window_lags = [
                 (t - datetime.fromisoformat(h["scheduled_at"]).timestamp()) * 1000
                 for t, h in arrivals
@@ -169,6 +181,7 @@ def lag_with_and_without_scrapes(url: str, tmp: Path, windows: int, window_s: fl
             ]
             lags[scraping] += window_lags
             window_p99[scraping].append(round(percentile(window_lags, 0.99), 1))
+            window_p50[scraping].append(round(percentile(window_lags, 0.5), 1))
     finally:
         scraper.stopped.set()
         scheduler.stop()
@@ -185,7 +198,15 @@ def lag_with_and_without_scrapes(url: str, tmp: Path, windows: int, window_s: fl
         "p99_ratio_with_over_without": round(p99[True] / p99[False], 3),
         "window_p99_ms_without": window_p99[False],
         "window_p99_ms_with": window_p99[True],
+        "window_p50_ms_without": window_p50[False],
+        "window_p50_ms_with": window_p50[True],
+        "median_window_p50_ms_without": statistics.median(window_p50[False]),
+        "median_window_p50_ms_with": statistics.median(window_p50[True]),
+        "median_window_p99_ms_without": statistics.median(window_p99[False]),
+        "median_window_p99_ms_with": statistics.median(window_p99[True]),
         "median_window_p99_ratio": round(statistics.median(window_p99[True]) / statistics.median(window_p99[False]), 3),
+        "scheduler_cpu_ms_per_s_without": round(statistics.median(cpu[False]) * 1000, 1),
+        "scheduler_cpu_ms_per_s_with": round(statistics.median(cpu[True]) * 1000, 1),
         "errors": scheduler.errors[:3],
     }
 
@@ -198,6 +219,9 @@ def main() -> int:
     parser.add_argument("--window-s", type=float, default=20)
     parser.add_argument("--only", choices=["cost", "lag"])
     parser.add_argument(
+        "--save", help="also write the results to this JSON file (e.g. bench/results/metrics_scrape.json)"
+    )
+    parser.add_argument(
         "--label-limits", default="10000,1000", help="HTTP_JOB_LABEL_LIMIT values to measure (comma-separated)"
     )
     args = parser.parse_args()
@@ -206,19 +230,40 @@ def main() -> int:
         url, server = start_redis(tmp)
         try:
             limits = [int(n) for n in args.label_limits.split(",")]
+            costs: list[dict[str, object]] = []
+            lags: list[dict[str, object]] = []
             if args.only in (None, "cost"):
                 for limit in limits:
                     for cache_s in (0.0, 2.0):
-                        result = cpu_per_scrape(url, tmp, args.jobs, args.scrapes, cache_s, limit)
-                        print(json.dumps(result), flush=True)
+                        costs.append(cpu_per_scrape(url, tmp, args.jobs, args.scrapes, cache_s, limit))
+                        print(json.dumps(costs[-1]), flush=True)
             if args.only in (None, "lag"):
                 for limit in limits:
-                    result = lag_with_and_without_scrapes(url, tmp, args.windows, args.window_s, limit)
-                    print(json.dumps(result), flush=True)
+                    lags.append(lag_with_and_without_scrapes(url, tmp, args.windows, args.window_s, limit))
+                    print(json.dumps(lags[-1]), flush=True)
         finally:
             server.terminate()
             server.wait(10)
+    ratios = cost_ratios(costs, max(limits), min(limits))
+    if ratios:
+        print(json.dumps(ratios), flush=True)
+    if args.save:
+        record = {"ran_at": datetime.now(UTC).isoformat(timespec="seconds"), "args": vars(args)}
+        Path(args.save).write_text(
+            json.dumps({**record, "cost": costs, "cost_ratios": ratios, "lag": lags}, indent=2) + "\n"
+        )
     return 0
+
+
+def cost_ratios(costs: list[dict[str, object]], high: int, low: int) -> dict[str, float]:
+    """Median CPU per scrape with per-job series for ``high`` jobs over ``low`` jobs (same run)."""
+    ratios = {}
+    for cache_s in (0.0, 2.0):
+        pick = {c["label_limit"]: c for c in costs if c["fleet_cache_s"] == cache_s}
+        if high in pick and low in pick and high != low:
+            a, b = pick[high]["cpu_ms_median_scrape"], pick[low]["cpu_ms_median_scrape"]
+            ratios[f"median_cpu_ratio_{high}_over_{low}_cache_{cache_s:g}s"] = round(float(a) / max(float(b), 1.0), 2)  # type: ignore[arg-type]
+    return ratios
 
 
 if __name__ == "__main__":

@@ -11,13 +11,16 @@ queue up behind a dead Redis).
 Per-job series (info, next/last fire, last success, paused, slots, waiting fire, outcomes)
 exist for the first ``HTTP_JOB_LABEL_LIMIT`` jobs by id; the others are summed up under
 ``job="_other"`` (paused and waiting counts added; next fire: the earliest), so cardinality
-stays bounded; only labelled jobs' series are read from Redis.
+stays bounded; only labelled jobs' series are read from Redis, by ``jobstats.lua`` in batches
+(one reply per few hundred jobs instead of two commands per job). A plain ``collect`` yields them
+as ``prometheus_client`` families; the ``/metrics`` page instead asks :meth:`job_text` for the
+same bytes, formatted again only where a value changed (:mod:`scheduler.jobseries`).
 
 Runs in the HTTP server's threads with its own blocking client, never on the event loop; it
-lets go of the GIL between families and every :data:`YIELD_EVERY` jobs, so the loop thread
-never waits a whole scrape for it (a waiting thread gets the GIL only every 5 ms otherwise). The
-job list and next fire times are this replica's (``manager.list()`` and APScheduler's next run
-times, read without locking: a snapshot that may be one reload old).
+lets go of the GIL between families, so the loop thread never waits a whole scrape for it (a
+waiting thread gets the GIL only every 5 ms otherwise). The job list and next fire times are
+this replica's (``manager.list()`` and APScheduler's next run times, read without locking: a
+snapshot that may be one reload old).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -35,17 +39,21 @@ from loguru import logger
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from scheduler.jobseries import CHUNK, FIRES, GAUGES, OTHER, JobColumns, JobSeriesText, job_families, offer_gil
 from scheduler.specs import JobSpec
 from scheduler.triggers import describe_trigger
+from shared import lua
 from shared.fleet import Outcome
 from shared.names import RedisKeys
 
-OTHER = "_other"
-"""The ``job`` label of the aggregate past ``HTTP_JOB_LABEL_LIMIT``."""
+__all__ = ["OTHER", "FleetCollector", "FleetSnapshot"]
+
 WORKER_SEEN_S = 10.0
 REPLICA_SEEN_S = 10.0
-YIELD_EVERY = 100
 FLEET_OUTCOMES = tuple(o.value for o in Outcome if o is not Outcome.BUFFERED)
+STATS_BATCH = 500
+"""Jobs per call of ``jobstats.lua``: each call holds Redis about a millisecond."""
+NEXT, LAST, SUCCESS, PAUSED, INFLIGHT, BUFFERED = (name for name, _ in GAUGES)
 
 
 @dataclass
@@ -59,12 +67,20 @@ class FleetSnapshot:
     paused: set[str]
     buffered: set[str]
     last_fire: dict[str, float]
-    job_counters: dict[str, dict[str, int]] = field(default_factory=dict)
+    job_fires: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
+    """Each labelled job's outcome counts, in :data:`FLEET_OUTCOMES` order (the ones it has)."""
+    last_success: dict[str, float] = field(default_factory=dict)
     inflight: dict[str, int] = field(default_factory=dict)
 
 
 class FleetCollector(Collector):
-    """A ``prometheus_client`` collector over Redis and the replica's job list."""
+    """A ``prometheus_client`` collector over Redis and the replica's job list.
+
+    ``queue_keys`` gives the broker lists of a queue; ``queues`` the queues always reported
+    (the configured ones); the queues of the current jobs (runtime jobs on a new queue too)
+    are added, up to ``queue_limit`` queues with a label, the rest summed up as
+    ``queue="_other"``.
+    """
 
     def __init__(
         self,
@@ -73,28 +89,46 @@ class FleetCollector(Collector):
         *,
         jobs: Callable[[], Sequence[JobSpec]],
         next_fires: Callable[[], dict[str, datetime | None]],
-        queue_keys: dict[str, list[str]],
+        queue_keys: Callable[[str], list[str]],
+        queues: Sequence[str] = (),
         label_limit: int,
         cache_s: float,
+        queue_limit: int = 100,
     ) -> None:
         self.client = client
         self.keys = keys
         self.jobs = jobs
         self.next_fires = next_fires
         self.queue_keys = queue_keys
+        self.base_queues = list(dict.fromkeys(queues))
         self.label_limit = label_limit
+        self.queue_limit = queue_limit
         self.cache_s = cache_s
         self._lock = threading.Lock()
         self._snapshot: FleetSnapshot | None = None
         self._failed_at = -float("inf")
         self._labelled: tuple[int, list[JobSpec]] = (-1, [])
+        self._info: dict[str, tuple[JobSpec, tuple[str, ...]]] = {}
+        self._snap_cols: tuple[FleetSnapshot | None, list[str] | None, dict[str, list[Any]]] = (None, None, {})
+        self._info_of: tuple[list[JobSpec] | None, tuple[list[str], list[tuple[str, ...]]]] = (None, ([], []))
+        self._last_fire_raw: dict[str, tuple[str, float]] = {}
+        self._counters_raw: dict[str, tuple[str, int, tuple[tuple[str, int], ...], float | None]] = {}
+        self._stats_batches: tuple[list[str] | None, list[list[str]]] = (None, [])
+        self._queue_keys: dict[str, list[str]] = {}
+        self._pinned = threading.local()
+        self._stats = client.register_script(lua.source("jobstats"))
+        self.text = JobSeriesText()
         self.reads = 0
         """Times Redis was read (tests and the benchmark count them)."""
 
     # -- reading Redis, at most once per cache_s ------------------------------------------------
 
     def snapshot(self) -> FleetSnapshot | None:
-        """The fleet data, from cache if fresh; None while Redis does not answer."""
+        """The fleet data, from cache if fresh; None while Redis does not answer. Within
+        :meth:`scrape`, the one the scrape started with."""
+        pinned = getattr(self._pinned, "scrape", None)
+        if pinned is not None:
+            return pinned[0]  # type: ignore[no-any-return]
         with self._lock:
             now = time.monotonic()
             snap = self._snapshot
@@ -109,6 +143,34 @@ class FleetCollector(Collector):
                 self._snapshot, self._failed_at = None, now
             return self._snapshot
 
+    @contextmanager
+    def scrape(self) -> Iterator[FleetSnapshot | None]:
+        """One scrape by the ``/metrics`` page: every family sees the same snapshot, and
+        :meth:`collect` leaves the per-job families to :meth:`job_text`."""
+        snap = self.snapshot()
+        self._pinned.scrape = (snap,)
+        try:
+            yield snap
+        finally:
+            self._pinned.scrape = None
+
+    def _queues(self) -> dict[str, list[str]]:
+        """Queue name -> broker lists: the configured queues, then the jobs' by name."""
+        names = dict.fromkeys(self.base_queues)
+        names.update(dict.fromkeys(sorted({spec.queue for spec in self.jobs()} - set(names))))
+        keys = {}
+        for name in names:
+            if name not in self._queue_keys:
+                try:
+                    self._queue_keys[name] = self.queue_keys(name)
+                except (ValueError, KeyError) as exc:  # a queue the encoder cannot route
+                    logger.warning("metrics: no length for queue {}: {}", name, exc)
+                    self._queue_keys[name] = []
+            keys[name] = self._queue_keys[name]
+        if len(self._queue_keys) > 2 * len(names):  # forget queues no job uses any more
+            self._queue_keys = {name: self._queue_keys[name] for name in names}
+        return keys
+
     def _read(self, now: float) -> FleetSnapshot:
         self.reads += 1
         k = self.keys
@@ -119,26 +181,27 @@ class FleetCollector(Collector):
         pipe.hgetall(k.workers)
         pipe.hkeys(k.paused)
         pipe.smembers(k.buffered)
-        labelled = self.labelled_jobs()
-        ids = [spec.id for spec in labelled]
-        if ids:
-            pipe.hmget(k.last_fire, ids)
-        names = list(self.queue_keys)
-        for name in names:
-            for key in self.queue_keys[name]:
+        queue_keys = self._queues()
+        for keys in queue_keys.values():
+            for key in keys:
                 pipe.llen(key)
-        for spec in labelled:
-            pipe.hgetall(k.job_counters(spec.id))
-            pipe.zcard(k.inflight(spec.id))
         replies = pipe.execute()
         counters, leader, replicas, workers, paused, buffered = replies[:6]
-        last_fire = dict(zip(ids, replies[6], strict=True)) if ids else {}
-        at = 7 if ids else 6
-        queues = {}
-        for name in names:
-            n = len(self.queue_keys[name])
-            queues[name] = sum(int(x) for x in replies[at : at + n])
-            at += n
+        at = 6
+        queues: dict[str, int] = {}
+        for n, (name, keys) in enumerate(queue_keys.items()):
+            length = sum(int(x) for x in replies[at : at + len(keys)])
+            at += len(keys)
+            label = name if n < self.queue_limit else OTHER
+            queues[label] = queues.get(label, 0) + length
+        # The labelled jobs' part, one round trip per batch: the loop's thread gets the GIL
+        # while each is on the wire, and no send or reply is thousands of items long.
+        ids = [spec.id for spec in self.labelled_jobs()]
+        last_fires: list[str | None] = []
+        stats: list[str] = []
+        for start, batch in zip(range(0, len(ids), STATS_BATCH), self._stats_keys(ids), strict=True):
+            last_fires += self.client.hmget(k.last_fire, ids[start : start + STATS_BATCH])  # type: ignore[arg-type]
+            stats += self._stats(keys=batch)
         snap = FleetSnapshot(
             read_at=now,
             counters={str(o): int(c) for o, c in counters.items()},
@@ -148,14 +211,59 @@ class FleetCollector(Collector):
             queues=queues,
             paused={str(j) for j in paused},
             buffered={str(j) for j in buffered},
-            last_fire={j: _epoch(json.loads(v)["scheduled_at"]) for j, v in last_fire.items() if v is not None},
+            last_fire=self._last_fires(ids, last_fires),
         )
-        for spec in labelled:
-            raw, slots = replies[at], replies[at + 1]
-            at += 2
-            snap.job_counters[spec.id] = {str(o): int(c) for o, c in raw.items()}
-            snap.inflight[spec.id] = int(slots)
+        self._job_stats(snap, ids, iter(stats))
         return snap
+
+    def _stats_keys(self, ids: list[str]) -> list[list[str]]:
+        """The KEYS of each ``jobstats.lua`` call for ``ids`` (built again when they change)."""
+        if self._stats_batches[0] != ids:
+            k, batches = self.keys, []
+            for at in range(0, len(ids), STATS_BATCH):
+                batches.append(
+                    [key for job in ids[at : at + STATS_BATCH] for key in (k.job_counters(job), k.inflight(job))]
+                )
+            self._stats_batches = (ids, batches)
+        return self._stats_batches[1]
+
+    def _job_stats(self, snap: FleetSnapshot, ids: list[str], stats: Iterator[str]) -> None:
+        """Each job's counters and slots into ``snap``; a job whose ``jobstats.lua`` line is
+        unchanged since the last read is not parsed again (most are, between two reads)."""
+        known, seen = self._counters_raw, {}
+        fires, success, inflight = snap.job_fires, snap.last_success, snap.inflight
+        for n, (job, raw) in enumerate(zip(ids, stats, strict=True)):
+            entry = known.get(job)
+            if entry is None or entry[0] != raw:
+                parts = raw.split()
+                counts = dict(zip(parts[1::2], parts[2::2], strict=True))
+                ms = counts.get("last_success_ms")
+                outcomes = tuple((o, int(counts[o])) for o in FLEET_OUTCOMES if o in counts)
+                entry = (raw, int(parts[0]), outcomes, None if ms is None else int(ms) / 1000)
+            seen[job] = entry
+            inflight[job], fires[job] = entry[1], entry[2]
+            if entry[3] is not None:
+                success[job] = entry[3]
+            if n % CHUNK == CHUNK - 1:
+                offer_gil()
+        self._counters_raw = seen  # the labelled jobs only
+
+    def _last_fires(self, ids: list[str], raws: list[str | None]) -> dict[str, float]:
+        """Each job's last fire record parsed to its nominal time, parsing only records that
+        changed since the last read (a JSON document and an ISO time each)."""
+        seen, parsed = self._last_fire_raw, {}
+        for n, (job, raw) in enumerate(zip(ids, raws, strict=True)):
+            if n % CHUNK == CHUNK - 1:
+                offer_gil()
+            if raw is None:
+                continue
+            known = seen.get(job)
+            parsed[job] = (
+                raw,
+                known[1] if known is not None and known[0] == raw else _epoch(json.loads(raw)["scheduled_at"]),
+            )
+        self._last_fire_raw = parsed
+        return {job: epoch for job, (_, epoch) in parsed.items()}
 
     def labelled_jobs(self) -> list[JobSpec]:
         """The first ``label_limit`` jobs by id (recomputed only when the job list changes)."""
@@ -165,12 +273,17 @@ class FleetCollector(Collector):
             self._labelled = (key, sorted(jobs, key=lambda s: s.id)[: self.label_limit])
         return self._labelled[1]
 
+    def cached_jobs(self) -> int:
+        """The most jobs any per-job cache holds (never more than the labelled jobs)."""
+        sizes = (len(self._info), len(self._counters_raw), len(self._last_fire_raw), self.text.cached_jobs())
+        return max(*sizes, len(self._info_of[1][0]))
+
     # -- exposition ------------------------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
         for family in self._families():
             yield family
-            time.sleep(0)  # between families (each is formatted in one go): the loop's turn
+            offer_gil()  # between families (each is formatted in one go): the loop's turn
 
     def _families(self) -> Iterator[Metric]:
         snap = self.snapshot()
@@ -207,7 +320,78 @@ class FleetCollector(Collector):
         for name, length in snap.queues.items():
             depth.add_metric([name], length)
         yield depth
-        yield from self._per_job(snap, jobs)
+        if getattr(self._pinned, "scrape", None) is None:  # a plain collect: the reference families
+            yield from job_families(self.job_columns(snap, jobs))
+
+    def job_text(self, snap: FleetSnapshot | None, encoder: Any, names: set[str] | None = None) -> list[str]:
+        """The per-job families as ``encoder`` writes them, in pieces (see :class:`JobSeriesText`)."""
+        if snap is None:
+            return []
+        return self.text.pieces(self.job_columns(snap, self.jobs()), encoder, names)
+
+    def job_columns(self, snap: FleetSnapshot, jobs: Sequence[JobSpec]) -> JobColumns:
+        """The per-job values of ``snap``, labelled jobs first, the rest summed up."""
+        labelled = self.labelled_jobs()
+        ids, info = self._info_labels(labelled)
+        next_fires = self.next_fires()
+        paused, buffered = snap.paused, snap.buffered
+        columns = JobColumns(info=info, gauges={NEXT: []}, ids=ids)
+        for start in range(0, len(ids), CHUNK):
+            part = ids[start : start + CHUNK]
+            columns.gauges[NEXT] += [None if (at := next_fires.get(job)) is None else at.timestamp() for job in part]
+            offer_gil()
+        columns.gauges.update(self._snap_columns(snap, ids))
+        columns.fires = columns.gauges.pop(FIRES)  # type: ignore[assignment]
+        if len(jobs) > len(labelled):
+            named = set(ids)
+            others = [spec.id for spec in jobs if spec.id not in named]
+            upcoming = [t for j in others if (t := next_fires.get(j)) is not None]
+            columns.unlabelled = len(others)
+            columns.other_next_fire = min(upcoming).timestamp() if upcoming else None
+            columns.other_paused = sum(j in paused for j in others)
+            columns.other_buffered = sum(j in buffered for j in others)
+        return columns
+
+    def _snap_columns(self, snap: FleetSnapshot, ids: list[str]) -> dict[str, list[Any]]:
+        """The columns that come from Redis: the same lists for as long as the same snapshot
+        serves (``HTTP_FLEET_CACHE_S``) and the same jobs, so the text needs no comparing."""
+        if self._snap_cols[0] is snap and self._snap_cols[1] is ids:
+            return dict(self._snap_cols[2])
+        last_fire, paused, buffered, inflight = snap.last_fire, snap.paused, snap.buffered, snap.inflight
+        success, job_fires = snap.last_success, snap.job_fires
+        cols: dict[str, list[Any]] = {name: [] for name in (LAST, SUCCESS, PAUSED, INFLIGHT, BUFFERED, FIRES)}
+        for start in range(0, len(ids), CHUNK):
+            part = ids[start : start + CHUNK]
+            cols[LAST] += [last_fire.get(job) for job in part]
+            cols[SUCCESS] += [success.get(job) for job in part]
+            cols[PAUSED] += [int(job in paused) for job in part]
+            cols[INFLIGHT] += [inflight.get(job, 0) for job in part]
+            cols[BUFFERED] += [int(job in buffered) for job in part]
+            cols[FIRES] += [job_fires.get(job, ()) for job in part]
+            offer_gil()
+        self._snap_cols = (snap, ids, cols)
+        return dict(cols)
+
+    def _info_labels(self, labelled: list[JobSpec]) -> tuple[list[str], list[tuple[str, ...]]]:
+        """The labelled jobs' ids and info labels, worked out again only for new or changed
+        specs (and not at all while the job list is the same)."""
+        if self._info_of[0] is labelled:
+            return self._info_of[1]
+        known, info = self._info, {}
+        for n, spec in enumerate(labelled):
+            if n % CHUNK == CHUNK - 1:
+                offer_gil()
+            entry = known.get(spec.id)
+            if entry is None or entry[0] is not spec:
+                labels = (
+                    spec.id, spec.task, spec.kind, describe_trigger(spec),
+                    spec.timezone, spec.queue, spec.overlap, spec.source,
+                )  # fmt: skip
+                entry = (spec, tuple(str(v) for v in labels))
+            info[spec.id] = entry
+        self._info = info  # only the labelled jobs: deleted ones are dropped
+        self._info_of = (labelled, (list(info), [entry[1] for entry in info.values()]))
+        return self._info_of[1]
 
     def _beats(self, snap: FleetSnapshot, wall: float) -> Iterator[Metric]:
         replica_beat = GaugeMetricFamily(
@@ -232,91 +416,6 @@ class FleetCollector(Collector):
             seen += wall - beat <= WORKER_SEEN_S
         yield worker_beat
         yield GaugeMetricFamily("chronoq_workers_seen", f"Workers that beat within {WORKER_SEEN_S:g}s", value=seen)
-
-    def _per_job(self, snap: FleetSnapshot, jobs: Sequence[JobSpec]) -> Iterator[Metric]:
-        labelled = self.labelled_jobs()
-        named = {spec.id for spec in labelled}
-        others = [spec for spec in jobs if spec.id not in named]
-        next_fires = self.next_fires()
-        info = GaugeMetricFamily(
-            "chronoq_job_info",
-            "Each job's definition, as labels (always 1)",
-            labels=["job", "task", "trigger", "schedule", "timezone", "queue", "overlap", "source"],
-        )
-        gauges = {
-            name: GaugeMetricFamily(name, text, labels=["job"])
-            for name, text in (
-                ("chronoq_job_next_fire_timestamp_seconds", "Next nominal fire time of the job on this replica"),
-                ("chronoq_job_last_fire_timestamp_seconds", "Nominal time of the job's last dispatched fire"),
-                ("chronoq_job_last_success_timestamp_seconds", "When a run of the job last succeeded"),
-                ("chronoq_job_paused", "1 while the job is paused"),
-                ("chronoq_job_inflight", "The job's max_instances slots in use (queued or running)"),
-                ("chronoq_job_buffered", "1 while a buffer_one fire waits for a slot"),
-            )
-        }
-        outcomes = CounterMetricFamily("chronoq_job_fires", "Fires of the job by outcome", labels=["job", "outcome"])
-        for n, spec in enumerate(labelled):
-            if n % YIELD_EVERY == 0:
-                time.sleep(0)  # let the event loop's thread have the GIL
-            job = spec.id
-            info.add_metric(
-                [
-                    job,
-                    spec.task,
-                    spec.kind,
-                    describe_trigger(spec),
-                    spec.timezone,
-                    spec.queue,
-                    spec.overlap,
-                    spec.source,
-                ],
-                1,
-            )
-            counts = snap.job_counters.get(job, {})
-            self._job_gauges(gauges, job, next_fires.get(job), snap, counts.get("last_success_ms"))
-            gauges["chronoq_job_inflight"].add_metric([job], snap.inflight.get(job, 0))
-            for outcome in FLEET_OUTCOMES:
-                if outcome in counts:
-                    outcomes.add_metric([job, outcome], counts[outcome])
-        if others:
-            self._other_gauges(gauges, others, next_fires, snap)
-        yield info
-        yield from gauges.values()
-        yield outcomes
-        yield GaugeMetricFamily(
-            "chronoq_jobs_unlabelled", f'Jobs past HTTP_JOB_LABEL_LIMIT, summed up as job="{OTHER}"', value=len(others)
-        )
-
-    @staticmethod
-    def _job_gauges(
-        gauges: dict[str, GaugeMetricFamily],
-        job: str,
-        next_fire: datetime | None,
-        snap: FleetSnapshot,
-        last_success_ms: int | None,
-    ) -> None:
-        if next_fire is not None:
-            gauges["chronoq_job_next_fire_timestamp_seconds"].add_metric([job], next_fire.timestamp())
-        if job in snap.last_fire:
-            gauges["chronoq_job_last_fire_timestamp_seconds"].add_metric([job], snap.last_fire[job])
-        if last_success_ms is not None:
-            gauges["chronoq_job_last_success_timestamp_seconds"].add_metric([job], last_success_ms / 1000)
-        gauges["chronoq_job_paused"].add_metric([job], int(job in snap.paused))
-        gauges["chronoq_job_buffered"].add_metric([job], int(job in snap.buffered))
-
-    @staticmethod
-    def _other_gauges(
-        gauges: dict[str, GaugeMetricFamily],
-        others: list[JobSpec],
-        next_fires: dict[str, datetime | None],
-        snap: FleetSnapshot,
-    ) -> None:
-        ids = [spec.id for spec in others]
-        upcoming = [t for j in ids if (t := next_fires.get(j)) is not None]
-        if upcoming:
-            gauges["chronoq_job_next_fire_timestamp_seconds"].add_metric([OTHER], min(upcoming).timestamp())
-        gauges["chronoq_job_paused"].add_metric([OTHER], sum(j in snap.paused for j in ids))
-        gauges["chronoq_job_buffered"].add_metric([OTHER], sum(j in snap.buffered for j in ids))
 
 
 def _epoch(iso: str) -> float:

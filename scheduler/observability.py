@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
+from scheduler.exposition import MetricsPage
 from scheduler.fleetmetrics import FleetCollector
 from scheduler.metrics import ReplicaMetrics
 from scheduler.probes import Probes, ProbeServer, ReplicaView
@@ -41,7 +42,8 @@ class Observability:
         self.settings = settings
         self.metrics = ReplicaMetrics()
         self.probes = Probes(settings.http.liveness_timeout_s)
-        self.server = ProbeServer(settings.http, self.metrics.registry, self.probes) if settings.http.port else None
+        self.page = MetricsPage(self.metrics.registry)
+        self.server = ProbeServer(settings.http, self.page, self.probes) if settings.http.port else None
         self.collector: FleetCollector | None = None
         self._client: redis.Redis | None = None
 
@@ -57,7 +59,8 @@ class Observability:
         role: Callable[[], str],
         jobs: Callable[[], Sequence[JobSpec]],
         next_fires: Callable[[], dict[str, datetime | None]],
-        queue_keys: dict[str, list[str]],
+        queue_keys: Callable[[str], list[str]],
+        queues: Sequence[str],
     ) -> None:
         """The service is up (``settings`` now name the Redis actually used): readiness and
         fleet metrics from here on."""
@@ -73,10 +76,13 @@ class Observability:
             jobs=jobs,
             next_fires=next_fires,
             queue_keys=queue_keys,
+            queues=queues,
             label_limit=http.job_label_limit,
+            queue_limit=http.queue_label_limit,
             cache_s=http.fleet_cache_s,
         )
         self.metrics.registry.register(self.collector)
+        self.page.collector = self.collector
         self.probes._ping = client.ping
         self.metrics.leader.set_function(lambda: 1.0 if role() == "leader" else 0.0)
         self.probes.replica = ReplicaView(role=role, jobs=lambda: len(jobs()), owner=owner)

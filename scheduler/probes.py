@@ -6,7 +6,8 @@ request, as ``prometheus_client.start_http_server`` does): no dependency beyond
 it keeps answering while the loop is wedged, which is exactly when ``/healthz`` must say so.
 
 - ``/metrics``: ``prometheus_client``'s exposition of the replica's registry (its own metrics,
-  process metrics and the fleet collector), gzip when asked, OpenMetrics when asked.
+  process metrics and the fleet collector), gzip when asked, OpenMetrics when asked; the per-job
+  families kept between scrapes (:mod:`scheduler.exposition`).
 - ``/healthz`` (liveness): 200 while the event loop's heartbeat coroutine ticked within
   ``HTTP_LIVENESS_TIMEOUT_S``; 503 otherwise, so a wedged loop is seen even though this thread
   still answers.
@@ -33,8 +34,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import redis
 from loguru import logger
-from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from scheduler.exposition import MetricsPage
 from shared.errors import ConfigError
 from shared.settings import HttpSettings
 
@@ -112,15 +113,11 @@ class Probes:
             return problem
 
 
-def probe_app(
-    registry: CollectorRegistry, probes: Probes
-) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
-    metrics = make_wsgi_app(registry)
-
+def probe_app(metrics: MetricsPage, probes: Probes) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
-            return metrics(environ, start_response)  # type: ignore[no-any-return]
+            return metrics(environ, start_response)
         if path in ("/healthz", "/readyz"):
             ok, body = probes.liveness() if path == "/healthz" else probes.readiness()
             data = json.dumps(body).encode()
@@ -137,13 +134,13 @@ def probe_app(
 class ProbeServer:
     """Bound at construction (errors early), serving from :meth:`start` until :meth:`stop`."""
 
-    def __init__(self, settings: HttpSettings, registry: CollectorRegistry, probes: Probes) -> None:
+    def __init__(self, settings: HttpSettings, metrics: MetricsPage, probes: Probes) -> None:
         self.settings = settings
         try:
             self._server = make_server(
                 settings.host,
                 settings.port,
-                probe_app(registry, probes),
+                probe_app(metrics, probes),
                 _Server6 if ":" in settings.host else _Server,
                 handler_class=_QuietHandler,
             )

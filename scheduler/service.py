@@ -172,18 +172,14 @@ class SchedulerService:
             _freeze_heap()
             self.leadership.outcomes = self.dispatcher.outcomes
             if observability is not None:
-                queues = {
-                    settings.celery.cron_queue,
-                    settings.celery.default_queue,
-                    *(s.queue for s in self.manager.list()),
-                }
                 observability.attach(
                     settings,
                     owner=self.owner,
                     role=lambda: "leader" if self.leadership.is_leader() else "follower",
                     jobs=self.manager.list,
                     next_fires=self.manager.next_fire_times,
-                    queue_keys={queue: encoder.queue_keys(queue) for queue in sorted(queues)},
+                    queue_keys=encoder.queue_keys,
+                    queues=sorted({settings.celery.cron_queue, settings.celery.default_queue}),
                 )
             loops = (self.leadership.run, self._follow_control, self._sweep_buffers, self.epoch.watch, self.feed.follow)
             for loop_fn in (*loops, self.feed.sweep_backfills):

@@ -187,6 +187,9 @@ class HttpSettings(Group):
     """``/healthz`` fails once the event loop has not ticked for this long."""
     job_label_limit: int = Field(1000, ge=0)
     """Per-job series for the first this many jobs by id; the rest are summed up as ``job="_other"``."""
+    queue_label_limit: int = Field(100, ge=1)
+    """``chronoq_queue_length`` for this many queues (the configured ones first, then the jobs'
+    by name); the rest are summed up as ``queue="_other"``."""
     fleet_cache_s: float = Field(2.0, ge=0)
     """Fleet data read from Redis is reused for this long, whatever the scrape rate."""
     test_block_loop_s: float = Field(0, ge=0)

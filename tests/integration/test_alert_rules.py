@@ -72,7 +72,8 @@ def exported(settings: AppSettings, redis_server: RedisServer) -> set[str]:
             keys,
             jobs=lambda: [spec],
             next_fires=lambda: {"j": datetime(2030, 1, 1, tzinfo=UTC)},
-            queue_keys={"q": ["q"]},
+            queue_keys=lambda queue: [queue],
+            queues=["q"],
             label_limit=10,
             cache_s=0,
         )

@@ -1,5 +1,6 @@
 """The fleet collector against a real redis-server, in process: bounded per-job labels, the
-short-lived cache that keeps frequent scrapes off Redis, and a scrape while Redis is down."""
+short-lived cache that keeps frequent scrapes off Redis, a scrape while Redis is down, and the
+/metrics page's cached per-job text against prometheus_client's."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from datetime import UTC, datetime, timedelta
 
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.parser import text_string_to_metric_families
 
+from scheduler.exposition import MetricsPage
 from scheduler.fleetmetrics import OTHER, FleetCollector
 from scheduler.specs import JobDefaults, JobSpec
 from shared.names import RedisKeys
@@ -29,7 +32,8 @@ def collector(client: redis.Redis, settings: AppSettings, jobs: list[JobSpec], *
         RedisKeys(settings.redis.key_prefix),
         jobs=lambda: jobs,
         next_fires=lambda: {spec.id: base + timedelta(seconds=i) for i, spec in enumerate(jobs)},
-        queue_keys={settings.celery.cron_queue: [settings.celery.cron_queue]},
+        queue_keys=lambda queue: [queue],
+        queues=[settings.celery.cron_queue],
         label_limit=int(options.get("label_limit", 1000)),
         cache_s=options.get("cache_s", 2.0),
     )
@@ -94,3 +98,56 @@ def test_a_scrape_while_redis_is_down_says_so_and_does_not_retry_at_once(setting
         assert got[("chronoq_jobs", ())] == 2
         assert not [name for (name, _) in got if name.startswith(("chronoq_fires", "chronoq_job_"))]
     assert fleet.reads == 1, "a failed read is cached too: scrapes never queue up behind a dead Redis"
+
+
+def test_the_page_equals_prometheus_clients_exposition_and_forgets_deleted_jobs(
+    settings: AppSettings, redis_server: RedisServer
+) -> None:
+    """The /metrics page (per-job part kept between scrapes) against a plain generate_latest of
+    the same collector, over real Redis data, while jobs fire, pause and go away."""
+    client = redis_server.client()
+    keys = RedisKeys(settings.redis.key_prefix)
+    jobs = specs(settings, 30)
+    fleet = collector(client, settings, jobs, label_limit=25, cache_s=0)
+    registry = CollectorRegistry()
+    registry.register(fleet)
+    page = MetricsPage(registry)
+    page.collector = fleet
+    for accept in ("", "application/openmetrics-text; version=1.0.0"):
+        encoder, _ = choose_encoder(accept)
+        for step in range(4):
+            job = f"job-{step:02d}"
+            client.hincrby(keys.job_counters(job), "dispatched", 1)
+            client.hset(keys.job_counters(job), "last_success_ms", 1_700_000_000_000 + step)
+            client.hset(keys.last_fire, job, json.dumps({"scheduled_at": f"2029-12-31T00:00:0{step}+00:00"}))
+            client.hset(keys.paused, f"job-{step + 5:02d}", "{}")
+            client.zadd(keys.inflight(f"job-{step + 9:02d}"), {"t": 1})
+            assert page.body(accept)[0] == encoder(registry), (accept, step)
+    assert fleet.cached_jobs() == 25
+    del jobs[3:]  # the job list this replica runs shrinks (deleted through the API or a reload)
+    body = page.body("")[0]
+    assert body == generate_latest(registry)
+    assert b'job="job-03"' not in body
+    assert fleet.cached_jobs() == 3, "the deleted jobs' cached lines and values are dropped"
+
+
+def test_queue_lengths_cover_the_jobs_queues_up_to_the_limit(settings: AppSettings, redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    jobs = specs(settings, 4)
+    jobs[1] = jobs[1].model_copy(update={"queue": "zeta"})
+    jobs[2] = jobs[2].model_copy(update={"queue": "alpha"})
+    jobs[3] = jobs[3].model_copy(update={"queue": "beta"})
+    for queue, length in ((settings.celery.cron_queue, 1), ("alpha", 2), ("beta", 3), ("zeta", 4)):
+        client.rpush(queue, *["m"] * length)
+    fleet = collector(client, settings, jobs, cache_s=0)
+    fleet.queue_limit = 2
+    got = samples(fleet)
+    lengths = {dict(labels)["queue"]: v for (name, labels), v in got.items() if name == "chronoq_queue_length"}
+    # the configured queue first, then the jobs' by name: cron, alpha; beta and zeta summed up
+    assert lengths == {settings.celery.cron_queue: 1, "alpha": 2, OTHER: 3 + 4}
+    fleet.queue_limit = 100
+    jobs.pop()  # beta's job is gone: so is its queue's series
+    lengths = {
+        dict(labels)["queue"]: v for (name, labels), v in samples(fleet).items() if name == "chronoq_queue_length"
+    }
+    assert lengths == {settings.celery.cron_queue: 1, "alpha": 2, "zeta": 4}

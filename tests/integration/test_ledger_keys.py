@@ -28,7 +28,7 @@ from shared.settings import AppSettings
 pytestmark = pytest.mark.timeout(60)
 
 STOP = "chronoq-test-monitor-stop"
-JOB_SCRIPTS = ("jobwrite", "streak")
+JOB_SCRIPTS = ("jobwrite", "streak", "jobstats")
 """Scripts given every key as KEYS (no per-job key templates)."""
 
 _ARG = re.compile(r'"((?:[^"\\]|\\.)*)"')
@@ -113,6 +113,10 @@ def run_every_script(ledger: FireLedger, keys: RedisKeys, queue: str, url: str) 
     assert ledger.start(*retired, task_id, "h:2", 1000) == ["done", "retired", 0, 0]
     assert ledger.finish(*retired, task_id, Outcome.FAILED, runner="h:2") == ["stale", "retired"]
     run_job_scripts(ledger, keys, url)
+    stats = redis.Redis.from_url(url, decode_responses=True)
+    jobstats = stats.register_script(lua.source("jobstats"))  # what a scrape reads of each job
+    assert jobstats(keys=[key for job in ("buf", "many") for key in (keys.job_counters(job), keys.inflight(job))])
+    stats.close()
     return [*fires, undecided]
 
 
