@@ -30,47 +30,26 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import redis
 from loguru import logger
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from scheduler.fleetfamilies import FLEET_OUTCOMES, FleetSnapshot, fleet_families
 from scheduler.jobseries import CHUNK, FIRES, GAUGES, OTHER, JobColumns, JobSeriesText, job_families, offer_gil
 from scheduler.specs import JobSpec
 from scheduler.triggers import describe_trigger
 from shared import lua
-from shared.fleet import Outcome
 from shared.names import RedisKeys
 
 __all__ = ["OTHER", "FleetCollector", "FleetSnapshot"]
 
-WORKER_SEEN_S = 10.0
-REPLICA_SEEN_S = 10.0
-FLEET_OUTCOMES = tuple(o.value for o in Outcome if o is not Outcome.BUFFERED)
 STATS_BATCH = 500
 """Jobs per call of ``jobstats.lua``: each call holds Redis about a millisecond."""
 NEXT, LAST, SUCCESS, PAUSED, INFLIGHT, BUFFERED = (name for name, _ in GAUGES)
-
-
-@dataclass
-class FleetSnapshot:
-    read_at: float
-    counters: dict[str, int]
-    leader: str | None
-    replicas: dict[str, dict[str, Any]]
-    workers: dict[str, dict[str, Any]]
-    queues: dict[str, int]
-    paused: set[str]
-    buffered: set[str]
-    last_fire: dict[str, float]
-    job_fires: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
-    """Each labelled job's outcome counts, in :data:`FLEET_OUTCOMES` order (the ones it has)."""
-    last_success: dict[str, float] = field(default_factory=dict)
-    inflight: dict[str, int] = field(default_factory=dict)
 
 
 class FleetCollector(Collector):
@@ -296,30 +275,7 @@ class FleetCollector(Collector):
         yield GaugeMetricFamily("chronoq_jobs", "Jobs this replica runs", value=len(jobs))
         if snap is None:
             return
-        wall = time.time()
-        fires = CounterMetricFamily(
-            "chronoq_fires", "Fires by final outcome over the whole fleet (from Redis's counters)", labels=["outcome"]
-        )
-        for outcome in FLEET_OUTCOMES:
-            fires.add_metric([outcome], snap.counters.get(outcome, 0))
-        yield fires
-        skipped = CounterMetricFamily(
-            "chronoq_fires_skipped", "Skipped fires over the whole fleet, by reason", labels=["reason"]
-        )
-        for reason in ("paused", "overlap", "other"):
-            skipped.add_metric([reason], snap.counters.get(f"skipped_{reason}", 0))
-        yield skipped
-        yield CounterMetricFamily(
-            "chronoq_poison_messages", "Unreadable messages workers set aside", value=snap.counters.get("poison", 0)
-        )
-        yield GaugeMetricFamily(
-            "chronoq_fleet_leader_present", "1 while some replica holds the leader lease", value=int(bool(snap.leader))
-        )
-        yield from self._beats(snap, wall)
-        depth = GaugeMetricFamily("chronoq_queue_length", "Messages waiting in a broker queue", labels=["queue"])
-        for name, length in snap.queues.items():
-            depth.add_metric([name], length)
-        yield depth
+        yield from fleet_families(snap, time.time())
         if getattr(self._pinned, "scrape", None) is None:  # a plain collect: the reference families
             yield from job_families(self.job_columns(snap, jobs))
 
@@ -392,30 +348,6 @@ class FleetCollector(Collector):
         self._info = info  # only the labelled jobs: deleted ones are dropped
         self._info_of = (labelled, (list(info), [entry[1] for entry in info.values()]))
         return self._info_of[1]
-
-    def _beats(self, snap: FleetSnapshot, wall: float) -> Iterator[Metric]:
-        replica_beat = GaugeMetricFamily(
-            "chronoq_replica_heartbeat_timestamp_seconds",
-            "Last heartbeat of each scheduler replica",
-            labels=["replica"],
-        )
-        seen = 0
-        for replica, info in snap.replicas.items():
-            beat = int(info.get("heartbeat_ms", 0)) / 1000
-            replica_beat.add_metric([replica], beat)
-            seen += wall - beat <= REPLICA_SEEN_S
-        yield replica_beat
-        yield GaugeMetricFamily("chronoq_replicas_seen", f"Replicas that beat within {REPLICA_SEEN_S:g}s", value=seen)
-        worker_beat = GaugeMetricFamily(
-            "chronoq_worker_heartbeat_timestamp_seconds", "Last heartbeat of each chronoq worker", labels=["worker"]
-        )
-        seen = 0
-        for worker, info in snap.workers.items():
-            beat = int(info.get("last_seen_ms", 0)) / 1000
-            worker_beat.add_metric([worker], beat)
-            seen += wall - beat <= WORKER_SEEN_S
-        yield worker_beat
-        yield GaugeMetricFamily("chronoq_workers_seen", f"Workers that beat within {WORKER_SEEN_S:g}s", value=seen)
 
 
 def _epoch(iso: str) -> float:
