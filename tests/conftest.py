@@ -62,6 +62,19 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval
         time.sleep(interval_s)
 
 
+def terminate(process: subprocess.Popen[bytes], timeout_s: float = 15, kill: Callable[[], None] | None = None) -> int:
+    """SIGTERM to a process still running, then ``kill`` (default: SIGKILL to it) once
+    ``timeout_s`` pass; returns its exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            (kill or process.kill)()
+            process.wait(5)
+    return process.returncode
+
+
 @contextlib.contextmanager
 def serving(
     command: list[str], log_path: Path, probe: Callable[[], object], what: str, timeout_s: float, **popen: Any
@@ -84,12 +97,7 @@ def serving(
         assert process.poll() is None, log_path.read_text()
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        terminate(process, 10)
         log.close()
 
 
@@ -220,14 +228,7 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout_s: float = 15) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-        return self.process.returncode
+        return terminate(self.process, timeout_s, kill=lambda: os.killpg(self.process.pid, signal.SIGKILL))
 
 
 @pytest.fixture
@@ -327,14 +328,8 @@ class SchedulerProcess:
 
     def stop(self, timeout_s: float = 15) -> int:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return self.process.returncode
+            self.process.send_signal(signal.SIGCONT)  # a frozen replica hears the SIGTERM
+        return terminate(self.process, timeout_s)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ SIGKILLed master is replaced within a few seconds.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, terminate, wait_for
 from tests.faults.harness import RedisProcess
 
 DEBIAN_REDIS_SERVER = Path("/usr/bin/redis-server")
@@ -80,13 +79,8 @@ class SentinelProcess:
             return False
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        if self.process is not None:
+            terminate(self.process, 10)
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from shared.settings import AppSettings
-from tests.conftest import ROOT, free_port, settings_env, wait_for
+from tests.conftest import ROOT, free_port, settings_env, terminate, wait_for
 
 
 @dataclass
@@ -35,14 +34,7 @@ class ConsoleProcess:
         return httpx.Client(base_url=self.url, timeout=30, **options)  # type: ignore[arg-type]
 
     def stop(self, timeout_s: float = 15) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return self.process.returncode
+        return terminate(self.process, timeout_s)
 
 
 class CountingProxy:
