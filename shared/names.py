@@ -147,6 +147,12 @@ class RedisKeys:
         return self.key("poison")
 
     @property
+    def idle(self) -> str:
+        """A key nothing writes: while Redis is at maxmemory, a worker waits for messages with a
+        ``BLPOP`` on it (a server-side sleep; see workers/take.py)."""
+        return self.key("idle")
+
+    @property
     def jobs(self) -> str:
         """Hash: job id -> JSON of its spec, as the replicas last loaded it."""
         return self.key("jobs")

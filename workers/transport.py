@@ -16,8 +16,10 @@ Workers select it with ``broker_transport`` (``workers.main.create_worker_app``)
    in kombu's unacked index, which hands them out again after the visibility timeout.
 2. **A message taken when Redis goes away**: BRPOP removes a message from its queue, and kombu
    records it as unacknowledged (so that it comes back if the worker dies) in a second round
-   trip. If Redis went away in between, the message existed only in this process, and was
-   lost. Here it is kept and pushed back onto its queue as soon as a channel consumes again.
+   trip. A BRPOP that Redis applied but whose reply never arrived (Redis shut down or killed,
+   a failover, a dropped connection), or a record that failed, lost the message. Here the
+   worker takes messages with :class:`workers.take.Taker`: one script removes the message
+   and records it as unacknowledged in the same step, and :class:`QoS` does not record it again.
 3. **Sentinel**: :class:`SentinelTransport` is kombu's ``sentinel://`` transport with the same
    channel. kombu's Sentinel channel reads the list of Sentinels from ``transport.client`` too
    (``client.alt``), so it is built from the channel's own connection the same way, and every
@@ -38,12 +40,15 @@ from typing import Any
 import redis
 import redis.sentinel
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from loguru import logger
 
+from shared.names import RedisKeys
 from shared.sentinel import master_moved, refused
 from workers.poison import PoisonSink
+from workers.take import Taker
 
 KEY_PREFIX_OPTION = "chronoq_key_prefix"
 """Transport option naming chronoq's key prefix, for the dead-letter list and the counter."""
@@ -53,12 +58,39 @@ SENTINEL_CHECK_OPTION = "chronoq_sentinel_check_s"
 """Transport option: seconds between two questions to the Sentinels (``REDIS_SENTINEL_CHECK_S``)."""
 
 _swap = threading.RLock()  # re-entered: the Sentinel pool builds its parameters inside the swap
-_orphans: list[tuple[str, bytes]] = []
-"""(list key, raw item): messages taken off a queue but never recorded as unacknowledged."""
-_orphans_lock = threading.Lock()
+
+
+class QoS(kombu_redis.QoS):  # type: ignore[misc]
+    """kombu's QoS, which does not record again a message the take script recorded already."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.recorded: set[str] = set()
+        """Delivery tags the take recorded as unacknowledged, until the consumer appends them."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if delivery_tag in self.recorded:
+            self.recorded.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)  # kept in memory only
+        else:
+            super().append(message, delivery_tag)
+
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+        # An ack (no pipe given) without MULTI: a Redis at maxmemory refuses every command
+        # queued in a transaction, so kombu's acks failed there and ended the worker. The hash
+        # entry goes first: an index entry left alone is dropped by the next restore sweep.
+        if pipe is not None:
+            return super()._remove_from_indices(delivery_tag, pipe)
+        with self.channel.conn_or_acquire() as client:
+            return (
+                client.pipeline(transaction=False)
+                .hdel(self.unacked_key, delivery_tag)
+                .zrem(self.unacked_index_key, delivery_tag)
+            )
 
 
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
+    QoS = QoS
     from_transport_options = (*kombu_redis.Channel.from_transport_options, KEY_PREFIX_OPTION)  # type: ignore[assignment]
     chronoq_key_prefix = "chronoq:"
 
@@ -66,6 +98,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._conninfo = connection.client  # before super(): it may connect already
         super().__init__(connection, *args, **kwargs)
         self._poison = PoisonSink(self.chronoq_key_prefix)
+        prefix = self.global_keyprefix or ""
+        self._taker = Taker(prefix, self.unacked_key, self.unacked_index_key, RedisKeys(self.chronoq_key_prefix).idle)
 
     def _connparams(self, asynchronous: bool = False) -> Any:
         return self._attached(super()._connparams, asynchronous=asynchronous)
@@ -84,70 +118,57 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             finally:
                 transport.client = None
 
+    def _brpop_start(self, timeout: Any = None) -> None:
+        # kombu's _brpop_start, with the take (and its doorbell) instead of BRPOP.
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()  # type: ignore[assignment]
+        self._taker.send(self.client.connection, keys, self.brpop_timeout if timeout is None else timeout)
+
     def _brpop_read(self, **options: Any) -> bool:
-        # kombu 5.7's _brpop_read, except that an item that is no message is set aside instead
-        # of raising out of the event loop. BRPOP has removed it from the queue already.
+        # kombu's _brpop_read for the take, except that an item that is no message is set aside
+        # instead of raising out of the event loop (the take removed it from the queue already).
         try:
             try:
-                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+                taken = self._taker.read(self.client, self.client.connection)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
             except redis.ResponseError as exc:
-                # BRPOP is a write: a master fenced by min-replicas-to-write (as for a planned
-                # failover) refuses it. Reconnect as after a dropped connection, asking the
-                # Sentinels again, instead of ending the consumer.
-                if not refused(exc):
+                # The take writes: a master fenced by min-replicas-to-write (as for a planned
+                # failover) or a replica refuses it. Reconnect as after a dropped connection,
+                # asking the Sentinels again, instead of ending the consumer.
+                if not (refused(exc) or isinstance(exc, redis.exceptions.ReadOnlyError)):
                     raise
                 self.client.connection.disconnect()
-                raise redis.ConnectionError(f"the master refuses writes: {exc}") from exc
-            if not dest__item:
-                raise Empty()
-            list_key, item = bytes_to_str(dest__item[0]), dest__item[1]
-            dest = list_key.rsplit(self.sep, 1)[0]
+                raise redis.ConnectionError(f"Redis refuses the take: {exc}") from exc
+            dest = taken.list_key.rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            message = self._parse(item, dest)
-            if message is not None:
-                try:
-                    self.connection._deliver(message, dest)
-                except (*self.connection_errors, redis.ResponseError) as exc:
-                    # A master fenced by min-replicas-to-write (a planned failover) refuses
-                    # the write that records the message as unacknowledged: the same loss.
-                    if isinstance(exc, redis.ResponseError) and not refused(exc):
-                        raise
-                    if message["properties"]["delivery_tag"] not in self.qos._delivered:
-                        with _orphans_lock:
-                            _orphans.append((list_key, item))
-                        logger.warning("message taken as Redis went away, kept to re-queue queue={}", dest)
-                    if isinstance(exc, redis.ResponseError):
-                        self.client.connection.disconnect()
-                        raise redis.ConnectionError(f"the master refuses writes: {exc}") from exc
-                    raise
+            self._deliver_taken(taken.item, dest, taken.recorded)
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]
             self._flush_brpop_reauth()
 
-    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
-        self._requeue_orphans()
-        return super().basic_consume(queue, *args, **kwargs)
-
-    def _requeue_orphans(self) -> None:
-        """Push the messages kept by :meth:`_brpop_read` back where BRPOP takes the next one."""
-        with _orphans_lock:
-            orphans = _orphans[:]
-            _orphans.clear()
-        if not orphans:
+    def _deliver_taken(self, item: bytes, dest: str, recorded: bool) -> None:
+        message = self._parse(item, dest)
+        tag = None
+        if recorded:
+            tag = loads(bytes_to_str(item))["properties"]["delivery_tag"]
+            if message is None:  # set aside: nothing is to come back after the visibility timeout
+                self.qos._remove_from_indices(tag).execute()
+                return
+            self.qos.recorded.add(tag)
+        if message is None:
             return
         try:
-            with self.conn_or_acquire() as client:
-                for list_key, item in orphans:
-                    client.rpush(list_key, item)
-        except self.connection_errors:
-            with _orphans_lock:
-                _orphans[:0] = orphans
-            raise
-        logger.warning("re-queued {} message(s) taken as Redis went away", len(orphans))
+            self.connection._deliver(message, dest)
+        finally:
+            if tag is not None:
+                self.qos.recorded.discard(tag)
 
     def _get(self, queue: str, timeout: Any = None) -> Any:
         # The synchronous path (drain_events without the event loop) reads one item the same way.

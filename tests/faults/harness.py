@@ -128,6 +128,7 @@ class TcpProxy:
         self.target_port = target_port
         self.port = port or free_port()
         self._mode = "open"
+        self._lose: tuple[bytes, threading.Event] | None = None
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._stopped = threading.Event()
@@ -152,6 +153,14 @@ class TcpProxy:
     def blackhole(self) -> None:
         with self._lock:
             self._mode = "blackhole"
+
+    def lose_reply_with(self, marker: bytes) -> threading.Event:
+        """Once a reply from the target carries ``marker``, reset every connection instead of
+        forwarding it (the target applied the command; its client never hears of it), then
+        forward again. The event is set when that happened."""
+        with self._lock:
+            self._lose = (marker, threading.Event())
+            return self._lose[1]
 
     def restore(self) -> None:
         with self._lock:
@@ -198,6 +207,8 @@ class TcpProxy:
                     data = sock.recv(65536)
                     if not data:
                         return
+                    if sock is b and self._lost(data):
+                        return
                     peers[sock].sendall(data)
         except (OSError, ValueError):  # ValueError: select() on a socket cut() closed meanwhile (fd -1)
             return
@@ -205,6 +216,18 @@ class TcpProxy:
             for sock in (a, b):
                 with contextlib.suppress(OSError):
                     sock.close()
+
+    def _lost(self, reply: bytes) -> bool:
+        with self._lock:
+            lose = self._lose
+            if lose is None or lose[0] not in reply:
+                return False
+            self._lose = None
+        self.cut()
+        with self._lock:
+            self._mode = "open"
+        lose[1].set()
+        return True
 
 
 def pid_alive(pid: int) -> bool:

@@ -23,10 +23,11 @@ import psutil
 import pytest
 import redis
 
+from scheduler.message import TaskMessage
 from shared.fleet import Overlap
 from shared.settings import AppSettings
 from tests.conftest import WorkerProcess, make_settings, wait_for
-from tests.faults.harness import RedisProcess
+from tests.faults.harness import RedisProcess, TcpProxy
 from tests.faults.ledger_tasks import read_ledger
 from tests.integration.test_worker_fleet import Fleet
 
@@ -51,9 +52,10 @@ def fault_env(ledger: RedisProcess) -> dict[str, str]:
     }
 
 
-def fault_settings(broker: RedisProcess, namespace: str) -> AppSettings:
+def fault_settings(broker: RedisProcess, namespace: str, url: str | None = None) -> AppSettings:
+    """The fault suite's settings for ``broker`` (reached at ``url`` when given: a proxy)."""
     return make_settings(
-        broker.url,
+        url or broker.url,
         namespace,
         celery={"visibility_timeout_s": VISIBILITY_TIMEOUT_S, "task_time_limit_s": TIME_LIMIT_S},
         scheduler={"slot_margin_s": SLOT_MARGIN_S},
@@ -195,6 +197,92 @@ def test_workers_survive_redis_restarts(
             f"publish errors={load.failed}; Redis back -> first task run ms: "
             f"median={statistics.median(recovery_ms):.0f} max={max(recovery_ms)} all={recovery_ms}"
         )
+    finally:
+        fleet.close()
+        ledger.close()
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_a_message_whose_take_reply_is_lost_comes_back_and_runs_once(
+    pool: str,
+    redis_process: Callable[..., RedisProcess],
+    tcp_proxy: Callable[[int], TcpProxy],
+    namespace: str,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """Redis removes a message from its queue for a worker, and the reply carrying it never
+    arrives (the connection drops right then: a shutdown, a failover, the network). With kombu's
+    BRPOP the message existed nowhere after that; here it comes back after the visibility timeout
+    and runs exactly once."""
+    broker = redis_process(appendonly=False)
+    ledger_server = redis_process(appendonly=False)
+    proxy = tcp_proxy(broker.port)
+    settings = fault_settings(broker, namespace)
+    start_worker(
+        fault_settings(broker, namespace, url=proxy.url()), "-P", pool, "-c", "2", extra_env=fault_env(ledger_server)
+    )
+    fleet = Fleet(settings)
+    ledger = ledger_server.client()
+    try:
+        fleet.fire("warm-up", "faults.ledger")
+        wait_for(lambda: read_ledger(ledger), 30, "the worker to run a first fire")
+        job_id = f"lost-reply-{namespace}"
+        lost = proxy.lose_reply_with(job_id.encode())
+        published = fleet.fire(job_id, "faults.ledger", minute=1)
+        wait_for(lost.is_set, 15, "the reply that carries the message to be lost")
+
+        def runs() -> list[dict[str, object]]:
+            return [e for e in read_ledger(ledger) if e["job_id"] == job_id and e["event"] == "start"]
+
+        fire = {(job_id, published.scheduled_at)}
+        deadline = time.monotonic() + VISIBILITY_TIMEOUT_S * 3
+        while not runs() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert runs(), where_are(broker, settings, fire)
+        deadline = time.monotonic() + VISIBILITY_TIMEOUT_S + 2  # and once: no second run in another timeout
+        while time.monotonic() < deadline:
+            assert len(runs()) == 1, runs()
+            time.sleep(0.2)
+    finally:
+        fleet.close()
+        ledger.close()
+
+
+def test_a_worker_drains_its_queue_while_redis_is_at_maxmemory(
+    redis_process: Callable[..., RedisProcess], namespace: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """A noeviction Redis at maxmemory refuses the take's doorbell (BLMOVE may grow memory),
+    not the take itself (its first write is a pop): the worker still empties its queue, which is
+    how such a server gets memory back. (The task stores no result: Celery's result backend on
+    the same server is refused too, and a task whose STARTED state cannot be stored is never
+    acknowledged.)"""
+    broker = redis_process(appendonly=False, extra_args=("--maxmemory-policy", "noeviction"))
+    ledger_server = redis_process(appendonly=False)
+    settings = fault_settings(broker, namespace)
+    worker = start_worker(settings, "-P", "threads", "-c", "4", extra_env=fault_env(ledger_server))
+    fleet = Fleet(settings)
+    ledger = ledger_server.client()
+    count = 300
+    queue = settings.celery.cron_queue
+    try:
+        batch = [TaskMessage("faults.ledger_no_result", [], {}, queue, f"oom-{i}", {}) for i in range(count)]
+        with broker.client() as client:
+            client.lpush(f"{queue}-staging", *[payload for _, payload in fleet.publisher.encode(batch)])
+            used = int(client.info("memory")["used_memory"])
+            client.config_set("maxmemory", str(used // 2))  # at maxmemory until long after the drain
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                client.set(f"{namespace}:probe", "x")
+            client.rename(f"{queue}-staging", queue)  # all at once, under the worker's doorbell
+
+            def started() -> int:
+                return sum(1 for e in read_ledger(ledger) if e["event"] == "start" and e["task_id"].startswith("oom-"))
+
+            wait_for(lambda: started() == count, 90, f"{count} tasks to run at maxmemory")
+            assert client.llen(queue) == 0
+            with pytest.raises(redis.exceptions.OutOfMemoryError):  # still at maxmemory: the point
+                client.set(f"{namespace}:probe", "x")
+        wait_for(lambda: "Redis is at maxmemory: the worker polls its queues" in worker.log(), 10, "the warning")
+        assert worker.process.poll() is None
     finally:
         fleet.close()
         ledger.close()
