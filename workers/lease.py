@@ -30,6 +30,7 @@ import redis
 from billiard.exceptions import WorkerLostError
 from celery import Task
 from celery.exceptions import Ignore, Reject, TimeLimitExceeded
+from celery.states import SUCCESS
 from loguru import logger
 
 from shared.errors import NotReplicatedError
@@ -292,7 +293,12 @@ class WorkerFleet:
         self._keeper.drop(key)
         return self._leased.pop(key, None)
 
-    def on_postrun(self, task_id: str = "", **_: Any) -> None:
+    def on_postrun(self, sender: Any = None, task_id: str = "", state: str = "", **_: Any) -> None:
+        # The body returned but no task_success came (it comes first): Celery could not store the
+        # result (its backend's Redis went away) and reports an internal error next. The body
+        # ran: record the success, or the lease would lapse and a redelivered copy run it again.
+        if state == SUCCESS and (lease := self._take_lease(task_id)) is not None:
+            self._finish(fire_of(getattr(sender, "request", None)), task_id, Outcome.SUCCEEDED, lease=lease)
         # Whatever ended the attempt (an outcome above, or a Reject/Ignore from the body), its
         # lease is no longer kept once the task has returned.
         self._keeper.drop((task_id, threading.get_ident()))

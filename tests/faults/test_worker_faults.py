@@ -288,6 +288,36 @@ def test_a_worker_drains_its_queue_while_redis_is_at_maxmemory(
         ledger.close()
 
 
+def test_a_fire_whose_result_cannot_be_stored_is_recorded_succeeded_and_runs_once(
+    redis_process: Callable[..., RedisProcess], namespace: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """The body ran, then Celery could not store its result (the result backend's Redis went
+    away): the fire is recorded succeeded, as it ran. It stayed "running" before, and once its
+    run lease lapsed the message, unacknowledged, ran a second time."""
+    broker = redis_process(appendonly=False)
+    ledger_server = redis_process(appendonly=False)
+    results = redis_process(appendonly=False)
+    settings = fault_settings(broker, namespace)
+    env = {**fault_env(ledger_server), "CELERY_RESULT_BACKEND": results.url}
+    worker = start_worker(settings, "-P", "threads", "-c", "2", extra_env=env)
+    fleet = Fleet(settings)
+    ledger = ledger_server.client()
+    try:
+        fire = fleet.fire(f"no-result-{namespace}", "faults.ledger", kwargs={"seconds": 1.0})
+        key = f"{settings.redis.key_prefix}fire:{fire.job_id}:{fire.scheduled_at}"
+        wait_for(lambda: read_ledger(ledger), 30, "the task to start")
+        results.stop()  # while the body runs: its result cannot be stored
+        wait_for(lambda: "Exception raised outside body" in worker.log(), 60, "Celery to fail storing the result")
+        wait_for(lambda: fleet.redis.hget(key, "run") not in (None, "running"), 10, "the fire's outcome")
+        assert fleet.redis.hget(key, "run") == "succeeded", fleet.redis.hgetall(key)
+        # Unacknowledged, the message comes back after the visibility timeout, and is turned away.
+        wait_for(lambda: "the fire already succeeded" in worker.log(), VISIBILITY_TIMEOUT_S * 3, "the copy")
+        assert [e["event"] for e in read_ledger(ledger) if e["job_id"] == fire.job_id] == ["start", "end"]
+    finally:
+        fleet.close()
+        ledger.close()
+
+
 def test_supervisor_restarts_a_killed_celery_worker_and_stops_on_sigterm(
     redis_process: Callable[..., RedisProcess], namespace: str, start_worker: Callable[..., WorkerProcess]
 ) -> None:
