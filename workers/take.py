@@ -28,6 +28,7 @@ the take (its first write is a pop); the doorbell is then a ``BLPOP`` on a key n
 
 from __future__ import annotations
 
+import hashlib
 import time
 from queue import Empty
 from typing import Any
@@ -73,6 +74,10 @@ class Taker:
         self.unacked = (prefix + unacked_key, prefix + unacked_index_key)
         self.poll_s = poll_s
         self._script = source("take")
+        self._sha = hashlib.sha1(self._script.encode(), usedforsecurity=False).hexdigest()
+        self._cached = False
+        """Whether Redis has the script (EVALSHA) as far as we know: a restarted or other
+        server does not, and answers NOSCRIPT, having run nothing; the next take sends it whole."""
         self._rang = False
         self._ring = True
         """Whether the next send starts with the doorbell: not after a take that found an item
@@ -85,7 +90,9 @@ class Taker:
         """Send the next doorbell (when due) and take on ``connection`` (kombu's BRPOP
         connection); ``keys`` unprefixed, in BRPOP's order; ``timeout_s`` 0 waits for ever."""
         full = [self.prefix + key for key in keys]
-        take = ("EVAL", self._script, 2 + len(full), *self.unacked, *full, f"{time.time():.6f}")
+        script = ("EVALSHA", self._sha) if self._cached else ("EVAL", self._script)
+        take = (*script, 2 + len(full), *self.unacked, *full, f"{time.time():.6f}")
+        self._cached = True
         commands: list[tuple[Any, ...]] = [take]
         self._rang = self._ring
         if self._ring:
@@ -110,6 +117,8 @@ class Taker:
                 refusal = exc
         try:
             reply = client.parse_response(connection, "EVAL")
+        except redis.exceptions.NoScriptError:
+            reply, self._cached = None, False
         except redis.ResponseError as exc:
             reply, refusal = None, refusal or exc
         if refusal is not None:
@@ -121,7 +130,7 @@ class Taker:
         elif self._rang and not self._slept and self._oom_until:
             logger.info("Redis takes writes again: the worker waits on its queue again")
             self._oom_until = 0.0
-        self._ring = not reply
+        self._ring = not reply and self._cached
         if not reply:
             raise Empty()
         list_key, item, recorded = reply

@@ -173,7 +173,11 @@ def test_the_only_replica_down_with_sentinel(
         wait_for(lambda: CONFIRMED in scheduler.log() and CONFIRMED in worker.log(), 30, "writes confirmed again")
     assert scheduler.stop() == 0, scheduler.log()[-3000:]
     with master.client() as client:
-        wait_for(lambda: client.llen(settings.celery.cron_queue) == 0, 30, "the worker to finish the queued fires")
+        wait_for(
+            lambda: client.llen(settings.celery.cron_queue) == 0 and client.hlen("unacked") == 0,
+            30,
+            "the worker to take, run and acknowledge the queued fires",
+        )
     result = account(master, ledger, settings, began)
     counts = result["counts"]
     print(
@@ -220,7 +224,11 @@ def test_the_only_replica_down_without_sentinel_stalls_writes(
         wait_for(lambda: time.time() > back + 4, 5, "the fleet to run on")
     assert scheduler.stop() == 0, scheduler.log()[-3000:]
     with master.client() as client:
-        wait_for(lambda: client.llen(settings.celery.cron_queue) == 0, 30, "the worker to finish the queued fires")
+        wait_for(
+            lambda: client.llen(settings.celery.cron_queue) == 0 and client.hlen("unacked") == 0,
+            30,
+            "the worker to take, run and acknowledge the queued fires",
+        )
     result = account(master, ledger, settings, began)
     counts = result["counts"]
     print(f"\nreplica down without Sentinel: fires ran again {flowing - back:.2f} s after it was back; {counts}")
