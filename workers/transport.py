@@ -28,6 +28,11 @@ Workers select it with ``broker_transport`` (``workers.main.create_worker_app``)
 4. **A poison message**: one list item that is not a kombu message (not JSON, not an object,
    no ``properties``, a body that cannot be decoded) raised out of the event loop and ended
    the worker. Here it is set aside (:func:`workers.poison.set_aside`) and the worker goes on.
+5. **A dropped pub/sub connection** (broadcast queues: remote control), as a Redis restart or a
+   ``CLIENT KILL`` does: redis-py's retry reconnected it inside kombu's blocking read, which
+   then waited for a broadcast for ever, and the worker's event loop with it (its queues filled
+   up, nothing logged). Here the event loop's connections do not retry, so the error reaches
+   Celery's consumer, which reconnects everything.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from loguru import logger
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from shared.names import RedisKeys
 from shared.sentinel import master_moved, refused
@@ -102,7 +109,13 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._taker = Taker(prefix, self.unacked_key, self.unacked_index_key, RedisKeys(self.chronoq_key_prefix).idle)
 
     def _connparams(self, asynchronous: bool = False) -> Any:
-        return self._attached(super()._connparams, asynchronous=asynchronous)
+        params = self._attached(super()._connparams, asynchronous=asynchronous)
+        if asynchronous:
+            # The event loop's connections (the take's, the pub/sub one of broadcast queues) never
+            # retry: on a dropped pub/sub connection redis-py reconnected inside kombu's read and
+            # then waited there for a broadcast, hanging the worker (see the module docstring).
+            params["retry"] = Retry(NoBackoff(), 0)
+        return params
 
     def _attached(self, method: Any, **kwargs: Any) -> Any:
         """``method(**kwargs)``, which reads ``transport.client``, run with the connection this

@@ -318,6 +318,33 @@ def test_a_fire_whose_result_cannot_be_stored_is_recorded_succeeded_and_runs_onc
         ledger.close()
 
 
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_a_worker_whose_broadcast_connection_is_killed_goes_on_consuming(
+    pool: str, redis_process: Callable[..., RedisProcess], namespace: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """Redis drops the worker's pub/sub connection (broadcast queues: remote control), as a
+    restarted server does. redis-py reconnected it inside kombu's read and then waited for a
+    broadcast that never came, so the worker's event loop hung and its queue filled up (seen
+    after a SIGKILL of Redis: 393 messages waiting, both workers silent). It must come back."""
+    broker = redis_process(appendonly=False)
+    ledger_server = redis_process(appendonly=False)
+    settings = fault_settings(broker, namespace)
+    worker = start_worker(settings, "-P", pool, "-c", "2", extra_env=fault_env(ledger_server))
+    fleet = Fleet(settings)
+    ledger = ledger_server.client()
+    try:
+        fleet.fire("before", "faults.ledger")
+        wait_for(lambda: read_ledger(ledger), 30, "a first fire to run")
+        with broker.client() as client:
+            assert client.client_kill_filter(_type="pubsub") >= 1
+        fleet.fire("after", "faults.ledger", minute=1)
+        wait_for(lambda: any(e["job_id"] == "after" for e in read_ledger(ledger)), 30, "a fire after the kill to run")
+        assert worker.process.poll() is None
+    finally:
+        fleet.close()
+        ledger.close()
+
+
 def test_supervisor_restarts_a_killed_celery_worker_and_stops_on_sigterm(
     redis_process: Callable[..., RedisProcess], namespace: str, start_worker: Callable[..., WorkerProcess]
 ) -> None:
