@@ -12,6 +12,7 @@ them with ``anyio.to_thread.run_sync``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,6 +46,17 @@ class Client:
     def __init__(self, settings: AppSettings, app: Celery | None = None) -> None:
         self.settings = settings
         self.app = app or create_celery_app(settings, name="chronoq-client")
+        self._backends: list[Any] = []
+        self._backends_lock = threading.Lock()
+
+    def _backend(self) -> Any:
+        """The calling thread's result backend (Celery keeps one per thread), remembered so
+        that :meth:`close` releases every one this client used."""
+        backend = self.app.backend
+        with self._backends_lock:
+            if not any(seen is backend for seen in self._backends):
+                self._backends.append(backend)
+        return backend
 
     def signature(
         self, task_name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, **options: Any
@@ -71,6 +83,7 @@ class Client:
         ``priority`` 0-9 (0 runs first on Redis). ``countdown`` / ``eta`` delay it; keep the
         delay below ``CELERY_VISIBILITY_TIMEOUT_S`` or the Redis transport redelivers it.
         """
+        self._backend()
         result = self.app.send_task(
             task_name,
             args=list(args),
@@ -87,10 +100,12 @@ class Client:
     def chain(self, *signatures: Signature) -> str:
         """Run ``signatures`` one after another, each receiving the previous result; returns
         the id of the last task (its result is the chain's result)."""
+        self._backend()
         return str(chain(*signatures).apply_async().id)
 
     def group(self, *signatures: Signature) -> str:
         """Run ``signatures`` in parallel; returns the group id (:meth:`result` gives the list)."""
+        self._backend()
         result = group(*signatures).apply_async()
         result.save()
         return str(result.id)
@@ -98,6 +113,7 @@ class Client:
     def chord(self, header: Sequence[Signature], body: Signature) -> str:
         """Run ``header`` in parallel, then ``body`` with the list of their results; returns the
         body's task id."""
+        self._backend()
         return str(chord(list(header), body).apply_async().id)
 
     def result(self, task_id: str, timeout: float | None = None) -> Any:
@@ -106,6 +122,7 @@ class Client:
         Raises the task's own exception if it failed, ``celery.exceptions.TimeoutError`` when
         it is not done in time.
         """
+        self._backend()
         saved = GroupResult.restore(task_id, app=self.app)
         if saved is not None:
             return saved.get(timeout=timeout)
@@ -113,6 +130,7 @@ class Client:
 
     def status(self, task_id: str) -> str:
         """PENDING (unknown or queued), STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
+        self._backend()
         return str(AsyncResult(task_id, app=self.app).state)
 
     def revoke(self, task_id: str, *, terminate: bool = False) -> None:
@@ -128,7 +146,24 @@ class Client:
         return BrokerHealth(ok=True, latency_ms=round(latency, 2))
 
     def close(self) -> None:
-        """Release the broker and backend connections."""
+        """Release the broker and backend connections.
+
+        The result backends' connections are closed here rather than left to the garbage
+        collector: Celery unsubscribes a result when the result object is collected
+        (``AsyncResult.__del__``), and when the collector had finalized the subscription's
+        connection first, that opened a new connection that nobody closed (a ``ResourceWarning``
+        for an unclosed socket, at some later collection). Here the subscriptions are forgotten
+        before they are closed, so a result collected later has nothing to unsubscribe."""
+        with self._backends_lock:
+            backends, self._backends = self._backends, []
+        for backend in backends:
+            consumer = getattr(backend, "result_consumer", None)
+            if consumer is not None and hasattr(consumer, "subscribed_to"):
+                consumer.subscribed_to.clear()
+                consumer.stop()
+            redis_client = vars(backend).get("client")  # only if it was created (a cached property)
+            if redis_client is not None:
+                redis_client.connection_pool.disconnect()
         self.app.close()
 
     def __enter__(self) -> Client:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 from celery import Celery
 from celery.exceptions import TaskRevokedError
+from celery.exceptions import TimeoutError as ResultTimeoutError
 from celery.result import AsyncResult
 
 from shared.client import Client
 from shared.settings import AppSettings
-from tests.conftest import WorkerProcess, wait_for
+from tests.conftest import RedisServer, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -147,3 +149,26 @@ def test_health(settings: AppSettings, client: Client) -> None:
     down = Client(settings.with_redis_url("redis://127.0.0.1:1/0"))
     assert not down.health().ok
     down.close()
+
+
+def test_close_releases_result_subscriptions_for_good(
+    settings: AppSettings, redis_server: RedisServer, namespace: str
+) -> None:
+    """A closed client holds no result subscription, and a result object of it collected later
+    opens no connection (Celery unsubscribes in ``AsyncResult.__del__``: left to the garbage
+    collector, that reconnected a subscription the collector had closed, leaking its socket)."""
+    client = Client(settings)
+    # No worker consumes this queue: the result stays pending and subscribed.
+    waiting = AsyncResult(client.submit("demo.number_sum", [1, 2], queue=f"nobody_{namespace}"), app=client.app)
+    with pytest.raises(ResultTimeoutError):
+        waiting.get(timeout=0.2)
+    with redis_server.client() as r:
+        channels = f"*{waiting.id}*"
+        assert len(r.pubsub_channels(channels)) == 1, "the pending result is subscribed"
+        connected = len(r.client_list())
+        client.close()
+        assert r.pubsub_channels(channels) == [], "close() ends the subscription"
+        del waiting
+        gc.collect()
+        assert r.pubsub_channels(channels) == []
+        assert len(r.client_list()) < connected, "the subscription's connection is closed, and none opened again"
