@@ -13,6 +13,7 @@ them with ``anyio.to_thread.run_sync``.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +21,7 @@ from typing import Any
 
 from celery import Celery, chain, chord, group
 from celery.canvas import Signature
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult, GroupResult
 
 from shared.celery_app import create_celery_app
@@ -27,6 +29,9 @@ from shared.errors import RedisUnavailableError
 from shared.names import HEADER_TRACE_ID, new_trace_id
 from shared.redis import check_redis
 from shared.settings import AppSettings
+
+RESULT_RECHECK_S = 1.0
+"""While :meth:`Client.result` waits, it reads the stored result again this often."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,12 +126,23 @@ class Client:
 
         Raises the task's own exception if it failed, ``celery.exceptions.TimeoutError`` when
         it is not done in time.
+
+        Celery's Redis backend waits for a result's notification (a PUBLISH) and reads the
+        stored result only once, when the wait starts; a notification that never reaches the
+        subscription would leave the wait to its timeout with the result long stored. The wait
+        here reads the stored result again every :data:`RESULT_RECHECK_S` seconds.
         """
         self._backend()
         saved = GroupResult.restore(task_id, app=self.app)
-        if saved is not None:
-            return saved.get(timeout=timeout)
-        return AsyncResult(task_id, app=self.app).get(timeout=timeout)
+        pending: GroupResult | AsyncResult = saved if saved is not None else AsyncResult(task_id, app=self.app)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return pending.get(timeout=RESULT_RECHECK_S if left is None else min(RESULT_RECHECK_S, left))
+            except CeleryTimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
 
     def status(self, task_id: str) -> str:
         """PENDING (unknown or queued), STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""

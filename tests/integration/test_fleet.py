@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -172,3 +174,22 @@ def test_close_releases_result_subscriptions_for_good(
         gc.collect()
         assert r.pubsub_channels(channels) == []
         assert len(r.client_list()) < connected, "the subscription's connection is closed, and none opened again"
+
+
+def test_result_arrives_even_when_its_notification_was_missed(
+    settings: AppSettings, client: Client, redis_server: RedisServer, namespace: str
+) -> None:
+    """A result stored while the waiting client's subscription was not yet in place (SUBSCRIBE
+    goes unconfirmed on its own connection, and Redis may run the worker's store and publish
+    before it) is still returned: the wait reads the stored result again every second.
+    Simulated by storing a result with no notification at all."""
+    task_id = client.submit("demo.number_sum", [1, 2], queue=f"nobody_{namespace}")
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(client.result(task_id, timeout=20)), daemon=True)
+    waiter.start()
+    with redis_server.client() as r:
+        wait_for(lambda: r.pubsub_channels(f"*{task_id}*"), 10, "the client to subscribe")
+        meta = {"status": "SUCCESS", "result": 3, "traceback": None, "children": [], "task_id": task_id}
+        r.set(client.app.backend.get_key_for_task(task_id), json.dumps(meta))  # stored, never published
+    waiter.join(20)
+    assert got == [3]
