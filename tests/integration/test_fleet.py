@@ -16,7 +16,7 @@ from celery.result import AsyncResult
 
 from shared.client import Client
 from shared.settings import AppSettings
-from tests.conftest import RedisServer, WorkerProcess, wait_for
+from tests.conftest import RedisServer, WorkerProcess, result_of, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -101,8 +101,8 @@ def test_async_task_runs_on_one_long_lived_loop_per_process(
     settings: AppSettings, client: Client, start_worker: Callable[..., WorkerProcess]
 ) -> None:
     worker = start_worker(settings, "--pool", "prefork", "--concurrency", "1")
-    first = client.result(client.submit("demo.async_sleep", [0.05]), timeout=10)
-    second = client.result(client.submit("demo.async_sleep", [0.05], trace_id="trace-abc-123"), timeout=10)
+    first = result_of(client, client.submit("demo.async_sleep", [0.05]), 10, worker)
+    second = result_of(client, client.submit("demo.async_sleep", [0.05], trace_id="trace-abc-123"), 10, worker)
     assert first["slept"] == 0.05
     assert (first["pid"], first["loop_id"]) == (second["pid"], second["loop_id"])
     # self.request works inside the async body, and the trace id reaches its log lines.

@@ -80,7 +80,12 @@ def text_when(browser: WebDriver, css: str, ready: Callable[[str], bool], what: 
 
 def click(browser: WebDriver, by: str, value: str, what: str) -> None:
     """Click an element, found again if a region was swapped between finding and clicking it."""
-    until(browser, lambda b: b.find_element(by, value).click() or True, what)
+
+    def clicked(b: WebDriver) -> bool:
+        b.find_element(by, value).click()
+        return True
+
+    until(browser, clicked, what)
 
 
 def no_request_in_flight(browser: WebDriver) -> bool:
