@@ -50,6 +50,7 @@ class Client:
 
     def __init__(self, settings: AppSettings, app: Celery | None = None) -> None:
         self.settings = settings
+        self._own_app = app is None
         self.app = app or create_celery_app(settings, name="chronoq-client")
         self._backends: list[Any] = []
         self._backends_lock = threading.Lock()
@@ -164,15 +165,16 @@ class Client:
     def close(self) -> None:
         """Release the broker and backend connections.
 
-        The result backends' connections are closed here rather than left to the garbage
-        collector: Celery unsubscribes a result when the result object is collected
-        (``AsyncResult.__del__``), and when the collector had finalized the subscription's
-        connection first, that opened a new connection that nobody closed (a ``ResourceWarning``
-        for an unclosed socket, at some later collection). Here the subscriptions are forgotten
-        before they are closed, so a result collected later has nothing to unsubscribe."""
+        The result backends' connections of an app this client created are closed here rather
+        than left to the garbage collector: Celery unsubscribes a result when the result object
+        is collected (``AsyncResult.__del__``), and when the collector had finalized the
+        subscription's connection first, that opened a new connection that nobody closed (a
+        ``ResourceWarning`` for an unclosed socket, at some later collection). Here the
+        subscriptions are forgotten before they are closed, so a result collected later has
+        nothing to unsubscribe."""
         with self._backends_lock:
             backends, self._backends = self._backends, []
-        for backend in backends:
+        for backend in backends if self._own_app else ():  # an app passed in is its owner's to close
             consumer = getattr(backend, "result_consumer", None)
             if consumer is not None and hasattr(consumer, "subscribed_to"):
                 consumer.subscribed_to.clear()
