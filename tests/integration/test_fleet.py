@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 
+import psutil
 import pytest
 from celery import Celery
 from celery.exceptions import TaskRevokedError
@@ -164,16 +166,34 @@ def test_close_releases_result_subscriptions_for_good(
     waiting = AsyncResult(client.submit("demo.number_sum", [1, 2], queue=f"nobody_{namespace}"), app=client.app)
     with pytest.raises(ResultTimeoutError):
         waiting.get(timeout=0.2)
+
+    def connections() -> set[int]:  # this process's connections to the server, by local port
+        mine = psutil.Process().net_connections(kind="tcp")
+        return {
+            c.laddr.port for c in mine if c.raddr and c.raddr.port == redis_server.port and c.status == "ESTABLISHED"
+        }
+
     with redis_server.client() as r:
         channels = f"*{waiting.id}*"
         assert len(r.pubsub_channels(channels)) == 1, "the pending result is subscribed"
-        connected = len(r.client_list())
+        before = connections()
         client.close()
         assert r.pubsub_channels(channels) == [], "close() ends the subscription"
         del waiting
         gc.collect()
         assert r.pubsub_channels(channels) == []
-        assert len(r.client_list()) < connected, "the subscription's connection is closed, and none opened again"
+        after = connections()
+        assert after < before, "the subscription's connection is closed, and none is opened again"
+
+
+def running_in(thread: threading.Thread, function: str) -> bool:
+    """Whether ``thread`` is inside a call of a function named ``function`` now."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def test_result_arrives_even_when_its_notification_was_missed(
@@ -187,8 +207,9 @@ def test_result_arrives_even_when_its_notification_was_missed(
     got: list[object] = []
     waiter = threading.Thread(target=lambda: got.append(client.result(task_id, timeout=20)), daemon=True)
     waiter.start()
+    # Past its one read of the stored result: waiting for the notification.
+    wait_for(lambda: running_in(waiter, "drain_events"), 10, "the client to wait for the notification")
     with redis_server.client() as r:
-        wait_for(lambda: r.pubsub_channels(f"*{task_id}*"), 10, "the client to subscribe")
         meta = {"status": "SUCCESS", "result": 3, "traceback": None, "children": [], "task_id": task_id}
         r.set(client.app.backend.get_key_for_task(task_id), json.dumps(meta))  # stored, never published
     waiter.join(20)
