@@ -12,6 +12,8 @@ them with ``anyio.to_thread.run_sync``.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +21,7 @@ from typing import Any
 
 from celery import Celery, chain, chord, group
 from celery.canvas import Signature
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult, GroupResult
 
 from shared.celery_app import create_celery_app
@@ -26,6 +29,9 @@ from shared.errors import RedisUnavailableError
 from shared.names import HEADER_TRACE_ID, new_trace_id
 from shared.redis import check_redis
 from shared.settings import AppSettings
+
+RESULT_RECHECK_S = 1.0
+"""While :meth:`Client.result` waits, it reads the stored result again this often."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +50,19 @@ class Client:
 
     def __init__(self, settings: AppSettings, app: Celery | None = None) -> None:
         self.settings = settings
+        self._own_app = app is None
         self.app = app or create_celery_app(settings, name="chronoq-client")
+        self._backends: list[Any] = []
+        self._backends_lock = threading.Lock()
+
+    def _backend(self) -> Any:
+        """The calling thread's result backend (Celery keeps one per thread), remembered so
+        that :meth:`close` releases every one this client used."""
+        backend = self.app.backend
+        with self._backends_lock:
+            if not any(seen is backend for seen in self._backends):
+                self._backends.append(backend)
+        return backend
 
     def signature(
         self, task_name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, **options: Any
@@ -71,6 +89,7 @@ class Client:
         ``priority`` 0-9 (0 runs first on Redis). ``countdown`` / ``eta`` delay it; keep the
         delay below ``CELERY_VISIBILITY_TIMEOUT_S`` or the Redis transport redelivers it.
         """
+        self._backend()
         result = self.app.send_task(
             task_name,
             args=list(args),
@@ -87,10 +106,12 @@ class Client:
     def chain(self, *signatures: Signature) -> str:
         """Run ``signatures`` one after another, each receiving the previous result; returns
         the id of the last task (its result is the chain's result)."""
+        self._backend()
         return str(chain(*signatures).apply_async().id)
 
     def group(self, *signatures: Signature) -> str:
         """Run ``signatures`` in parallel; returns the group id (:meth:`result` gives the list)."""
+        self._backend()
         result = group(*signatures).apply_async()
         result.save()
         return str(result.id)
@@ -98,6 +119,7 @@ class Client:
     def chord(self, header: Sequence[Signature], body: Signature) -> str:
         """Run ``header`` in parallel, then ``body`` with the list of their results; returns the
         body's task id."""
+        self._backend()
         return str(chord(list(header), body).apply_async().id)
 
     def result(self, task_id: str, timeout: float | None = None) -> Any:
@@ -105,14 +127,27 @@ class Client:
 
         Raises the task's own exception if it failed, ``celery.exceptions.TimeoutError`` when
         it is not done in time.
+
+        Celery's Redis backend waits for a result's notification (a PUBLISH) and reads the
+        stored result only once, when the wait starts; a notification that never reaches the
+        subscription would leave the wait to its timeout with the result long stored. The wait
+        here reads the stored result again every :data:`RESULT_RECHECK_S` seconds.
         """
+        self._backend()
         saved = GroupResult.restore(task_id, app=self.app)
-        if saved is not None:
-            return saved.get(timeout=timeout)
-        return AsyncResult(task_id, app=self.app).get(timeout=timeout)
+        pending: GroupResult | AsyncResult = saved if saved is not None else AsyncResult(task_id, app=self.app)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return pending.get(timeout=RESULT_RECHECK_S if left is None else min(RESULT_RECHECK_S, left))
+            except CeleryTimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
 
     def status(self, task_id: str) -> str:
         """PENDING (unknown or queued), STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
+        self._backend()
         return str(AsyncResult(task_id, app=self.app).state)
 
     def revoke(self, task_id: str, *, terminate: bool = False) -> None:
@@ -128,7 +163,25 @@ class Client:
         return BrokerHealth(ok=True, latency_ms=round(latency, 2))
 
     def close(self) -> None:
-        """Release the broker and backend connections."""
+        """Release the broker and backend connections.
+
+        The result backends' connections of an app this client created are closed here rather
+        than left to the garbage collector: Celery unsubscribes a result when the result object
+        is collected (``AsyncResult.__del__``), and when the collector had finalized the
+        subscription's connection first, that opened a new connection that nobody closed (a
+        ``ResourceWarning`` for an unclosed socket, at some later collection). Here the
+        subscriptions are forgotten before they are closed, so a result collected later has
+        nothing to unsubscribe."""
+        with self._backends_lock:
+            backends, self._backends = self._backends, []
+        for backend in backends if self._own_app else ():  # an app passed in is its owner's to close
+            consumer = getattr(backend, "result_consumer", None)
+            if consumer is not None and hasattr(consumer, "subscribed_to"):
+                consumer.subscribed_to.clear()
+                consumer.stop()
+            redis_client = vars(backend).get("client")  # only if it was created (a cached property)
+            if redis_client is not None:
+                redis_client.connection_pool.disconnect()
         self.app.close()
 
     def __enter__(self) -> Client:

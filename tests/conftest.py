@@ -231,6 +231,19 @@ class WorkerProcess:
         return terminate(self.process, timeout_s, kill=lambda: os.killpg(self.process.pid, signal.SIGKILL))
 
 
+def result_of(client: Any, task_id: str, timeout_s: float, worker: WorkerProcess) -> Any:
+    """``client.result(task_id, timeout_s)`` (a :class:`shared.client.Client`); a timeout fails
+    the test with the task's state and the end of ``worker``'s log, so that a failure says
+    whether the task was never taken, still running, or done without the client hearing of it."""
+    from celery.exceptions import TimeoutError as ResultTimeoutError
+
+    try:
+        return client.result(task_id, timeout=timeout_s)
+    except ResultTimeoutError:
+        state = client.status(task_id)
+        pytest.fail(f"no result of {task_id} after {timeout_s}s, state {state}; worker log:\n{worker.log()[-4000:]}")
+
+
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Start ``run_worker.py`` processes; each is stopped (SIGTERM, then SIGKILL) at teardown."""

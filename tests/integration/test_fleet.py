@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import gc
+import json
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
+import psutil
 import pytest
 from celery import Celery
 from celery.exceptions import TaskRevokedError
+from celery.exceptions import TimeoutError as ResultTimeoutError
 from celery.result import AsyncResult
 
 from shared.client import Client
 from shared.settings import AppSettings
-from tests.conftest import WorkerProcess, wait_for
+from tests.conftest import RedisServer, WorkerProcess, result_of, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -97,8 +103,8 @@ def test_async_task_runs_on_one_long_lived_loop_per_process(
     settings: AppSettings, client: Client, start_worker: Callable[..., WorkerProcess]
 ) -> None:
     worker = start_worker(settings, "--pool", "prefork", "--concurrency", "1")
-    first = client.result(client.submit("demo.async_sleep", [0.05]), timeout=10)
-    second = client.result(client.submit("demo.async_sleep", [0.05], trace_id="trace-abc-123"), timeout=10)
+    first = result_of(client, client.submit("demo.async_sleep", [0.05]), 10, worker)
+    second = result_of(client, client.submit("demo.async_sleep", [0.05], trace_id="trace-abc-123"), 10, worker)
     assert first["slept"] == 0.05
     assert (first["pid"], first["loop_id"]) == (second["pid"], second["loop_id"])
     # self.request works inside the async body, and the trace id reaches its log lines.
@@ -147,3 +153,65 @@ def test_health(settings: AppSettings, client: Client) -> None:
     down = Client(settings.with_redis_url("redis://127.0.0.1:1/0"))
     assert not down.health().ok
     down.close()
+
+
+def test_close_releases_result_subscriptions_for_good(
+    settings: AppSettings, redis_server: RedisServer, namespace: str
+) -> None:
+    """A closed client holds no result subscription, and a result object of it collected later
+    opens no connection (Celery unsubscribes in ``AsyncResult.__del__``: left to the garbage
+    collector, that reconnected a subscription the collector had closed, leaking its socket)."""
+    client = Client(settings)
+    # No worker consumes this queue: the result stays pending and subscribed.
+    waiting = AsyncResult(client.submit("demo.number_sum", [1, 2], queue=f"nobody_{namespace}"), app=client.app)
+    with pytest.raises(ResultTimeoutError):
+        waiting.get(timeout=0.2)
+
+    def connections() -> set[int]:  # this process's connections to the server, by local port
+        mine = psutil.Process().net_connections(kind="tcp")
+        return {
+            c.laddr.port for c in mine if c.raddr and c.raddr.port == redis_server.port and c.status == "ESTABLISHED"
+        }
+
+    with redis_server.client() as r:
+        channels = f"*{waiting.id}*"
+        assert len(r.pubsub_channels(channels)) == 1, "the pending result is subscribed"
+        before = connections()
+        client.close()
+        # The server drops the subscription once it has read the closed connection.
+        wait_for(lambda: r.pubsub_channels(channels) == [], 10, "close() to end the subscription")
+        del waiting
+        gc.collect()
+        assert r.pubsub_channels(channels) == []
+        after = connections()
+        assert after < before, "the subscription's connection is closed, and none is opened again"
+
+
+def running_in(thread: threading.Thread, function: str) -> bool:
+    """Whether ``thread`` is inside a call of a function named ``function`` now."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_result_arrives_even_when_its_notification_was_missed(
+    settings: AppSettings, client: Client, redis_server: RedisServer, namespace: str
+) -> None:
+    """A result stored while the waiting client's subscription was not yet in place (SUBSCRIBE
+    goes unconfirmed on its own connection, and Redis may run the worker's store and publish
+    before it) is still returned: the wait reads the stored result again every second.
+    Simulated by storing a result with no notification at all."""
+    task_id = client.submit("demo.number_sum", [1, 2], queue=f"nobody_{namespace}")
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(client.result(task_id, timeout=20)), daemon=True)
+    waiter.start()
+    # Past its one read of the stored result: waiting for the notification.
+    wait_for(lambda: running_in(waiter, "drain_events"), 10, "the client to wait for the notification")
+    with redis_server.client() as r:
+        meta = {"status": "SUCCESS", "result": 3, "traceback": None, "children": [], "task_id": task_id}
+        r.set(client.app.backend.get_key_for_task(task_id), json.dumps(meta))  # stored, never published
+    waiter.join(20)
+    assert got == [3]

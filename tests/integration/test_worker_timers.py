@@ -9,7 +9,7 @@ import pytest
 
 from shared.client import Client
 from shared.settings import AppSettings
-from tests.conftest import WorkerProcess, wait_for
+from tests.conftest import WorkerProcess, result_of, wait_for
 from workers.timers import COMPACT_EVERY_S
 
 pytestmark = pytest.mark.timeout(90)
@@ -27,7 +27,7 @@ def test_finished_tasks_leave_no_timer_in_the_prefork_workers_heap(
     worker = start_worker(settings, "--pool", "prefork", "-c", "2", extra_env={"LOG_LEVEL": "DEBUG"})
     ids = [client.submit("demo.sleep", [0]) for _ in range(40)]
     for task_id in ids:
-        client.result(task_id, timeout=30)
+        result_of(client, task_id, 30, worker)
 
     def removed() -> int:
         return sum(int(n) for n in re.findall(r"timer heap compacted: (\d+) cancelled", worker.log()))

@@ -67,6 +67,32 @@ def text(browser: WebDriver, css: str) -> str:
     return str(browser.find_element(By.CSS_SELECTOR, css).text)
 
 
+def text_when(browser: WebDriver, css: str, ready: Callable[[str], bool], what: str, timeout_s: float = 30) -> str:
+    """The text of ``css`` as read when ``ready(text)`` first holds: one reading, so that what a
+    test asserts next about it is about the same version of a live region."""
+
+    def reading(b: WebDriver) -> str | None:
+        found = text(b, css)
+        return found if ready(found) else None
+
+    return str(until(browser, reading, what, timeout_s))
+
+
+def click(browser: WebDriver, by: str, value: str, what: str) -> None:
+    """Click an element, found again if a region was swapped between finding and clicking it."""
+
+    def clicked(b: WebDriver) -> bool:
+        b.find_element(by, value).click()
+        return True
+
+    until(browser, clicked, what)
+
+
+def no_request_in_flight(browser: WebDriver) -> bool:
+    """No htmx request of the page is waiting for its answer (htmx marks its element meanwhile)."""
+    return not browser.execute_script("return document.querySelector('.htmx-request') !== null")
+
+
 @pytest.fixture
 def fleet(settings: AppSettings, tmp_path: Path, start_scheduler: Any, start_worker: Any) -> SchedulerProcess:
     jobs: list[dict[str, Any]] = [
@@ -93,9 +119,14 @@ def test_operator_flow(
     browser.find_element(By.LINK_TEXT, "Jobs").click()
     until(browser, lambda b: "2 jobs" in text(b, "#jobs-count"), "the jobs list")
     browser.find_element(By.ID, "q").send_keys("orders")
-    until(browser, lambda b: text(b, "#jobs-count").startswith("1 job,"), "the search to narrow the table")
-    assert "q=orders" in browser.current_url, "the search is in the URL (a link can be shared)"
-    browser.find_element(By.LINK_TEXT, "orders-sync").click()
+    # Keys typed more than the 300 ms debounce apart (a loaded machine) search for "ord" first,
+    # which narrows the table as well: wait for the search of the whole word.
+    until(
+        browser,
+        lambda b: "q=orders" in b.current_url and text(b, "#jobs-count").startswith("1 job,"),
+        "the search to narrow the table, its query in the URL (a link can be shared)",
+    )
+    click(browser, By.LINK_TEXT, "orders-sync", "the job's link")
 
     until(browser, lambda b: text(b, "#job-id") == "orders-sync", "the job page")
     browser.find_element(By.ID, "pause-note").send_keys("supplier API down until 14:00")
@@ -107,8 +138,8 @@ def test_operator_flow(
     browser.find_element(By.ID, "trigger-button").click()
     until(browser, lambda b: "triggered orders-sync: dispatched" in b.page_source, "the trigger to be confirmed")
     # No reload: the history is a live region that refreshes itself while the tab is visible.
-    until(browser, lambda b: "succeeded" in text(b, "#history"), "the manual run to appear in the history")
-    assert "manual" in text(browser, "#history")
+    history = text_when(browser, "#history", lambda t: "succeeded" in t, "the manual run to appear in the history")
+    assert "manual" in history
 
     browser.get(console.url + "/new")
     browser.find_element(By.NAME, "id").send_keys("made-in-browser")
@@ -196,8 +227,9 @@ def test_live_updates_stop_while_the_tab_is_hidden(
         browser.get(proxy.url + "/jobs")
         until(browser, lambda b: "2 jobs" in text(b, "#jobs-count"), "the jobs list")
         Select(browser.find_element(By.NAME, "outcome")).select_by_value("dispatched")
-        until(browser, lambda b: text(b, "#jobs-count").startswith("1 job,"), "the outcome filter to narrow it")
-        until(browser, lambda b: "seen-1" in text(b, "#jobs-table"), "the dispatched job")
+        # One reading of the table: its count and its row, as swapped in by the filter.
+        table = text_when(browser, "#jobs-table", lambda t: t.startswith("1 job,"), "the outcome filter to narrow it")
+        assert "seen-1" in table, "the dispatched job"
         assert "outcome=dispatched" in browser.current_url, "the filter is in the URL (a link can be shared)"
         Select(browser.find_element(By.NAME, "outcome")).select_by_value("never")
         until(browser, lambda b: "quiet-1" in text(b, "#jobs-table") and "seen-1" not in text(b, "#jobs-table"),
@@ -212,6 +244,9 @@ def test_live_updates_stop_while_the_tab_is_hidden(
         wait_for(lambda: len(polls()) >= 3, 3 * POLL_S + 10, "the live region to poll twice")
 
         set_visibility(browser, "hidden")
+        # A poll sent just before the tab was hidden may reach the proxy after it: count from
+        # when it has been answered.
+        until(browser, no_request_in_flight, "the last poll before hiding to be answered")
         hidden_at = len(polls())
         # Hidden for three poll intervals: the server receives no poll at all.
         with pytest.raises(pytest.fail.Exception):
