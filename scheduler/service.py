@@ -356,7 +356,7 @@ async def run_service(
             await stop.wait()
             logger.info("shutting down")
             if observability is not None:
-                observability.probes.stopping = True
+                observability.stopping()
             for process in on_stop or []:
                 process.send_signal(signal.SIGTERM)  # the local worker's warm shutdown runs alongside ours
         finally:
