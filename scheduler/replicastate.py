@@ -90,6 +90,9 @@ class StateWriter:
         self._jobs: list[Any] = []
         self._ids: list[str] = []
         self._rows: dict[str, tuple[Any, list[str]]] = {}
+        self._fires: list[datetime | None] = []
+        self._times = array("d")
+        self._fires_gen = -1
 
     def wanted(self) -> bool:
         """Whether the child asked for job data since the last :meth:`write_jobs`."""
@@ -116,10 +119,26 @@ class StateWriter:
             self.gen += 1
             doc = {"gen": self.gen, "rows": [entry[1] for entry in rows.values()], "queue_keys": dict(queue_keys(jobs))}
             _replace(self.dir / "jobs.json", json.dumps(doc, separators=(",", ":")).encode())
-        times = array("d", [NAN if at is None else at.timestamp() for at in map(next_fires.get, self._ids)])
+        times = self._next_times(list(map(next_fires.get, self._ids)))
         _replace(self.dir / "next.bin", struct.pack("<Q", self.gen) + times.tobytes())
         self.block.set(REFRESHED, now_mono)
         self.block.set(DONE, wanted)
+
+
+    def _next_times(self, fires: list[datetime | None]) -> array[float]:
+        """``fires`` as epoch seconds; ``timestamp()`` (microseconds each, with a time zone) only
+        for the fires that are not the very objects of the last call (APScheduler replaces a
+        job's ``next_run_time`` when it fires: about a tenth of the jobs between two scrapes)."""
+        before, times = self._fires, self._times
+        if len(before) != len(fires) or self._fires_gen != self.gen:
+            times = array("d", [NAN if at is None else at.timestamp() for at in fires])
+        else:
+            for i, same in enumerate(map(operator.is_, fires, before)):
+                if not same:
+                    at = fires[i]
+                    times[i] = NAN if at is None else at.timestamp()
+        self._fires, self._times, self._fires_gen = fires, times, self.gen
+        return times
 
 
 class StateReader:
