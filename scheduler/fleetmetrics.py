@@ -16,11 +16,11 @@ stays bounded; only labelled jobs' series are read from Redis, by ``jobstats.lua
 as ``prometheus_client`` families; the ``/metrics`` page instead asks :meth:`job_text` for the
 same bytes, formatted again only where a value changed (:mod:`scheduler.jobseries`).
 
-Runs in the HTTP server's threads with its own blocking client, never on the event loop; it
-lets go of the GIL between families, so the loop thread never waits a whole scrape for it (a
-waiting thread gets the GIL only every 5 ms otherwise). The job list and next fire times are
-this replica's (``manager.list()`` and APScheduler's next run times, read without locking: a
-snapshot that may be one reload old).
+Runs in the metrics server process (:mod:`scheduler.metricsd`), in its HTTP threads, with its
+own blocking client. The jobs are :class:`JobRow` there (the labels the scheduler wrote, see
+:mod:`scheduler.replicastate`) and the next fire times epoch seconds; tests also hand it
+``JobSpec`` objects and datetimes directly. It still lets go of the GIL between pieces of work
+(which mattered when it ran in the scheduler's own process).
 """
 
 from __future__ import annotations

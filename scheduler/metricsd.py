@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -155,6 +156,10 @@ def attach(message: dict[str, Any], state: StateReader, page: MetricsPage, probe
 
 
 def main() -> int:
+    # It ends with its scheduler (end of stdin), not on a signal meant for the scheduler: Ctrl-C
+    # and a terminal's hangup reach the whole process group, systemd's SIGTERM the whole unit.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     config = json.loads(os.environ[CONFIG_ENV])
     directory, parent = Path(config["dir"]), int(config["parent_pid"])
     settings = read_settings(sys.stdin.readline())

@@ -124,7 +124,6 @@ class StateWriter:
         self.block.set(REFRESHED, now_mono)
         self.block.set(DONE, wanted)
 
-
     def _next_times(self, fires: list[datetime | None]) -> array[float]:
         """``fires`` as epoch seconds; ``timestamp()`` (microseconds each, with a time zone) only
         for the fires that are not the very objects of the last call (APScheduler replaces a
@@ -151,7 +150,7 @@ class StateReader:
         self.rows: list[JobRow] = []
         self.queue_keys: dict[str, list[str]] = {}
         self.next_fires: dict[str, float | None] = {}
-        self._next_stamp: tuple[int, int] | None = None
+        self._next_stamp = 0.0
 
     def request(self) -> float:
         """Ask the scheduler for new job data; the value ``done`` reaches once answered."""
@@ -161,14 +160,13 @@ class StateReader:
 
     def load(self) -> None:
         """Read what the scheduler wrote last (files not changed since are not read again)."""
-        try:
-            stat = (self.dir / "next.bin").stat()
-        except FileNotFoundError:
-            return
-        stamp = (stat.st_mtime_ns, stat.st_ino)
+        stamp = self.block.get(REFRESHED)  # set after the files are written
         if stamp == self._next_stamp:
             return
-        data = (self.dir / "next.bin").read_bytes()
+        try:
+            data = (self.dir / "next.bin").read_bytes()
+        except FileNotFoundError:
+            return
         (gen,) = struct.unpack_from("<Q", data)
         if gen != self.gen:
             doc = json.loads((self.dir / "jobs.json").read_bytes())
