@@ -54,6 +54,7 @@ class Observability:
             (self.dir / "prom").mkdir()
             try:
                 self.state = StateWriter(self.dir)
+                self.state.block.set(BEAT, time.monotonic())  # alive from the start, as the loop is
                 self.child = MetricsChild(settings, self.dir)
                 self.child.start()  # binds HTTP_PORT, or raises ConfigError: exit 78
             except BaseException:
@@ -67,9 +68,6 @@ class Observability:
         self._role: Callable[[], str] | None = None
         self._base_queues: list[str] = []
         self._leader = -1.0
-
-    def start(self) -> None:
-        """Kept for ``serve()``: the server already listens once the constructor returned."""
 
     def attach(
         self,
