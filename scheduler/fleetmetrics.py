@@ -16,11 +16,11 @@ stays bounded; only labelled jobs' series are read from Redis, by ``jobstats.lua
 as ``prometheus_client`` families; the ``/metrics`` page instead asks :meth:`job_text` for the
 same bytes, formatted again only where a value changed (:mod:`scheduler.jobseries`).
 
-Runs in the HTTP server's threads with its own blocking client, never on the event loop; it
-lets go of the GIL between families, so the loop thread never waits a whole scrape for it (a
-waiting thread gets the GIL only every 5 ms otherwise). The job list and next fire times are
-this replica's (``manager.list()`` and APScheduler's next run times, read without locking: a
-snapshot that may be one reload old).
+Runs in the metrics server process (:mod:`scheduler.metricsd`), in its HTTP threads, with its
+own blocking client. The jobs are :class:`JobRow` there (the labels the scheduler wrote, see
+:mod:`scheduler.replicastate`) and the next fire times epoch seconds; tests also hand it
+``JobSpec`` objects and datetimes directly. It still lets go of the GIL between pieces of work
+(which mattered when it ran in the scheduler's own process).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -40,12 +40,16 @@ from prometheus_client.registry import Collector
 
 from scheduler.fleetfamilies import FLEET_OUTCOMES, FleetSnapshot, fleet_families
 from scheduler.jobseries import CHUNK, FIRES, GAUGES, OTHER, JobColumns, JobSeriesText, job_families, offer_gil
+from scheduler.replicastate import JobRow
 from scheduler.specs import JobSpec
 from scheduler.triggers import describe_trigger
 from shared import lua
 from shared.names import RedisKeys
 
-__all__ = ["OTHER", "FleetCollector", "FleetSnapshot"]
+__all__ = ["OTHER", "FleetCollector", "FleetSnapshot", "JobRow"]
+
+Job = JobSpec | JobRow
+"""A job as the collector sees it: the spec itself, or the metrics server's row of it."""
 
 STATS_BATCH = 500
 """Jobs per call of ``jobstats.lua``: each call holds Redis about a millisecond."""
@@ -66,8 +70,8 @@ class FleetCollector(Collector):
         client: redis.Redis,
         keys: RedisKeys,
         *,
-        jobs: Callable[[], Sequence[JobSpec]],
-        next_fires: Callable[[], dict[str, datetime | None]],
+        jobs: Callable[[], Sequence[Job]],
+        next_fires: Callable[[], Mapping[str, datetime | float | None]],
         queue_keys: Callable[[str], list[str]],
         queues: Sequence[str] = (),
         label_limit: int,
@@ -86,10 +90,10 @@ class FleetCollector(Collector):
         self._lock = threading.Lock()
         self._snapshot: FleetSnapshot | None = None
         self._failed_at = -float("inf")
-        self._labelled: tuple[int, list[JobSpec]] = (-1, [])
-        self._info: dict[str, tuple[JobSpec, tuple[str, ...]]] = {}
+        self._labelled: tuple[int, list[Job]] = (-1, [])
+        self._info: dict[str, tuple[Job, tuple[str, ...]]] = {}
         self._snap_cols: tuple[FleetSnapshot | None, list[str] | None, dict[str, list[Any]]] = (None, None, {})
-        self._info_of: tuple[list[JobSpec] | None, tuple[list[str], list[tuple[str, ...]]]] = (None, ([], []))
+        self._info_of: tuple[list[Job] | None, tuple[list[str], list[tuple[str, ...]]]] = (None, ([], []))
         self._last_fire_raw: dict[str, tuple[str, float]] = {}
         self._counters_raw: dict[str, tuple[str, int, tuple[tuple[str, int], ...], float | None]] = {}
         self._stats_batches: tuple[list[str] | None, list[list[str]]] = (None, [])
@@ -244,7 +248,7 @@ class FleetCollector(Collector):
         self._last_fire_raw = parsed
         return {job: epoch for job, (_, epoch) in parsed.items()}
 
-    def labelled_jobs(self) -> list[JobSpec]:
+    def labelled_jobs(self) -> list[Job]:
         """The first ``label_limit`` jobs by id (recomputed only when the job list changes)."""
         jobs = self.jobs()
         key = hash(tuple(id(spec) for spec in jobs)) if len(jobs) <= 100_000 else len(jobs)
@@ -285,7 +289,7 @@ class FleetCollector(Collector):
             return []
         return self.text.pieces(self.job_columns(snap, self.jobs()), encoder, names)
 
-    def job_columns(self, snap: FleetSnapshot, jobs: Sequence[JobSpec]) -> JobColumns:
+    def job_columns(self, snap: FleetSnapshot, jobs: Sequence[Job]) -> JobColumns:
         """The per-job values of ``snap``, labelled jobs first, the rest summed up."""
         labelled = self.labelled_jobs()
         ids, info = self._info_labels(labelled)
@@ -294,7 +298,7 @@ class FleetCollector(Collector):
         columns = JobColumns(info=info, gauges={NEXT: []}, ids=ids)
         for start in range(0, len(ids), CHUNK):
             part = ids[start : start + CHUNK]
-            columns.gauges[NEXT] += [None if (at := next_fires.get(job)) is None else at.timestamp() for job in part]
+            columns.gauges[NEXT] += [_stamp(next_fires.get(job)) for job in part]
             offer_gil()
         columns.gauges.update(self._snap_columns(snap, ids))
         columns.fires = columns.gauges.pop(FIRES)  # type: ignore[assignment]
@@ -303,7 +307,7 @@ class FleetCollector(Collector):
             others = [spec.id for spec in jobs if spec.id not in named]
             upcoming = [t for j in others if (t := next_fires.get(j)) is not None]
             columns.unlabelled = len(others)
-            columns.other_next_fire = min(upcoming).timestamp() if upcoming else None
+            columns.other_next_fire = _stamp(min(upcoming)) if upcoming else None  # type: ignore[type-var]
             columns.other_paused = sum(j in paused for j in others)
             columns.other_buffered = sum(j in buffered for j in others)
         return columns
@@ -328,7 +332,7 @@ class FleetCollector(Collector):
         self._snap_cols = (snap, ids, cols)
         return dict(cols)
 
-    def _info_labels(self, labelled: list[JobSpec]) -> tuple[list[str], list[tuple[str, ...]]]:
+    def _info_labels(self, labelled: list[Job]) -> tuple[list[str], list[tuple[str, ...]]]:
         """The labelled jobs' ids and info labels, worked out again only for new or changed
         specs (and not at all while the job list is the same)."""
         if self._info_of[0] is labelled:
@@ -339,15 +343,24 @@ class FleetCollector(Collector):
                 offer_gil()
             entry = known.get(spec.id)
             if entry is None or entry[0] is not spec:
-                labels = (
-                    spec.id, spec.task, spec.kind, describe_trigger(spec),
-                    spec.timezone, spec.queue, spec.overlap, spec.source,
-                )  # fmt: skip
-                entry = (spec, tuple(str(v) for v in labels))
+                entry = (spec, tuple(spec) if isinstance(spec, JobRow) else job_row(spec))
             info[spec.id] = entry
         self._info = info  # only the labelled jobs: deleted ones are dropped
         self._info_of = (labelled, (list(info), [entry[1] for entry in info.values()]))
         return self._info_of[1]
+
+
+def job_row(spec: JobSpec) -> JobRow:
+    """A job's ``chronoq_job_info`` labels (what the scheduler hands its metrics server)."""
+    labels = (
+        spec.id, spec.task, spec.kind, describe_trigger(spec),
+        spec.timezone, spec.queue, spec.overlap, spec.source,
+    )  # fmt: skip
+    return JobRow(*(str(v) for v in labels))
+
+
+def _stamp(at: datetime | float | None) -> float | None:
+    return at if at is None or isinstance(at, float) else at.timestamp()
 
 
 def _epoch(iso: str) -> float:

@@ -20,6 +20,9 @@ SHUTDOWN_BUDGET_S = 10.0
 
 def start_local_worker(settings: AppSettings) -> subprocess.Popen[bytes]:
     env = {**os.environ, **settings.redis.child_env()}
+    # The scheduler's own prometheus_client files (scheduler.metrics.share_values): a user's
+    # task module using prometheus_client must not write its metrics among the scheduler's.
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "run_worker", "--hostname", f"local@{os.uname().nodename}"],
         env=env,

@@ -12,11 +12,13 @@ Names follow Prometheus' conventions: base units (seconds), ``_total`` for count
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Sequence
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -27,6 +29,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
+    values,
 )
 
 from shared.fleet import Outcome
@@ -45,8 +48,22 @@ def chronoq_version() -> str:
         return "unknown"
 
 
+def share_values(directory: Path) -> None:
+    """From now on, every metric this process creates keeps its values in ``prometheus_client``'s
+    multiprocess files under ``directory`` (its ``PROMETHEUS_MULTIPROC_DIR`` mode), where the
+    metrics server process reads them (:mod:`scheduler.metricsd`). Process-wide, and only for
+    metrics created after the call: ``serve()`` calls it before building :class:`ReplicaMetrics`.
+    prometheus_client picks the mode from the environment when first imported; this switches it
+    at run time instead, the same way (its ``values.ValueClass``)."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
 class ReplicaMetrics:
-    """The replica's own metrics, in their own registry (nothing global: tests build several)."""
+    """The replica's own metrics, in their own registry (nothing global: tests build several).
+
+    Gauges say how the metrics server merges them (``multiprocess_mode``): one process writes
+    them, so the most recent value is the value, with no ``pid`` label."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide; the *_created series only add noise here
@@ -86,7 +103,9 @@ class ReplicaMetrics:
         for operation in ("decide", "lease", "control", "events"):
             self.redis_errors.labels(operation)
         self.decide_retries = Counter("chronoq_decide_retries", "Decide calls retried after a Redis error", registry=r)
-        self.leader = Gauge("chronoq_leader", "1 while this replica holds the leader lease", registry=r)
+        self.leader = Gauge(
+            "chronoq_leader", "1 while this replica holds the leader lease", registry=r, multiprocess_mode="mostrecent"
+        )
         self.lease_lost = Counter(
             "chronoq_leader_lease_lost", "Times this replica found it had lost the leader lease", registry=r
         )
@@ -97,6 +116,7 @@ class ReplicaMetrics:
             "chronoq_last_reload_success_timestamp_seconds",
             "When the job files were last loaded successfully (start or reload)",
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.files_rejected = Counter(
             "chronoq_job_files_rejected", "Job file problems that made a reload be rejected", registry=r
@@ -109,6 +129,7 @@ class ReplicaMetrics:
             "chronoq's version and Python's, as labels (always 1)",
             ["version", "python_version"],
             registry=r,
+            multiprocess_mode="mostrecent",
         ).labels(chronoq_version(), platform.python_version()).set(1)
         self.last_reload.set(time.time())
 

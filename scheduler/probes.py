@@ -2,8 +2,10 @@
 
 A WSGI app served by the standard library's ``wsgiref`` server in daemon threads (one per
 request, as ``prometheus_client.start_http_server`` does): no dependency beyond
-``prometheus_client`` itself, and, unlike an ASGI server sharing the scheduler's asyncio loop,
-it keeps answering while the loop is wedged, which is exactly when ``/healthz`` must say so.
+``prometheus_client`` itself. It runs in the metrics server process the scheduler starts
+(:mod:`scheduler.metricsd`), so a scrape's CPU is not taken under the scheduler's GIL, and it
+keeps answering while the scheduler's loop is wedged, which is exactly when ``/healthz`` must
+say so.
 
 - ``/metrics``: ``prometheus_client``'s exposition of the replica's registry (its own metrics,
   process metrics and the fleet collector), gzip when asked, OpenMetrics when asked; the per-job
@@ -79,8 +81,13 @@ class Probes:
         self._ping_lock = threading.Lock()
         self._pinged: tuple[float, str | None] = (-float("inf"), "not checked")
 
+    def last_beat(self) -> float:
+        """Monotonic time of the loop's last heartbeat (the metrics server reads it from the
+        scheduler's shared state instead)."""
+        return self.beat
+
     def liveness(self) -> tuple[bool, dict[str, Any]]:
-        silent_s = time.monotonic() - self.beat
+        silent_s = time.monotonic() - self.last_beat()
         alive = silent_s <= self.liveness_timeout_s
         body = {"alive": alive, "loop_silent_s": round(silent_s, 3), "timeout_s": self.liveness_timeout_s}
         return alive, body

@@ -356,7 +356,7 @@ async def run_service(
             await stop.wait()
             logger.info("shutting down")
             if observability is not None:
-                observability.probes.stopping = True
+                observability.stopping()
             for process in on_stop or []:
                 process.send_signal(signal.SIGTERM)  # the local worker's warm shutdown runs alongside ours
         finally:
@@ -378,8 +378,7 @@ def serve(settings: AppSettings, options: ServiceOptions) -> int:
         logger.error("not started: fix the job files above (nothing was written to Redis)")
         return EX_CONFIG
     local_worker = options.local_worker if options.local_worker is not None else settings.redis.url is None
-    observability = Observability(settings)  # binds HTTP_PORT first: a port in use is 78, nothing started
-    observability.start()
+    observability = Observability(settings)  # its server binds HTTP_PORT first: a port in use is 78, nothing started
     with resolve_redis(settings) as settings:
         workers = [start_local_worker(settings)] if local_worker else []
         try:
