@@ -86,12 +86,14 @@ class Taker:
         self._slept = False
         """Whether the doorbell last sent was the sleep (Redis was at maxmemory)."""
 
-    def send(self, connection: Any, keys: list[str], timeout_s: float) -> None:
+    def send(self, connection: Any, keys: list[str], acked: list[bool], timeout_s: float) -> None:
         """Send the next doorbell (when due) and take on ``connection`` (kombu's BRPOP
-        connection); ``keys`` unprefixed, in BRPOP's order; ``timeout_s`` 0 waits for ever."""
+        connection); ``keys`` unprefixed, in BRPOP's order; ``acked``: per key, whether its
+        consumer acknowledges (what it takes is recorded); ``timeout_s`` 0 waits for ever."""
         full = [self.prefix + key for key in keys]
+        flags = "".join("1" if ack else "0" for ack in acked)
         script = ("EVALSHA", self._sha) if self._cached else ("EVAL", self._script)
-        take = (*script, 2 + len(full), *self.unacked, *full, f"{time.time():.6f}")
+        take = (*script, 2 + len(full), *self.unacked, *full, f"{time.time():.6f}", flags)
         self._cached = True
         commands: list[tuple[Any, ...]] = [take]
         self._rang = self._ring

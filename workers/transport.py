@@ -105,6 +105,7 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         self._conninfo = connection.client  # before super(): it may connect already
         super().__init__(connection, *args, **kwargs)
         self._poison = PoisonSink(self.chronoq_key_prefix)
+        self._no_ack_queues: set[str] = set()
         prefix = self.global_keyprefix or ""
         self._taker = Taker(prefix, self.unacked_key, self.unacked_index_key, RedisKeys(self.chronoq_key_prefix).idle)
 
@@ -136,10 +137,17 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
-        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        pairs = [(self._q_for_pri(queue, pri), queue) for pri in self.priority_steps for queue in queues]
+        keys, acked = [key for key, _ in pairs], [queue not in self._no_ack_queues for _, queue in pairs]
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]
-        self._taker.send(self.client.connection, keys, self.brpop_timeout if timeout is None else timeout)
+        self._taker.send(self.client.connection, keys, acked, self.brpop_timeout if timeout is None else timeout)
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        # What a no_ack consumer takes (Celery's remote-control replies) is never acknowledged:
+        # the take must not record it, or it would come back after the visibility timeout.
+        (self._no_ack_queues.add if no_ack else self._no_ack_queues.discard)(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
 
     def _brpop_read(self, **options: Any) -> bool:
         # kombu's _brpop_read for the take, except that an item that is no message is set aside

@@ -345,6 +345,22 @@ def test_a_worker_whose_broadcast_connection_is_killed_goes_on_consuming(
         ledger.close()
 
 
+def test_what_a_no_ack_consumer_takes_is_not_left_unacknowledged(
+    redis_process: Callable[..., RedisProcess], namespace: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """A second worker's start-up asks the first one over remote control (mingle) and reads the
+    reply from a reply queue it consumes without acknowledging: the take must not record that
+    reply, or it would sit in the unacked index and come back after the visibility timeout."""
+    broker = redis_process(appendonly=False)
+    ledger_server = redis_process(appendonly=False)
+    settings = fault_settings(broker, namespace)
+    start_worker(settings, "-P", "threads", "-c", "1", extra_env=fault_env(ledger_server))
+    second = start_worker(settings, "-P", "threads", "-c", "1", extra_env=fault_env(ledger_server))
+    assert "mingle: sync with 1 nodes" in second.log()  # it read the first worker's reply
+    with broker.client() as client:
+        assert client.hlen("unacked") == 0, client.hgetall("unacked")
+
+
 def test_supervisor_restarts_a_killed_celery_worker_and_stops_on_sigterm(
     redis_process: Callable[..., RedisProcess], namespace: str, start_worker: Callable[..., WorkerProcess]
 ) -> None:

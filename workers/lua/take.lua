@@ -10,7 +10,9 @@
 -- KEYS[1] kombu's unacked hash, KEYS[2] kombu's unacked index (a sorted set), KEYS[3..] the queue
 -- lists in the order to try (highest priority first, as kombu's BRPOP names them).
 -- ARGV[1] now, in seconds since the epoch (the index's score, which kombu compares with its
--- visibility timeout).
+-- visibility timeout); ARGV[2] one character per queue list, '1' where its consumer acknowledges
+-- (record what is taken), '0' where it does not (no_ack, e.g. Celery's remote-control replies:
+-- a record would never be acknowledged and would come back after the visibility timeout).
 --
 -- Returns nil when every list is empty, else {list key, item, recorded}: recorded is 1 when the
 -- item was recorded under its delivery tag exactly as kombu's QoS.append records it (JSON
@@ -20,6 +22,7 @@
 -- once the script has written).
 for i = 3, #KEYS do
   local item = redis.call('RPOP', KEYS[i])
+  if item and string.sub(ARGV[2], i - 2, i - 2) ~= '1' then return {KEYS[i], item, 0} end
   if item then
     local ok, message = pcall(cjson.decode, item)
     local properties = ok and type(message) == 'table' and message.properties
