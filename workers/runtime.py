@@ -21,9 +21,12 @@ from contextlib import ExitStack
 from contextvars import ContextVar
 from typing import Any, ClassVar, Protocol
 
+import redis
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from celery import Task, states
 from celery.app.task import get_actual_ignore_result
+from kombu.exceptions import OperationalError
+from loguru import logger
 
 from shared.logging import current_context, log_context
 
@@ -97,6 +100,16 @@ class ChronoqTask(Task):  # type: ignore[misc]
     SUCCESS, could replace that). A task that sets ``track_started=True`` itself gets Celery's
     behaviour instead."""
 
+    def _store_started(self, request: Any) -> None:
+        # Informational: a result backend that cannot take it (Redis restarting) must not fail
+        # the task before its body ran; an admitted fire would be recorded failed and never run.
+        try:
+            self.backend.store_result(
+                request.id, {"pid": os.getpid(), "hostname": request.hostname}, states.STARTED, request=request
+            )
+        except (redis.RedisError, OSError, OperationalError) as exc:
+            logger.warning("STARTED state not stored task_id={}: {}", request.id, type(exc).__name__)
+
     @property
     def request(self) -> Any:
         carried = _async_request.get()
@@ -110,9 +123,7 @@ class ChronoqTask(Task):  # type: ignore[misc]
             # so Celery handles Ignore/Reject as it would from the body, in every pool.
             guard.admit(self, request)
         if self.report_started and not self.track_started and _in_worker(self, request):
-            self.backend.store_result(
-                request.id, {"pid": os.getpid(), "hostname": request.hostname}, states.STARTED, request=request
-            )
+            self._store_started(request)
         result = super().__call__(*args, **kwargs)
         if not inspect.iscoroutine(result):
             return result

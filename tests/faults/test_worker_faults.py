@@ -288,12 +288,14 @@ def test_a_worker_drains_its_queue_while_redis_is_at_maxmemory(
         ledger.close()
 
 
+@pytest.mark.parametrize("gone", ["while-running", "before-start"])
 def test_a_fire_whose_result_cannot_be_stored_is_recorded_succeeded_and_runs_once(
-    redis_process: Callable[..., RedisProcess], namespace: str, start_worker: Callable[..., WorkerProcess]
+    gone: str, redis_process: Callable[..., RedisProcess], namespace: str, start_worker: Callable[..., WorkerProcess]
 ) -> None:
-    """The body ran, then Celery could not store its result (the result backend's Redis went
-    away): the fire is recorded succeeded, as it ran. It stayed "running" before, and once its
-    run lease lapsed the message, unacknowledged, ran a second time."""
+    """The result backend's Redis goes away while the body runs, or before it starts: the body
+    runs once and the fire is recorded succeeded. While running, it stayed "running" before, and
+    once its run lease lapsed the message, unacknowledged, ran a second time; before the start,
+    the STARTED state could not be stored, which failed the fire without running it."""
     broker = redis_process(appendonly=False)
     ledger_server = redis_process(appendonly=False)
     results = redis_process(appendonly=False)
@@ -303,10 +305,13 @@ def test_a_fire_whose_result_cannot_be_stored_is_recorded_succeeded_and_runs_onc
     fleet = Fleet(settings)
     ledger = ledger_server.client()
     try:
+        if gone == "before-start":
+            results.stop()
         fire = fleet.fire(f"no-result-{namespace}", "faults.ledger", kwargs={"seconds": 1.0})
         key = f"{settings.redis.key_prefix}fire:{fire.job_id}:{fire.scheduled_at}"
         wait_for(lambda: read_ledger(ledger), 30, "the task to start")
-        results.stop()  # while the body runs: its result cannot be stored
+        if gone == "while-running":
+            results.stop()  # its result cannot be stored
         wait_for(lambda: "Exception raised outside body" in worker.log(), 60, "Celery to fail storing the result")
         wait_for(lambda: fleet.redis.hget(key, "run") not in (None, "running"), 10, "the fire's outcome")
         assert fleet.redis.hget(key, "run") == "succeeded", fleet.redis.hgetall(key)
