@@ -178,10 +178,10 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         message = self._parse(item, dest)
         tag = None
         if recorded:
-            tag = loads(bytes_to_str(item))["properties"]["delivery_tag"]
             if message is None:  # set aside: nothing is to come back after the visibility timeout
-                self.qos._remove_from_indices(tag).execute()
+                self.qos._remove_from_indices(loads(bytes_to_str(item))["properties"]["delivery_tag"]).execute()
                 return
+            tag = message["properties"]["delivery_tag"]
             self.qos.recorded.add(tag)
         if message is None:
             return
