@@ -1,21 +1,33 @@
-# make run   - install into .venv and run the scheduler with the demo jobs and the web console (embedded Redis)
-# make test  - install into .venv, lint, type-check and run the whole test suite
-# make bench - run the benchmarks (see docs/benchmarks.md); never part of `make test`
+# make run          - install into .venv and run the scheduler with the demo jobs and the web console (embedded Redis)
+# make test         - install into .venv, install the machine's test tools (scripts/test-deps), lint, type-check, run the suite
+# make install      - a new .venv with exactly the locked versions (requirements.lock, hashes checked)
+# make lock         - resolve pyproject.toml's ranges again into requirements.lock (a deliberate upgrade: commit it)
+# make bench        - run the benchmarks (see docs/benchmarks.md); never part of `make test`
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# pytest-xdist processes: the suite mostly waits on real processes, so 3 share 2 cores well
+# pytest-xdist processes: the suite mostly waits on real processes, so more processes than cores
 TEST_WORKERS ?= 3
+UV_VERSION := 0.13.8
 
-.PHONY: install run worker test lint format bench clean
+.PHONY: install run worker test test-deps lint format lock bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# A new virtualenv whenever the lock changes, so it holds the lock and nothing else.
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "chronoq needs Python >= 3.11 ($(PYTHON) is $$($(PYTHON) -V 2>&1))" >&2; exit 1; }
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
+
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet uv==$(UV_VERSION)
+	.venv-lock/bin/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
+		--generate-hashes --no-header --quiet -o requirements.lock
 
 run: install
 	@echo "metrics: http://127.0.0.1:$${HTTP_PORT:-9808}/metrics  (probes: /healthz, /readyz)"
@@ -23,6 +35,9 @@ run: install
 
 worker: install
 	$(BIN)/python run_worker.py
+
+test-deps:
+	scripts/test-deps
 
 lint: install
 	$(BIN)/ruff check .
@@ -33,11 +48,11 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+test: test-deps lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 bench: install
 	$(BIN)/python -m bench.compare $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-lock var .pytest_cache .mypy_cache .ruff_cache

@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 import redis
 import redis.asyncio
 from loguru import logger
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -51,16 +52,18 @@ def is_sentinel_url(url: str) -> bool:
     return url.startswith("sentinel://")
 
 
-def sentinel_options(settings: RedisSettings) -> dict[str, Any]:
+def sentinel_options(settings: RedisSettings, *, asyncio: bool = False) -> dict[str, Any]:
     """Connection arguments for the Sentinels themselves (not the master): timeouts, their own
-    password and TLS. Also kombu's and Celery's ``sentinel_kwargs`` transport option."""
+    password and TLS. Also kombu's and Celery's ``sentinel_kwargs`` transport option.
+    ``asyncio`` gives the asyncio flavour of ``Retry``: redis-py 8.2 warns about, and drops the
+    policy of, a synchronous ``Retry`` handed to an asyncio client."""
     options: dict[str, Any] = {
         "socket_timeout": settings.socket_timeout_s,
         "socket_connect_timeout": settings.socket_connect_timeout_s,
         # One try per Sentinel per question: redis-py asks each Sentinel in turn anyway, and
         # every caller retries the whole question. Its default (10 tries with backoff per
         # Sentinel) made a wrong REDIS_SENTINEL_PASSWORD take 11 s to report.
-        "retry": Retry(NoBackoff(), 0),
+        "retry": AsyncRetry(NoBackoff(), 0) if asyncio else Retry(NoBackoff(), 0),
     }
     if settings.sentinel_password is not None:
         options["password"] = settings.sentinel_password.get_secret_value()
@@ -137,7 +140,7 @@ def create_async_redis(settings: RedisSettings, url: str | None = None) -> redis
         client = async_master(
             _sentinel_hosts(target),
             _master_name(settings),
-            sentinel_options(settings),
+            sentinel_options(settings, asyncio=True),
             settings.sentinel_check_s,
             settings.sentinel_tls,
             cls,

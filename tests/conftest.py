@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,31 @@ from shared.redis_binary import find_redis_server_binary
 from shared.settings import AppSettings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def missing_test_tools() -> list[str]:
+    """The Debian packages of ``scripts/test-tools.txt`` whose tool this machine lacks."""
+    missing = []
+    for line in (ROOT / "scripts" / "test-tools.txt").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        tool, package = line.split()[:2]
+        found = Path(tool).exists() if tool.startswith("/") else shutil.which(tool) is not None
+        if not found and package not in missing:
+            missing.append(package)
+    return missing
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Stop before any test runs when a tool the suite needs is missing: no test is skipped for
+    a missing tool. ``scripts/test-deps`` (run by ``make test``) installs them."""
+    missing = missing_test_tools()
+    if missing:
+        pytest.exit(
+            f"missing Debian packages: {' '.join(missing)}; run scripts/test-deps (make test does), "
+            f"or: sudo apt-get install -y {' '.join(missing)}",
+            returncode=4,
+        )
 
 
 PORT_BASE = 20000

@@ -42,7 +42,7 @@ def exporter_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         output = getattr(exc, "stderr", b"") or b""
-        pytest.skip(f"could not install {EXPORTER} into its own virtualenv (no package index?): {output[-300:]!r}")
+        pytest.fail(f"could not install {EXPORTER} into its own virtualenv (no package index?): {output[-300:]!r}")
     return venv / "bin/python"
 
 

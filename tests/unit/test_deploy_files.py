@@ -299,9 +299,7 @@ def test_systemd_unit(name: str, stop_above_s: float, tmp_path: Path) -> None:
     }.items():
         assert options[key] == value, key
     assert options["ReadWritePaths"] == "/var/lib/chronoq" == f"/var/lib/{options['StateDirectory']}"
-    verify = shutil.which("systemd-analyze")
-    if verify is None:
-        pytest.skip("systemd-analyze is not installed: the unit was only parsed")
+    verify = shutil.which("systemd-analyze") or "systemd-analyze"  # Debian's systemd: scripts/test-tools.txt
     # verify insists that ExecStart's binary exists: point it at this interpreter.
     copy = tmp_path / name
     text = (DEPLOY / "systemd" / name).read_text().replace("/opt/chronoq/venv/bin/python", sys.executable)

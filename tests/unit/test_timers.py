@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from kombu.asynchronous import timer as kombu_timer
 from kombu.asynchronous.timer import Timer
 
 from workers.timers import compact
@@ -11,7 +12,10 @@ from workers.timers import compact
 def test_compact_drops_cancelled_entries_and_keeps_the_rest_in_order() -> None:
     timer = Timer()
     fired: list[int] = []
-    entries = [timer.call_at(1000.0 - i, fired.append, (i,)) for i in range(1000)]  # all due already
+    # Due already by the timer's own clock (kombu's module-level ``monotonic``, seconds since
+    # boot): fixed times such as 1000 - i are in the future on a machine up under 17 minutes.
+    now = kombu_timer.monotonic()  # type: ignore[attr-defined]
+    entries = [timer.call_at(now - 1 - i, fired.append, (i,)) for i in range(1000)]
     for i, entry in enumerate(entries):
         if i % 100:
             entry.cancel()  # as the prefork pool does when a task ends before its time limit

@@ -14,6 +14,12 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from scheduler.web.pages import POLL_S
 from shared.settings import AppSettings
@@ -26,21 +32,7 @@ FLAGS = (
     "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1000",
 )  # fmt: skip
 
-pytestmark = [
-    pytest.mark.timeout(180),
-    pytest.mark.skipif(
-        not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-        reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run does)",
-    ),
-]
-
-if CHROMIUM.exists():
-    from selenium import webdriver
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.remote.webdriver import WebDriver
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+pytestmark = pytest.mark.timeout(180)  # chromium and chromium-driver: scripts/test-tools.txt
 
 
 @pytest.fixture(scope="module")
