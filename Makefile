@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TEST_WORKERS ?= 3
 UV_VERSION := 0.13.8
 
-.PHONY: install run worker test test-deps lint format lock bench clean
+.PHONY: install run worker test test-deps lint format lock durations bench clean
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,10 @@ format: install
 
 test: test-deps lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+
+# Refresh tests/durations.json, the measured times that order the suite slowest first.
+durations: install
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --record-durations
 
 bench: install
 	$(BIN)/python -m bench.compare $(BENCH_ARGS)

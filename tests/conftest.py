@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import random
 import shutil
@@ -52,8 +53,39 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
+DURATIONS = ROOT / "tests" / "durations.json"
+"""Each test's last measured wall time (setup, call and teardown), in seconds; refreshed with
+``pytest -n 4 --record-durations`` (``make durations``). Only the order of the run depends on it."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--record-durations", action="store_true", help=f"write each test's wall time to {DURATIONS}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slowest tests first, so the pytest-xdist processes (given one test at a time,
+    ``--maxschedchunk=1``) finish together instead of waiting on a long test that started last.
+    A test not measured yet counts as a slow one."""
+    known: dict[str, float] = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    items.sort(key=lambda item: -known.get(item.nodeid, 30.0))
+
+
+_measured: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _measured[report.nodeid] = _measured.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if session.config.getoption("--record-durations") and not hasattr(session.config, "workerinput"):
+        measured = {nodeid: round(seconds, 2) for nodeid, seconds in sorted(_measured.items())}
+        DURATIONS.write_text(json.dumps(measured, indent=0) + "\n")
+
+
 PORT_BASE = 20000
-PORT_BLOCK = 3000
+PORT_BLOCK = 2000
+PORT_BLOCKS = 6
 """Each pytest process (xdist worker ``gwN``) takes its ports from its own block of
 :data:`PORT_BLOCK` below the kernel's ephemeral range (32768 and up), in turn from a random
 start. A port the kernel hands out for ``bind(0)`` could be taken by another test process while
@@ -64,7 +96,7 @@ _port_turn = itertools.count(random.randrange(PORT_BLOCK))
 def free_port() -> int:
     """A loopback port nothing listens on, from this test process's block."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
-    start = PORT_BASE + (int(worker) % 4 if worker.isdigit() else 0) * PORT_BLOCK
+    start = PORT_BASE + (int(worker) % PORT_BLOCKS if worker.isdigit() else 0) * PORT_BLOCK
     for _ in range(PORT_BLOCK):
         port = start + next(_port_turn) % PORT_BLOCK
         with socket.socket() as sock:
