@@ -226,6 +226,9 @@ class WebSettings(Group):
     """Basic auth for pages and the API, with ``username``."""
     read_only: bool = False
     """Refuse every change (403); pages hide the actions."""
+    poll_s: int = Field(5, ge=1, le=3600)
+    """How often a page's live regions refresh while its tab is visible (the jobs list every
+    2x, the timeline every 3x)."""
 
 
 class AppSettings(BaseSettings):

@@ -31,7 +31,6 @@ from shared.errors import JobSpecError
 
 T = TypeVar("T")
 PAGE_SIZE = 50
-POLL_S = 5
 TEMPLATES = Path(__file__).parent / "templates"
 _ACTIONS = ("pause", "resume", "trigger", "delete", "backfill", "edit")
 
@@ -45,7 +44,7 @@ def router(console: Console, guard: Guard) -> APIRouter:
         cookie = request.cookies.get(CSRF_COOKIE, "")
         token = cookie if cookie and guard.token_valid(cookie) else guard.new_token()
         base = request.scope.get("root_path", "")
-        context = {"base": base, "csrf": token, "csrf_field": CSRF_FIELD, "user": user, "poll_s": POLL_S,
+        context = {"base": base, "csrf": token, "csrf_field": CSRF_FIELD, "user": user, "poll_s": guard.web.poll_s,
                    "read_only": guard.web.read_only, "done": request.query_params.get("done", ""), **context}  # fmt: skip
         response = templates.TemplateResponse(request, name, context, status_code=status_code)
         if token != cookie:
@@ -63,7 +62,7 @@ def router(console: Console, guard: Guard) -> APIRouter:
         base = request.scope.get("root_path", "")
 
         async def build() -> bytes:
-            context = {"base": base, "poll_s": POLL_S, "read_only": guard.web.read_only, **await read()}
+            context = {"base": base, "poll_s": guard.web.poll_s, "read_only": guard.web.read_only, **await read()}
             return templates.env.get_template(name).render(context).encode()
 
         body = await console.live(("html", name, key, base), build)

@@ -21,7 +21,6 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from scheduler.web.pages import POLL_S
 from shared.settings import AppSettings
 from tests.conftest import RedisServer, SchedulerProcess, chronoq, executions, wait_for, write_jobs
 from tests.web.conftest import ConsoleProcess, CountingProxy
@@ -31,6 +30,8 @@ FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1000",
 )  # fmt: skip
+
+POLL_S = 1  # WEB_POLL_S of the consoles below: the pages refresh every second, not every 5
 
 pytestmark = pytest.mark.timeout(180)  # chromium and chromium-driver: scripts/test-tools.txt
 
@@ -103,7 +104,7 @@ def test_operator_flow(
     start_console: Any,
     redis_server: RedisServer,
 ) -> None:
-    console: ConsoleProcess = start_console(settings)
+    console: ConsoleProcess = start_console(settings, extra_env={"WEB_POLL_S": str(POLL_S)})
     browser.get(console.url + "/")
     until(browser, lambda b: fleet.owner in b.page_source, "the overview to name the leader")
     assert "Replicas alive" in browser.page_source
@@ -207,7 +208,7 @@ def set_visibility(browser: WebDriver, state: str) -> None:
 def test_live_updates_stop_while_the_tab_is_hidden(
     browser: WebDriver, settings: AppSettings, start_console: Any, namespace: str
 ) -> None:
-    console: ConsoleProcess = start_console(settings)
+    console: ConsoleProcess = start_console(settings, extra_env={"WEB_POLL_S": str(POLL_S)})
     with console.http() as http:
         for job_id in ("seen-1", "quiet-1"):
             spec = {"id": job_id, "task": "demo.sleep", "args": [0], "cron": "0 2 * * *", "queue": f"none_{namespace}"}
@@ -240,9 +241,9 @@ def test_live_updates_stop_while_the_tab_is_hidden(
         # when it has been answered.
         until(browser, no_request_in_flight, "the last poll before hiding to be answered")
         hidden_at = len(polls())
-        # Hidden for three poll intervals: the server receives no poll at all.
+        # Hidden for five poll intervals: the server receives no poll at all.
         with pytest.raises(pytest.fail.Exception):
-            wait_for(lambda: len(polls()) > hidden_at, 3 * POLL_S, "a poll while hidden")
+            wait_for(lambda: len(polls()) > hidden_at, 5 * POLL_S, "a poll while hidden")
         assert len(polls()) == hidden_at
 
         set_visibility(browser, "visible")
