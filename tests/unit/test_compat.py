@@ -439,7 +439,7 @@ def test_name_is_as_chronoq_expects(entry: Name) -> None:
     problem = check(entry)
     if problem is not None:
         pytest.fail(
-            f"{entry.library} {_version(entry.library)}: {problem} (a {entry.kind} chronoq uses in {entry.used_in})",
+            f"{entry.library} {_version(entry.library)}: {problem} ({entry.kind} used by chronoq in {entry.used_in})",
             pytrace=False,
         )
 
