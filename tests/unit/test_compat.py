@@ -73,7 +73,7 @@ class Name:
 
     @property
     def attr(self) -> str:
-        return self.path.rpartition(".")[2] if "." in self.path.partition(":")[2] else self.path.partition(":")[2]
+        return self.path.partition(":")[2].rpartition(".")[2]
 
     @property
     def file(self) -> str:
