@@ -2,6 +2,7 @@
 # make test         - install into .venv, install the machine's test tools (scripts/test-deps), lint, type-check, run the suite
 # make install      - a new .venv with exactly the locked versions (requirements.lock, hashes checked)
 # make lock         - resolve pyproject.toml's ranges again into requirements.lock (a deliberate upgrade: commit it)
+# make test-latest  - the suite on the newest versions pyproject.toml allows, in .venv-latest (no lock)
 # make bench        - run the benchmarks (see docs/benchmarks.md); never part of `make test`
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 TEST_WORKERS ?= 3
 UV_VERSION := 0.13.8
 
-.PHONY: install run worker test test-deps lint format lock durations bench clean
+.PHONY: install run worker test test-deps test-latest lint format lock durations bench clean
 
 install: $(VENV)/.installed
 
@@ -55,8 +56,19 @@ test: test-deps lint
 durations: install
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --record-durations
 
+# The next release of a dependency, seen before a user sees it: a venv of its own with the newest
+# versions the ranges of pyproject.toml allow (a lock, if any, is ignored), then the same pytest
+# command as `make test`. tests/unit/test_compat.py names any private name that changed.
+LATEST_VENV ?= .venv-latest
+test-latest:
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[dev]'
+	@$(LATEST_VENV)/bin/python -c 'import importlib.metadata as m; print("test-latest:", ", ".join(f"{d} {m.version(d)}" for d in ("redis", "kombu", "celery", "apscheduler", "fastapi", "uvicorn", "starlette", "pydantic")))'
+	$(LATEST_VENV)/bin/python -m pytest -n $(TEST_WORKERS)
+
 bench: install
 	$(BIN)/python -m bench.compare $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-lock var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST_VENV) .venv-lock var .pytest_cache .mypy_cache .ruff_cache
