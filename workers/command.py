@@ -57,20 +57,24 @@ def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+CHILD_OPTIONS = {
+    "queues": "--queues",
+    "concurrency": "--concurrency",
+    "pool": "--pool",
+    "max_tasks_per_child": "--max-tasks-per-child",
+    "max_memory_per_child": "--max-memory-per-child",
+    "loglevel": "--loglevel",
+    "hostname": "--hostname",
+    "env_file": "--env-file",
+}
+"""Every option but ``--no-supervise``, passed on to the supervised child (a test checks that
+this names every option)."""
+
+
 def child_argv(args: argparse.Namespace) -> list[str]:
     """The options of the supervised child: every option given, then ``--no-supervise``."""
-    options = {
-        "--queues": args.queues,
-        "--concurrency": args.concurrency,
-        "--pool": args.pool,
-        "--max-tasks-per-child": args.max_tasks_per_child,
-        "--max-memory-per-child": args.max_memory_per_child,
-        "--loglevel": args.loglevel,
-        "--hostname": args.hostname,
-        "--env-file": args.env_file,
-    }
-    argv = [part for flag, value in options.items() if value is not None for part in (flag, str(value))]
-    return [*argv, "--no-supervise"]
+    given = [(flag, getattr(args, dest)) for dest, flag in CHILD_OPTIONS.items()]
+    return [*(part for flag, value in given if value is not None for part in (flag, str(value))), "--no-supervise"]
 
 
 def main(argv: list[str], child_command: Sequence[str], prog: str | None = None) -> int:
