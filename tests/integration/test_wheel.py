@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import distributions
 from pathlib import Path
 
@@ -28,6 +29,16 @@ pytestmark = pytest.mark.timeout(240)
 
 BUILD_INPUTS = ("pyproject.toml", "README.md", "chronoq", "shared", "scheduler", "workers", "run_scheduler.py", "run_worker.py")  # fmt: skip
 PACKAGE_DATA = ("shared/lua/*.lua", "workers/lua/*.lua", "scheduler/web/templates/*", "scheduler/web/static/*", "scheduler/demo_jobs.yaml")  # fmt: skip
+
+PROBE = (
+    "import json, sys, chronoq.cli, scheduler, scheduler.command, shared, workers, workers.command, run_worker\n"
+    "from importlib.resources import files\n"
+    f"data = {{p: sorted(str(f) for f in files(p.split('/')[0]).joinpath(*p.split('/')[1:-1]).iterdir() "
+    f"if f.name != '__pycache__' and __import__('fnmatch').fnmatch(f.name, p.split('/')[-1])) for p in {PACKAGE_DATA!r}}}\n"
+    "mods = [m.__file__ for m in (chronoq.cli, scheduler, scheduler.command, shared, workers, workers.command, run_worker)]\n"
+    "print(json.dumps({'modules': mods, 'path': sys.path, 'data': data, 'prefix': sys.prefix}))\n"
+)  # fmt: skip
+"""Run by the venv's python: where the modules and the package data are, and ``sys.path``."""
 
 
 def _run(argv: list[str | Path], cwd: Path, env: dict[str, str], timeout_s: float) -> str:
@@ -81,31 +92,7 @@ def test_the_wheel_runs_the_demo_from_a_fresh_venv_outside_the_checkout(tmp_path
     home = tmp_path / "home"  # the user's working directory: outside the checkout, no configs/
     home.mkdir()
     env = _user_env(tmp_path)
-
-    # Every module comes from the venv, and so does the package data; the checkout is not on the path.
-    probe = (
-        "import json, sys, chronoq.cli, scheduler, scheduler.command, shared, workers, workers.command, run_worker\n"
-        "from importlib.resources import files\n"
-        f"data = {{p: sorted(str(f) for f in files(p.split('/')[0]).joinpath(*p.split('/')[1:-1]).iterdir() "
-        f"if f.name != '__pycache__' and __import__('fnmatch').fnmatch(f.name, p.split('/')[-1])) for p in {PACKAGE_DATA!r}}}\n"
-        "mods = [m.__file__ for m in (chronoq.cli, scheduler, scheduler.command, shared, workers, workers.command, run_worker)]\n"
-        "print(json.dumps({'modules': mods, 'path': sys.path, 'data': data, 'prefix': sys.prefix}))\n"
-    )  # fmt: skip
-    found = json.loads(_run([bin_dir / "python", "-c", probe], home, env, 60))
-    venv = (bin_dir.parent).resolve()
-    assert Path(found["prefix"]).resolve() == venv
-    for module in found["modules"]:
-        assert Path(module).resolve().is_relative_to(venv), module
-    assert not [p for p in found["path"] if p and Path(p).resolve().is_relative_to(ROOT)], found["path"]
-    for pattern, installed in found["data"].items():
-        shipped = sorted(p.name for p in ROOT.glob(pattern) if p.is_file())
-        assert shipped and [Path(p).name for p in installed] == shipped, pattern
-        assert all(Path(p).resolve().is_relative_to(venv) for p in installed), pattern
-
     chronoq = bin_dir / "chronoq"
-    for command, options in (("scheduler", ("--jobs", "--demo", "--no-worker", "--check")), ("worker", ("--queues", "--pool", "--no-supervise"))):  # fmt: skip
-        usage = _run([chronoq, command, "--help"], home, env, 60)
-        assert usage.startswith(f"usage: chronoq {command} ") and all(o in usage for o in options), usage
 
     # The demo, as `make run` shows it: embedded Redis, the demo jobs, a local worker, the console.
     (home / "acme_tasks.py").write_text(
@@ -116,25 +103,51 @@ def test_the_wheel_runs_the_demo_from_a_fresh_venv_outside_the_checkout(tmp_path
         "def answer(a: int, b: int) -> int:\n"
         "    return a * b\n"
     )
-    env |= {"REDIS_EMBEDDED_DIR": str(home / "redis"), "HTTP_PORT": "0", "WEB_PORT": "0", "TASK_MODULES": "acme_tasks"}
+    demo_env = env | {
+        "REDIS_EMBEDDED_DIR": str(home / "redis"),
+        "HTTP_PORT": "0",
+        "WEB_PORT": "0",
+        "TASK_MODULES": "acme_tasks",
+    }
     log = tmp_path / "demo.log"
     started = time.monotonic()
     with log.open("wb") as out:
-        process = subprocess.Popen([chronoq, "scheduler", "--demo", "--web"], cwd=home, env=env, stdout=out,
+        process = subprocess.Popen([chronoq, "scheduler", "--demo", "--web"], cwd=home, env=demo_env, stdout=out,
                                    stderr=subprocess.STDOUT)  # fmt: skip
     try:
+        # While the demo starts: every module comes from the venv, and so does the package data;
+        # the checkout is not on the path; both daemons' --help work (three processes at once).
+        with ThreadPoolExecutor(3) as pool:
+            helps = {c: pool.submit(_run, [chronoq, c, "--help"], home, env, 60) for c in ("scheduler", "worker")}
+            found = json.loads(_run([bin_dir / "python", "-c", PROBE], home, env, 60))
+            for command, options in (("scheduler", ("--jobs", "--demo", "--no-worker", "--check")), ("worker", ("--queues", "--pool", "--no-supervise"))):  # fmt: skip
+                usage = helps[command].result()
+                assert usage.startswith(f"usage: chronoq {command} ") and all(o in usage for o in options), usage
+        venv = (bin_dir.parent).resolve()
+        assert Path(found["prefix"]).resolve() == venv
+        for module in found["modules"]:
+            assert Path(module).resolve().is_relative_to(venv), module
+        assert not [p for p in found["path"] if p and Path(p).resolve().is_relative_to(ROOT)], found["path"]
+        for pattern, installed in found["data"].items():
+            shipped = sorted(p.name for p in ROOT.glob(pattern) if p.is_file())
+            assert shipped and [Path(p).name for p in installed] == shipped, pattern
+            assert all(Path(p).resolve().is_relative_to(venv) for p in installed), pattern
+
         wait_for(lambda: " jobs as " in log.read_text() or process.poll() is not None, 60, "the scheduler to start")
         assert process.poll() is None, log.read_text()
         # The console (templates, static htmx) and its API fire a demo job now, rather than wait
-        # for its schedule; the operator command from the venv fires the task module's job.
+        # for its schedule; the operator command from the venv fires the task module's job. Both
+        # forced: a scheduled fire of the job may be in flight (max_instances 1 would skip).
         url = wait_for(lambda: re.search(r"chronoq web: console at (http://\S+/)", log.read_text()), 30, "the console")
         with httpx.Client(base_url=url[1], timeout=10) as console:
             assert "demo-sum-every-15s" in console.get("/jobs").raise_for_status().text
             htmx = console.get("/static/htmx.min.js").raise_for_status().content
             assert htmx == (ROOT / "scheduler" / "web" / "static" / "htmx.min.js").read_bytes()
-            fired = console.post("/api/v1/jobs/demo-sum-every-15s/trigger", json={}).raise_for_status().json()
+            fired = (
+                console.post("/api/v1/jobs/demo-sum-every-15s/trigger", json={"force": True}).raise_for_status().json()
+            )
         assert fired["outcome"] == "dispatched", fired
-        trigger = json.loads(_run([chronoq, "jobs", "trigger", "acme-answer", "--json"], home, env, 60))
+        trigger = json.loads(_run([chronoq, "jobs", "trigger", "acme-answer", "--force", "--json"], home, demo_env, 60))
         assert trigger["outcome"] == "dispatched", trigger
         results = [
             rf"Task demo\.number_sum\[{re.escape(fired['task_id'])}\] succeeded in [\d.]+s: 3\b",
@@ -145,9 +158,13 @@ def test_the_wheel_runs_the_demo_from_a_fresh_venv_outside_the_checkout(tmp_path
         process.send_signal(signal.SIGINT)
         assert process.wait(20) == 0, log.read_text()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
+        if process.poll() is None:  # a failure above: stop the demo's processes as Ctrl-C does
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
     text = log.read_text()
     assert "Traceback" not in text, text
     assert "embedded redis started" in text and "started a local worker" in text and "embedded redis stopped" in text
