@@ -36,7 +36,9 @@ PROBE = (
     f"data = {{p: sorted(str(f) for f in files(p.split('/')[0]).joinpath(*p.split('/')[1:-1]).iterdir() "
     f"if f.name != '__pycache__' and __import__('fnmatch').fnmatch(f.name, p.split('/')[-1])) for p in {PACKAGE_DATA!r}}}\n"
     "mods = [m.__file__ for m in (chronoq.cli, scheduler, scheduler.command, shared, workers, workers.command, run_worker)]\n"
-    "print(json.dumps({'modules': mods, 'path': sys.path, 'data': data, 'prefix': sys.prefix}))\n"
+    "from importlib.metadata import distributions\n"
+    "dists = sorted(d.metadata['Name'].lower() for d in distributions())\n"
+    "print(json.dumps({'modules': mods, 'path': sys.path, 'data': data, 'prefix': sys.prefix, 'dists': dists}))\n"
 )  # fmt: skip
 """Run by the venv's python: where the modules and the package data are, and ``sys.path``."""
 
@@ -125,6 +127,9 @@ def test_the_wheel_runs_the_demo_from_a_fresh_venv_outside_the_checkout(tmp_path
                 assert usage.startswith(f"usage: chronoq {command} ") and all(o in usage for o in options), usage
         venv = (bin_dir.parent).resolve()
         assert Path(found["prefix"]).resolve() == venv
+        assert "chronoq" in found["dists"] and not {"pip", "pytest", "ruff", "mypy"} & set(found["dists"]), found[
+            "dists"
+        ]
         for module in found["modules"]:
             assert Path(module).resolve().is_relative_to(venv), module
         assert not [p for p in found["path"] if p and Path(p).resolve().is_relative_to(ROOT)], found["path"]
