@@ -32,10 +32,10 @@ lock:
 
 run: install
 	@echo "metrics: http://127.0.0.1:$${HTTP_PORT:-9808}/metrics  (probes: /healthz, /readyz)"
-	$(BIN)/python run_scheduler.py --web
+	$(BIN)/chronoq scheduler --web
 
 worker: install
-	$(BIN)/python run_worker.py
+	$(BIN)/chronoq worker
 
 test-deps:
 	scripts/test-deps

@@ -1,4 +1,5 @@
-"""The ``chronoq`` operator command.
+"""The ``chronoq`` operator commands (``chronoq scheduler`` and ``chronoq worker``, the daemons,
+are added by :mod:`chronoq.cli`).
 
 ::
 
@@ -25,7 +26,7 @@
     chronoq jobs backfill ID --from T1 --to T2 [--overlap allow|sequential]
 
 Every command takes ``--json``. Without ``REDIS_URL`` the embedded server is used (shared with
-a running ``run_scheduler.py`` when there is one).
+a running ``chronoq scheduler`` when there is one).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,12 +45,18 @@ from scheduler.cli_jobs import run as run_api
 from shared.errors import EX_UNAVAILABLE
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(
+    description: str | None = None, add_daemons: Callable[[Any], None] | None = None
+) -> argparse.ArgumentParser:
+    """The operator commands; ``add_daemons(subparsers)`` adds commands listed first (how
+    :mod:`chronoq.cli` adds ``scheduler`` and ``worker``, which this package may not import)."""
     parser = argparse.ArgumentParser(
-        prog="chronoq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="chronoq", description=description or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--env-file", type=Path, help="dotenv file (default configs/.env.$APP_ENV)")
     commands = parser.add_subparsers(dest="command", required=True)
+    if add_daemons is not None:
+        add_daemons(commands)
 
     def command(group: Any, name: str, help_text: str) -> argparse.ArgumentParser:
         sub: argparse.ArgumentParser = group.add_parser(name, help=help_text)
@@ -298,9 +306,13 @@ def _describe_steer(action: str, result: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return execute(_parser().parse_args(argv))
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Run a parsed operator command: its exit code, every error one line on stderr."""
     from shared.cli_support import report_errors
 
-    args = _parser().parse_args(argv)
     return report_errors("cli", lambda: run(args))
 
 

@@ -1,4 +1,4 @@
-"""Processes ``run_scheduler.py`` may start next to the scheduler: the web console (``--web``,
+"""Processes ``chronoq scheduler`` may start next to the scheduler: the web console (``--web``,
 what ``make run`` does). Each is its own process and stopped with the scheduler."""
 
 from __future__ import annotations

@@ -23,8 +23,10 @@ def start_local_worker(settings: AppSettings) -> subprocess.Popen[bytes]:
     # The scheduler's own prometheus_client files (scheduler.metrics.share_values): a user's
     # task module using prometheus_client must not write its metrics among the scheduler's.
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    # `chronoq worker` (by module name: the scheduler never imports workers/), without the
+    # working directory put first on the path; the command adds it last, as for any worker.
     process = subprocess.Popen(
-        [sys.executable, "-m", "run_worker", "--hostname", f"local@{os.uname().nodename}"],
+        [sys.executable, "-P", "-m", "chronoq", "worker", "--hostname", f"local@{os.uname().nodename}"],
         env=env,
         start_new_session=True,
     )

@@ -2,7 +2,7 @@
 
 Workers publish the task names they registered in their heartbeat (``<prefix>workers``); the
 scheduler replicas publish every job's spec (``<prefix>jobs``). Both are read as they are
-stored, so the check needs no import of either side. ``run_scheduler.py --check`` stays free
+stored, so the check needs no import of either side. ``chronoq scheduler --check`` stays free
 of Redis and so does not make it.
 """
 

@@ -1,6 +1,6 @@
 """The embedded redis-server, started on demand and shared by every chronoq process using one directory.
 
-Without ``REDIS_URL``, ``run_scheduler.py`` and ``run_worker.py`` each enter an :class:`EmbeddedRedis`
+Without ``REDIS_URL``, ``chronoq scheduler`` and ``chronoq worker`` each enter an :class:`EmbeddedRedis`
 on ``REDIS_EMBEDDED_DIR`` (default ``var/redis``): whichever comes first starts a ``redis-server``
 there, the others find it through ``server.json``. The directory holds ``lock`` (flock'ed around
 every acquire and release: never two servers), ``server.json`` (pid, port, binary, started_at,

@@ -152,7 +152,7 @@ class SchedulerSettings(Group):
 
 
 class WorkerSettings(Group):
-    """How ``run_worker.py`` runs its Celery worker; its command-line flags override these."""
+    """How ``chronoq worker`` runs its Celery worker; its command-line flags override these."""
 
     queues: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Comma-separated; empty: both the cron and the default queue."""

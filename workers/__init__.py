@@ -1,4 +1,4 @@
-"""The worker fleet: Celery workers for chronoq's queues, started by ``run_worker.py``."""
+"""The worker fleet: Celery workers for chronoq's queues, started by ``chronoq worker`` (:mod:`workers.command`)."""
 
 from __future__ import annotations
 

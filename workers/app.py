@@ -1,7 +1,7 @@
 """A module-level Celery app, only so that ``celery -A workers.app ...`` works (Flower, inspect,
 ``celery -A workers.app worker``). No chronoq code or test imports this module.
 
-It needs ``REDIS_URL`` (it cannot own an embedded server's lifetime); ``run_worker.py`` is the
+It needs ``REDIS_URL`` (it cannot own an embedded server's lifetime); ``chronoq worker`` is the
 supported way to start workers.
 """
 
@@ -13,6 +13,6 @@ from workers.main import create_worker_app
 
 _settings = AppSettings.load()
 if _settings.redis.url is None:
-    raise SystemExit("workers.app needs REDIS_URL; or start workers with run_worker.py, which can embed Redis")
+    raise SystemExit("workers.app needs REDIS_URL; or start workers with chronoq worker, which can embed Redis")
 install_worker_hooks(_settings)
 app = create_worker_app(_settings)

@@ -362,7 +362,7 @@ class WorkerFleet:
     @property
     def hostname(self) -> str:
         """This worker's node name: as Celery announced it at start (inherited by pool
-        processes), else as ``run_worker.py`` passes it."""
+        processes), else as ``chronoq worker`` passes it."""
         return self._nodename or self.settings.worker.hostname or f"chronoq@{socket.gethostname()}"
 
     def on_celeryd_init(self, sender: Any = None, **_: Any) -> None:

@@ -2,7 +2,7 @@
 
 A Celery worker can end on its own: an error that escapes its consumer (a kombu race on a
 Redis restart, see :mod:`workers.transport`) logs ``Unrecoverable error`` and exits, with
-status 0 at that. ``run_worker.py`` therefore runs the Celery worker as a child process and
+status 0 at that. ``chronoq worker`` therefore runs the Celery worker as a child process and
 :func:`supervise` watches it:
 
 - the child ends without a requested shutdown (any status): it is started again after a

@@ -108,7 +108,7 @@ def test_declared_schedule_with_a_bad_field_is_reported(user_package: Path, tmp_
 
 def test_scheduler_never_imports_worker_code() -> None:
     code = (
-        "import sys, scheduler.service, scheduler.cli, scheduler.check; "
+        "import sys, scheduler.service, scheduler.cli, scheduler.check, scheduler.command; "
         "print(sorted(m for m in sys.modules if m == 'workers' or m.startswith('workers.')))"
     )
     done = subprocess.run(

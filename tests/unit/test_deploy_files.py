@@ -1,9 +1,10 @@
 """The deployment files in ``deploy/`` (#15) are checked here, since most cannot run on this
 machine (no Docker daemon, no systemd as PID 1, no Kubernetes): every file parses; every
-command line in them is one the package has and its arguments parse with the real argument
-parsers; every environment variable they give chronoq is a real setting; probe paths and ports
+command line in them is one the package installs (the daemons are ``chronoq scheduler`` and
+``chronoq worker``) and its arguments parse with the real argument parser; the image copies
+everything the package build needs; every environment variable they give chronoq is a real setting; probe paths and ports
 match the HTTP settings; stop timeouts exceed chronoq's own bounds; the systemd units pass
-``systemd-analyze verify``; job files shipped in them pass ``run_scheduler.py --check``.
+``systemd-analyze verify``; job files shipped in them pass ``chronoq scheduler --check``.
 """
 
 from __future__ import annotations
@@ -15,17 +16,14 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from collections.abc import Callable, Iterator
-from importlib.util import find_spec
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-import run_scheduler
-import run_worker
-from scheduler.cli import _parser as chronoq_parser
+from chronoq.cli import parser as chronoq_parser
 from scheduler.localworker import SHUTDOWN_BUDGET_S
 from scheduler.web.security import bind_problem
 from scheduler.web.serve import SHUTDOWN_GRACE_S
@@ -67,21 +65,12 @@ def load_all(path: Path) -> list[Any]:
 
 
 def check_command(argv: list[str], where: str) -> None:
-    """``argv`` runs something the package installs, with arguments its parser accepts."""
-    parse: Callable[[list[str]], object]
-    if Path(argv[0]).name == "chronoq":
-        assert "chronoq" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-        parse = chronoq_parser().parse_args
-        args = argv[1:]
-    else:
-        assert Path(argv[0]).name.startswith("python") and argv[1] == "-m", f"{where}: {argv}"
-        module, args = argv[2], argv[3:]
-        assert find_spec(module) is not None, f"{where}: no module {module}"
-        installed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
-        assert module in installed, f"{where}: {module} is not installed by pip install ."
-        parse = {"run_scheduler": run_scheduler.parse_args, "run_worker": run_worker.parse_args}[module]
+    """``argv`` is the ``chronoq`` command the package installs (``chronoq scheduler``, ``chronoq
+    worker``, ``chronoq web``; not ``python -m run_scheduler``), with arguments its parser accepts."""
+    assert Path(argv[0]).name == "chronoq", f"{where}: {shlex.join(argv)}: not the chronoq command"
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["chronoq"] == "chronoq.cli:main"
     try:
-        parse(args)
+        chronoq_parser().parse_args(argv[1:])
     except SystemExit:
         pytest.fail(f"{where}: {shlex.join(argv)}: the arguments do not parse")
 
@@ -151,6 +140,23 @@ def test_every_command_line_exists_in_the_package() -> None:
     assert len(commands) >= 12
     for argv, where in commands:
         check_command(argv, where)
+    daemons = sorted(argv[1] for argv, _ in commands if argv[1] in ("scheduler", "worker"))
+    assert daemons == ["scheduler"] * 5 + ["worker"] * 4, "compose x2, Kubernetes, systemd; and the image CMD"
+
+
+def test_the_image_copies_what_the_package_build_needs() -> None:
+    """``pip install .`` in the image builds every package and module pyproject.toml names."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    copied = {
+        part.rstrip("/")
+        for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ") and "--from" not in line
+        for part in line.split()[1:-1]
+    }
+    packages = {name.rstrip("*") for name in project["packages"]["find"]["include"]}
+    modules = {f"{name}.py" for name in project["py-modules"]}
+    assert packages | modules | {"pyproject.toml", "README.md"} <= copied
+    assert packages == {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench"}
 
 
 def test_files_the_commands_read_are_shipped(tmp_path: Path) -> None:
@@ -162,7 +168,7 @@ def test_files_the_commands_read_are_shipped(tmp_path: Path) -> None:
     path = tmp_path / "jobs.yaml"
     path.write_text(jobs["data"]["jobs.yaml"])
     result = subprocess.run(
-        [sys.executable, str(ROOT / "run_scheduler.py"), "--check", "--jobs", str(path)],
+        [sys.executable, "-m", "chronoq", "scheduler", "--check", "--jobs", str(path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -253,8 +259,8 @@ def test_compose_services() -> None:
     for option in ("--appendonly yes", "--maxmemory-policy noeviction", "--requirepass"):
         assert option in redis_command
     chronoq = chronoq_services()
-    schedulers = [s for s in chronoq.values() if s["command"][2] == "run_scheduler"]
-    workers = [s for s in chronoq.values() if s["command"][2] == "run_worker"]
+    schedulers = [s for s in chronoq.values() if s["command"][:2] == ["chronoq", "scheduler"]]
+    workers = [s for s in chronoq.values() if s["command"][:2] == ["chronoq", "worker"]]
     assert len(schedulers) == 2 and len(workers) == 2
     for service in schedulers:
         assert seconds(service["stop_grace_period"]) > SHUTDOWN_BUDGET_S
@@ -302,7 +308,7 @@ def test_systemd_unit(name: str, stop_above_s: float, tmp_path: Path) -> None:
     verify = shutil.which("systemd-analyze") or "systemd-analyze"  # Debian's systemd: scripts/test-tools.txt
     # verify insists that ExecStart's binary exists: point it at this interpreter.
     copy = tmp_path / name
-    text = (DEPLOY / "systemd" / name).read_text().replace("/opt/chronoq/venv/bin/python", sys.executable)
+    text = (DEPLOY / "systemd" / name).read_text()
     copy.write_text(text.replace("/opt/chronoq/venv/bin/chronoq", str(Path(sys.executable).parent / "chronoq")))
     result = subprocess.run([verify, "verify", str(copy)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr

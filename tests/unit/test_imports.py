@@ -1,6 +1,7 @@
 """The import graph of the product code, read with ``ast``: no cycle anywhere (module-level,
-``TYPE_CHECKING`` and in-function imports all count), and imports flow one way: entry points,
-then ``scheduler``/``workers``, then ``shared``; the scheduler never imports ``workers``."""
+``TYPE_CHECKING`` and in-function imports all count), and imports flow one way: entry points
+(the ``chronoq`` command's package and the checkout shims), then ``scheduler``/``workers``,
+then ``shared``; the scheduler never imports ``workers``."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("shared", "scheduler", "workers")
+PACKAGES = ("chronoq", "shared", "scheduler", "workers")
 ENTRY_POINTS = ("run_scheduler", "run_worker")
+ENTRY_PACKAGE = "chronoq"
 
 
 def _modules() -> dict[str, Path]:
@@ -88,9 +90,10 @@ def test_the_cycle_check_finds_a_cycle() -> None:
 @pytest.mark.parametrize(
     ("importer", "forbidden"),
     [
-        ("shared", ("scheduler", "workers", *ENTRY_POINTS)),
-        ("scheduler", ("workers", *ENTRY_POINTS)),
-        ("workers", ("scheduler", *ENTRY_POINTS)),
+        ("shared", ("scheduler", "workers", ENTRY_PACKAGE, *ENTRY_POINTS)),
+        ("scheduler", ("workers", ENTRY_PACKAGE, *ENTRY_POINTS)),
+        ("workers", ("scheduler", ENTRY_PACKAGE, *ENTRY_POINTS)),
+        (ENTRY_PACKAGE, ENTRY_POINTS),
     ],
 )
 def test_imports_flow_one_way(importer: str, forbidden: tuple[str, ...]) -> None:
