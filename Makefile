@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # pytest-xdist processes: the suite mostly waits on real processes, so more processes than cores
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 5
 UV_VERSION := 0.13.8
 
 .PHONY: install run worker test test-deps test-latest lint format lock durations bench clean
