@@ -30,6 +30,7 @@ from tests.conftest import WorkerProcess, make_settings, wait_for
 from tests.faults.harness import RedisProcess, TcpProxy
 from tests.faults.ledger_tasks import read_ledger
 from tests.integration.test_worker_fleet import Fleet
+from workers.lua import source
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -119,8 +120,12 @@ def where_are(broker: RedisProcess, settings: AppSettings, fires: set[tuple[str,
     """Where the messages of fires that never ran are: for a failure message."""
     with broker.client() as client:
         unacked = client.hgetall("unacked")
+        index = client.zrange("unacked_index", 0, -1, withscores=True)
         queue = client.lrange(settings.celery.cron_queue, 0, -1)
-        lines = [f"{len(fires)} fires never ran; queue={len(queue)} unacked={len(unacked)}"]
+        lines = [
+            f"{len(fires)} fires never ran; queue={len(queue)} unacked={len(unacked)} "
+            f"unacked tags={sorted(unacked)} unacked_index={index} now={time.time():.3f} unacked_mutex ttl_ms={client.pttl('unacked_mutex')}"
+        ]
         for job_id, scheduled_at in sorted(fires)[:5]:
             state = client.hgetall(settings.redis.key_prefix + f"fire:{job_id}:{scheduled_at}")
             task_id = state.get("task_id", "?")
@@ -243,6 +248,75 @@ def test_a_message_whose_take_reply_is_lost_comes_back_and_runs_once(
         while time.monotonic() < deadline:
             assert len(runs()) == 1, runs()
             time.sleep(0.2)
+    finally:
+        fleet.close()
+        ledger.close()
+
+
+@pytest.mark.parametrize(
+    ("marker", "applied", "kill"),
+    [(b"BYSCORE", False, False), (b"SET\r\n$13\r\nunacked_mutex", True, True)],
+    ids=["sweep-cut-shutdown", "lock-reply-lost-sigkill"],
+)
+def test_a_restore_sweep_cut_by_a_redis_restart_does_not_hold_back_redelivery(
+    marker: bytes,
+    applied: bool,
+    kill: bool,
+    redis_process: Callable[..., RedisProcess],
+    tcp_proxy: Callable[[int], TcpProxy],
+    namespace: str,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """Issue #23's loss, made deterministic. A worker's restore sweep locks kombu's
+    ``unacked_mutex`` and Redis goes away before the sweep unlocks it: just before the sweep's
+    ZRANGE, or right after Redis applied the lock's SET, whose reply is lost. With kombu's 300 s
+    lock, the AOF kept the lock through the restart and every sweep of every worker was skipped
+    for five minutes: a message taken when Redis went away (its take reply lost) stayed in
+    ``unacked`` far past the visibility timeout. It must run, once, within a visibility timeout
+    of Redis coming back."""
+    broker = redis_process(appendonly=True)
+    ledger_server = redis_process(appendonly=False)
+    proxy = tcp_proxy(broker.port)
+    settings = fault_settings(broker, namespace)
+    start_worker(
+        fault_settings(broker, namespace, url=proxy.url()),
+        "-P",
+        "threads",
+        "-c",
+        "2",
+        extra_env=fault_env(ledger_server),
+    )
+    fleet = Fleet(settings)
+    ledger = ledger_server.client()
+    try:
+        cut = proxy.cut_on_request(marker, applied=applied)
+        wait_for(cut.is_set, 15, "the worker's restore sweep to lock the unacked index")
+        with broker.client() as client:
+            assert client.pttl("unacked_mutex") > 0  # the cut sweep holds it
+        broker.restart(kill=kill)  # the AOF keeps the lock
+        job_id = f"stranded-{namespace}"
+        published = fleet.fire(job_id, "faults.ledger")
+        with broker.client() as client:
+            # Taken by a worker whose take reply was lost when Redis went away, a visibility
+            # timeout ago: the state the take script leaves, which only a sweep hands out again.
+            taken_at = time.time() - VISIBILITY_TIMEOUT_S - 1
+            args = ("unacked", "unacked_index", published.list_key, f"{taken_at:.6f}", "1")
+            assert client.eval(source("take"), 3, *args)
+            assert client.pttl("unacked_mutex") > 0  # the restart kept the lock
+        back = time.monotonic()
+        proxy.restore()
+
+        def runs() -> list[dict[str, object]]:
+            return [e for e in read_ledger(ledger) if e["job_id"] == job_id and e["event"] == "start"]
+
+        deadline = back + VISIBILITY_TIMEOUT_S
+        while not runs() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert runs(), where_are(broker, settings, {(job_id, published.scheduled_at)})
+        print(f"\nrestored and run {time.monotonic() - back:.1f}s after Redis came back")
+        with broker.client() as client:
+            wait_for(lambda: client.hlen("unacked") == 0, 10, "the run to be acknowledged")
+        assert len(runs()) == 1
     finally:
         fleet.close()
         ledger.close()
