@@ -196,6 +196,7 @@ def test_workers_survive_redis_restarts(
             log = worker.log()
             assert worker.process.poll() is None, f"{worker.hostname} died:\n{log[-3000:]}"
             assert "Unrecoverable error" not in log, log[-3000:]
+            assert "Error on restarting" not in log, log[-5000:]
             assert "ended without a shutdown request" not in log, log[-3000:]
         print(
             f"\n{'SIGKILL' if kill else 'SHUTDOWN'} x{restarts}: fires queued={len(expected)} "
@@ -278,7 +279,7 @@ def test_a_restore_sweep_cut_by_a_redis_restart_does_not_hold_back_redelivery(
     ledger_server = redis_process(appendonly=False)
     proxy = tcp_proxy(broker.port)
     settings = fault_settings(broker, namespace)
-    start_worker(
+    worker = start_worker(
         fault_settings(broker, namespace, url=proxy.url()),
         "-P",
         "threads",
@@ -317,6 +318,10 @@ def test_a_restore_sweep_cut_by_a_redis_restart_does_not_hold_back_redelivery(
         with broker.client() as client:
             wait_for(lambda: client.hlen("unacked") == 0, 10, "the run to be acknowledged")
         assert len(runs()) == 1
+        # The reconnect stopped the consumer's steps on a dead connection: quietly (issue #23).
+        log = worker.log()
+        assert "Connection to broker lost" in log, log[-3000:]
+        assert "Error on restarting" not in log, log[-5000:]
     finally:
         fleet.close()
         ledger.close()
