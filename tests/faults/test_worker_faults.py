@@ -52,9 +52,8 @@ PUBLISH_EVERY_S = 0.1
 RESTARTS_ENV = "FAULTS_REDIS_RESTARTS"
 RESTART_EVERY_S = (0.5, 1.5)
 """Load between a restart's first task run and the next restart, drawn at random in this range:
-the workers' restore sweeps tick every second from their reconnect, so a fixed wait hits the
-same phase of that tick every time (with 1 s, no sweep was ever cut in 50 restarts of the code
-that had issue #23; spread over a tick, see the module docstring)."""
+the workers' restore sweeps tick every second from their reconnect, which follows the restart
+at a nearly fixed delay, so a fixed wait met the same phase of that tick at every restart."""
 RESTART_VISIBILITY_S = 6
 RESTART_TIME_LIMIT_S = 4
 """The restart loop's instant tasks allow a shorter visibility timeout (above the time limit
