@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--watch", action="store_true", help="reload the job files when they change")
     parser.add_argument("--no-worker", action="store_true", help="do not start a local worker with embedded Redis")
-    parser.add_argument("--worker", action="store_true", help="start a local worker even with REDIS_URL set")
+    parser.add_argument(
+        "--worker", action="store_true", help="start a local worker even with REDIS_URL or REDIS_SENTINELS set"
+    )
     parser.add_argument("--web", action="store_true", help="also start the web console (chronoq web; WEB_* settings)")
     check = parser.add_argument_group("validation only (no Redis)")
     check.add_argument("--check", action="store_true", help="validate the job files and print the next fire times")

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,9 +24,18 @@ def web_console(env_file: str | None = None) -> Iterator[subprocess.Popen[bytes]
     command = [sys.executable, "-m", "scheduler.cli", *(["--env-file", env_file] if env_file else []), "web"]
     process = subprocess.Popen(command, env=dict(os.environ), start_new_session=True)
     logger.info("started the web console pid={} (chronoq web; it prints its URL)", process.pid)
+    stopping = threading.Event()
+
+    def reap() -> None:  # at once, so that a console that ends early is never left a zombie
+        code = process.wait()
+        if not stopping.is_set():
+            logger.warning("web console pid={} exited with status {}; the scheduler runs on", process.pid, code)
+
+    threading.Thread(target=reap, name="chronoq-web-console", daemon=True).start()
     try:
         yield process
     finally:
+        stopping.set()
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
         try:

@@ -138,6 +138,7 @@ def _end(process: subprocess.Popen[bytes]) -> None:
         process.wait(STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         process.send_signal(signal.SIGKILL)
+        process.wait(STOP_TIMEOUT_S)  # reaped: never left a zombie
         process.wait(STOP_TIMEOUT_S)
 
 

@@ -12,7 +12,6 @@ import asyncio
 import gc
 import os
 import signal
-import subprocess
 import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from scheduler.epoch import DataEpoch
 from scheduler.events import SentEvents
 from scheduler.jobfeed import JobFeed
 from scheduler.leadership import Leadership
-from scheduler.localworker import SHUTDOWN_BUDGET_S, start_local_worker, stop_local_worker, watch_job_files
+from scheduler.localworker import SHUTDOWN_BUDGET_S, LocalWorker, watch_job_files
 from scheduler.manager import SchedulerManager
 from scheduler.observability import Observability
 from scheduler.preflight import wait_for_redis
@@ -54,7 +53,8 @@ class ServiceOptions:
     job_files: list[Path] = field(default_factory=lambda: list(DEFAULT_JOB_FILES))
     watch: bool = False
     local_worker: bool | None = None
-    """Start one local worker for both queues; None: only when Redis is embedded."""
+    """Start one local worker for both queues; None: only when Redis is embedded (neither
+    ``REDIS_URL`` nor ``REDIS_SENTINELS`` set)."""
     watch_interval_s: float = 1.0
 
 
@@ -334,37 +334,52 @@ async def run_service(
     settings: AppSettings,
     options: ServiceOptions,
     specs: list[JobSpec],
-    on_stop: list[subprocess.Popen[bytes]] | None = None,
+    on_stop: list[LocalWorker] | None = None,
     observability: Observability | None = None,
 ) -> int:
-    """Run until SIGTERM or SIGINT; SIGHUP reloads. Returns the exit code."""
+    """Run until SIGTERM or SIGINT; SIGHUP reloads. Returns the exit code.
+
+    A SIGTERM or SIGINT while the service starts (it waits for Redis, or for a Sentinel to name
+    a master, as long as it takes) cancels the start: 0, and the caller stops what it started
+    (SIGTERM's default action ended the process there and left the local worker behind)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    main = asyncio.current_task()
+    assert main is not None
+
+    def stop_starting() -> None:
+        stop.set()
+        main.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_starting)
     heartbeat = loop.create_task(observability.heartbeat()) if observability is not None else None
     if observability is not None:
         observability.install_test_hook(loop)
-    async with SchedulerService(settings, options, specs, observability=observability) as service:
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(service.reload()))
-        watcher = (
-            loop.create_task(watch_job_files(options.job_files, options.watch_interval_s, service.reload))
-            if options.watch
-            else None
-        )
-        try:
+    watcher = None
+    try:
+        async with SchedulerService(settings, options, specs, observability=observability) as service:
+            loop.add_signal_handler(signal.SIGTERM, stop.set)
+            loop.add_signal_handler(signal.SIGINT, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(service.reload()))
+            if options.watch:
+                watcher = loop.create_task(watch_job_files(options.job_files, options.watch_interval_s, service.reload))
             await stop.wait()
             logger.info("shutting down")
             if observability is not None:
                 observability.stopping()
-            for process in on_stop or []:
-                process.send_signal(signal.SIGTERM)  # the local worker's warm shutdown runs alongside ours
-        finally:
-            for task in (watcher, heartbeat):
-                if task is not None:
-                    task.cancel()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            for worker in on_stop or []:
+                worker.terminate()  # the local worker's warm shutdown runs alongside ours
+    except asyncio.CancelledError:
+        if not stop.is_set() or main.uncancel():
+            raise
+        logger.info("stopped while starting")
+    finally:
+        for task in (watcher, heartbeat):
+            if task is not None:
+                task.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
     return 0
 
 
@@ -377,10 +392,11 @@ def serve(settings: AppSettings, options: ServiceOptions) -> int:
             logger.error("{}", line)
         logger.error("not started: fix the job files above (nothing was written to Redis)")
         return EX_CONFIG
-    local_worker = options.local_worker if options.local_worker is not None else settings.redis.url is None
+    embedded = settings.redis.url is None and not settings.redis.uses_sentinel
+    local_worker = options.local_worker if options.local_worker is not None else embedded
     observability = Observability(settings)  # its server binds HTTP_PORT first: a port in use is 78, nothing started
     with resolve_redis(settings) as settings:
-        workers = [start_local_worker(settings)] if local_worker else []
+        workers = [LocalWorker(settings).start()] if local_worker else []
         try:
             return asyncio.run(run_service(settings, options, specs, on_stop=workers, observability=observability))
         except ChronoqError as exc:  # a wrong password, TLS, eviction, the broker elsewhere
@@ -390,4 +406,4 @@ def serve(settings: AppSettings, options: ServiceOptions) -> int:
         finally:
             observability.stop()
             for worker in workers:
-                stop_local_worker(worker)
+                worker.stop()

@@ -44,6 +44,10 @@ def celery_config(settings: AppSettings, task_modules: Sequence[str] = ()) -> di
         # has both) ignores them and sweeps at its own pace.
         "unacked_restore_interval": restore_interval_s(celery.visibility_timeout_s),
         "unacked_restore_throttle": 1,
+        # The sweep's lock (so the workers take turns) expires after one tick instead of
+        # kombu's 300 s: a sweep cut by a Redis restart left it held through the restart (AOF),
+        # and no sweep ran for five minutes (issue #23; workers/restore.py).
+        "unacked_mutex_expire": restore_interval_s(celery.visibility_timeout_s),
     }
     config: dict[str, Any] = {
         "broker_url": settings.broker_url(),

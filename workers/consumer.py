@@ -10,6 +10,13 @@ After the broker connection drops, Celery retries at 2, 4, 6... s (kombu's defau
 Celery does not let you set), so workers came back about 13 s after a 5 s Redis restart. Here
 the retries are :data:`RECONNECT_INTERVAL_START_S` apart, growing to at most
 :data:`RECONNECT_INTERVAL_MAX_S`.
+
+On that reconnect Celery (5.7) logged ``Error on restarting Gossip: AttributeError`` with a
+traceback: the consumer forgets its dead connection (``c.connection = None``) before it stops
+its steps, and the Gossip step closes its channel with ``ignore_errors(c.connection, ...)``,
+which, when the close fails on the dead connection (it does: it deletes the gossip queue),
+reads ``None.connection_errors``. :class:`Gossip` ignores the errors the consumer itself knows
+(``ignore_errors(c, ...)``, as Celery's other steps do).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from celery import signals
 from celery.exceptions import NotRegistered
 from celery.utils.collections import AttributeDict
 from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.consumer import Gossip as CeleryGossip
+from kombu.common import ignore_errors
 from loguru import logger
 
 from workers.poison import PoisonSink
@@ -32,7 +41,28 @@ RECONNECT_INTERVAL_STEP_S = 0.5
 RECONNECT_INTERVAL_MAX_S = 1.0
 
 
+class Gossip(CeleryGossip):  # type: ignore[misc]
+    """Celery's Gossip step, whose stop after a dropped connection no longer raises (see the
+    module docstring)."""
+
+    def _close(self, c: Any, cancel_consumers: bool = True) -> None:
+        channels = set()
+        for consumer in self.consumers or []:
+            if cancel_consumers:
+                ignore_errors(c, consumer.cancel)  # type: ignore[no-untyped-call]
+            if consumer.channel:
+                channels.add(consumer.channel)
+        for channel in channels:
+            ignore_errors(c, channel.close)  # type: ignore[no-untyped-call]
+
+
 class Consumer(CeleryConsumer):  # type: ignore[misc]
+    class Blueprint(CeleryConsumer.Blueprint):  # type: ignore[misc]
+        default_steps = [
+            "workers.consumer:Gossip" if step == "celery.worker.consumer.gossip:Gossip" else step
+            for step in CeleryConsumer.Blueprint.default_steps
+        ]
+
     def ensure_connected(self, conn: Any) -> Any:
         conn.ensure_connection = partial(
             type(conn).ensure_connection,

@@ -33,13 +33,17 @@ Workers select it with ``broker_transport`` (``workers.main.create_worker_app``)
    then waited for a broadcast for ever, and the worker's event loop with it (its queues filled
    up, nothing logged). Here the event loop's connections do not retry, so the error reaches
    Celery's consumer, which reconnects everything.
+6. **The restore sweep's lock** (``unacked_mutex``): a sweep that Redis left in the middle kept
+   it for kombu's 300 s, through the restart, and no sweep of any worker ran meanwhile (issue
+   #23). :class:`QoS` sweeps under :data:`workers.restore.SWEEP_LOCK`, which owes the release
+   until it has run, with a lock that expires after one sweep interval.
 """
 
 from __future__ import annotations
 
 import threading
 from queue import Empty
-from time import monotonic
+from time import monotonic, time
 from typing import Any
 
 import redis
@@ -55,6 +59,7 @@ from redis.retry import Retry
 from shared.names import RedisKeys
 from shared.sentinel import master_moved, refused
 from workers.poison import PoisonSink
+from workers.restore import SWEEP_LOCK
 from workers.take import Taker
 
 KEY_PREFIX_OPTION = "chronoq_key_prefix"
@@ -81,6 +86,25 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
             virtual.QoS.append(self, message, delivery_tag)  # kept in memory only
         else:
             super().append(message, delivery_tag)
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        # kombu's, under workers.restore.SWEEP_LOCK instead of kombu's Mutex, whose lock a
+        # sweep cut by a Redis restart left held for unacked_mutex_expire (kombu: 300 s).
+        self._vrestore_count += 1
+        if (self._vrestore_count - 1) % (interval or 1):
+            return
+        with (
+            self.channel.conn_or_acquire() as client,
+            SWEEP_LOCK.held(client, self.unacked_mutex_key, self.unacked_mutex_expire) as locked,
+        ):
+            if not locked:
+                return
+            ceil = time() - self.visibility_timeout
+            visible = client.zrange(
+                self.unacked_index_key, ceil, 0, desc=True, byscore=True, offset=num and start, num=num
+            )
+            for tag in visible or []:
+                self.restore_by_tag(tag, client)
 
     def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
         # An ack (no pipe given) without MULTI: a Redis at maxmemory refuses every command

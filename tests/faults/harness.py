@@ -129,6 +129,7 @@ class TcpProxy:
         self.port = port or free_port()
         self._mode = "open"
         self._lose: tuple[bytes, threading.Event] | None = None
+        self._cut_on: tuple[bytes, bool, threading.Event] | None = None
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._stopped = threading.Event()
@@ -161,6 +162,15 @@ class TcpProxy:
         with self._lock:
             self._lose = (marker, threading.Event())
             return self._lose[1]
+
+    def cut_on_request(self, marker: bytes, *, applied: bool = False) -> threading.Event:
+        """Once a command to the target carries ``marker``, reset every connection and refuse
+        new ones until :meth:`restore`, as a restart does: just before the command reaches the
+        target, or with ``applied`` just after, once the target has answered (the command took
+        effect; its client never hears of it). The event is set when that happened."""
+        with self._lock:
+            self._cut_on = (marker, applied, threading.Event())
+            return self._cut_on[2]
 
     def restore(self) -> None:
         with self._lock:
@@ -209,6 +219,8 @@ class TcpProxy:
                         return
                     if sock is b and self._lost(data):
                         return
+                    if sock is a and self._cut_at(data, b):
+                        return
                     peers[sock].sendall(data)
         except (OSError, ValueError):  # ValueError: select() on a socket cut() closed meanwhile (fd -1)
             return
@@ -227,6 +239,21 @@ class TcpProxy:
         with self._lock:
             self._mode = "open"
         lose[1].set()
+        return True
+
+    def _cut_at(self, request: bytes, upstream: socket.socket) -> bool:
+        with self._lock:
+            cut_on = self._cut_on
+            if cut_on is None or cut_on[0] not in request:
+                return False
+            self._cut_on = None
+        _, applied, done = cut_on
+        if applied:
+            upstream.sendall(request)
+            upstream.settimeout(5)
+            upstream.recv(65536)  # the target's answer, which goes nowhere
+        self.cut()
+        done.set()
         return True
 
 

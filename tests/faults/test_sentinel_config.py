@@ -5,16 +5,20 @@ run against the master the Sentinels name; mistakes are one line and an exit cod
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from shared.settings import AppSettings
-from tests.conftest import ROOT, WorkerProcess, chronoq, settings_env
+from tests.conftest import ROOT, WorkerProcess, chronoq, settings_env, terminate, wait_for
 from tests.faults.sentinel_harness import DATA_PASSWORD, MASTER_NAME, SENTINEL_PASSWORD, SentinelGroup
 
 pytestmark = pytest.mark.timeout(120)
@@ -114,3 +118,65 @@ def test_the_eviction_check_reads_the_master_the_sentinels_name(
     finally:
         with group.master().client() as client:
             client.config_set("maxmemory-policy", "noeviction")
+
+
+def gone_or_zombie(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def reaped(pid: int) -> bool:
+    try:
+        psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("flag", ["--worker", None], ids=["with-worker", "default"])
+def test_the_scheduler_reaps_a_local_worker_that_exits_and_starts_none_by_default(
+    group: SentinelGroup, namespace: str, tmp_path: Path, flag: str | None
+) -> None:
+    """No Sentinel names the master: a local worker exits 69 at once. The scheduler (which waits
+    for the master) reaps it the moment it ends (it was still a zombie 8 s later) and starts
+    another. Without ``--worker`` it starts none: with Sentinel, Redis is not embedded."""
+    settings = settings_for(group, namespace, sentinel_master="nobody")
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text("jobs: []\n")
+    log_path = tmp_path / "scheduler.log"
+    with log_path.open("wb") as out:
+        scheduler = subprocess.Popen(
+            [sys.executable, str(ROOT / "run_scheduler.py"), "--jobs", str(jobs), *([flag] if flag else [])],
+            cwd=ROOT,
+            env=settings_env(settings),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    started: list[int] = []
+    try:
+
+        def log() -> str:
+            return log_path.read_text(errors="replace")
+
+        wait_for(lambda: "redis master 'nobody'" in log() or scheduler.poll() is not None, 30, "the scheduler to wait")
+        assert scheduler.poll() is None, log()
+        if flag is None:
+            assert "local worker" not in log()
+            return
+        started += [int(pid) for pid in re.findall(r"started a local worker pid=(\d+)", log())]
+        assert started, log()
+        wait_for(lambda: gone_or_zombie(started[0]), 30, "the local worker to exit (no master)")
+        wait_for(lambda: reaped(started[0]), 2, "the scheduler to reap its local worker")
+        assert f"local worker pid={started[0]} exited with status 69" in log(), log()
+        wait_for(lambda: log().count("started a local worker pid=") >= 2, 10, "another local worker")
+        started += [int(pid) for pid in re.findall(r"started a local worker pid=(\d+)", log())]
+    finally:
+        code = terminate(scheduler)
+        for pid in started:  # each in its own session
+            if not reaped(pid):
+                os.killpg(pid, signal.SIGKILL)
+    assert code == 0, log()
+    assert all(reaped(pid) for pid in started)

@@ -239,6 +239,8 @@ def run_failover(
             "the worker to finish the queued fires",
         )
     result = account(new, ledger, settings, began)
+    # The worker's reconnect to the new master stopped its consumer's steps quietly (issue #23).
+    assert "Error on restarting" not in worker.log(), worker.log()[-5000:]
     # For a failure message: what the worker said about each fire run twice or never.
     tasks = {
         f.split("task=")[1].split()[0]

@@ -218,6 +218,17 @@ NAMES: tuple[Name, ...] = (
     option("kombu", KR + "SentinelChannel.min_other_sentinels", f"{TRA}:SentinelChannel._master_pool"),
     option("kombu", KR + "SentinelChannel.sentinel_kwargs", f"{TRA}:SentinelChannel._master_pool"),
     attr("kombu", KR + "Transport.Channel", f"{TRA}:Transport"),
+    # The restore sweep under a lock that a Redis restart cannot leave held (workers/restore.py).
+    override("kombu", KR + "QoS.restore_visible", f"{TRA}:QoS.restore_visible", ("self", "start", "num", "interval")),
+    inst("kombu", KR + "QoS._vrestore_count", f"{TRA}:QoS.restore_visible"),
+    call("kombu", KR + "QoS.restore_by_tag", f"{TRA}:QoS.restore_visible", ("self", "tag", "client")),
+    attr("kombu", KR + "QoS.unacked_mutex_key", f"{TRA}:QoS.restore_visible"),
+    attr("kombu", KR + "QoS.unacked_mutex_expire", f"{TRA}:QoS.restore_visible"),
+    option("kombu", KR + "Channel.unacked_mutex_expire", "shared/celery_app.py:celery_config"),
+    call("redis", "redis.lock:Lock.do_release", "workers/restore.py:SweepLock", ("self", "expected_token")),
+    override("celery", "celery.worker.consumer.gossip:Gossip._close", "workers/consumer.py:Gossip._close",
+             ("self", "c", "cancel_consumers")),
+    attr("celery", "celery.worker.consumer.consumer:Consumer.Blueprint.default_steps", "workers/consumer.py:Consumer.Blueprint"),
     attr("kombu", KR + "SentinelTransport.Channel", f"{TRA}:SentinelTransport"),
     # -- Celery and kombu: the worker's consumer, task base class, timer bootstep --------------
     override("celery", "celery.worker.consumer.consumer:Consumer.ensure_connected", "workers/consumer.py:Consumer",
