@@ -38,20 +38,14 @@ USAGE = """Run chronoq: the scheduler, workers, and the operator commands.
 
 def parser() -> argparse.ArgumentParser:
     def add_daemons(commands: Any) -> None:
-        scheduler = commands.add_parser(
-            "scheduler",
-            help="run the scheduler daemon (what run_scheduler.py runs)",
-            description=scheduler_command.DESCRIPTION,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        scheduler_command.add_arguments(scheduler)
-        worker = commands.add_parser(
-            "worker",
-            help="run a Celery worker for chronoq's queues (what run_worker.py runs)",
-            description=worker_command.DESCRIPTION,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        worker_command.add_arguments(worker)
+        for name, command, what in (
+            ("scheduler", scheduler_command, "run the scheduler daemon (what run_scheduler.py runs)"),
+            ("worker", worker_command, "run a Celery worker for chronoq's queues (what run_worker.py runs)"),
+        ):
+            daemon = commands.add_parser(
+                name, help=what, description=command.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+            )
+            command.add_arguments(daemon)
 
     return operator_cli._parser(USAGE + (operator_cli.__doc__ or "").partition("::\n")[2], add_daemons)
 

@@ -3,6 +3,7 @@ and last (every error is one line on stderr and an exit code, never a traceback)
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,18 @@ from pydantic import ValidationError
 from shared.errors import EX_CONFIG, EX_UNAVAILABLE, ChronoqError, ConfigError
 from shared.logging import configure_logging
 from shared.settings import AppSettings, describe_errors
+
+
+def parse_command_line(
+    description: str, add_arguments: Callable[[argparse.ArgumentParser], None], argv: list[str], prog: str | None
+) -> argparse.Namespace:
+    """A daemon's command line (``chronoq scheduler|worker``, their ``run_*.py`` shims)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.set_defaults(env_file=None)
+    add_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def apply_overrides(settings: AppSettings, **groups: dict[str, Any]) -> AppSettings:

@@ -49,12 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str], prog: str | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.set_defaults(env_file=None)
-    add_arguments(parser)
-    return parser.parse_args(argv)
+    from shared.cli_support import parse_command_line
+
+    return parse_command_line(DESCRIPTION, add_arguments, argv, prog)
 
 
 CHILD_OPTIONS = {
