@@ -1,18 +1,31 @@
 #!/usr/bin/env python3
 """Failover of scheduler replicas, and what a fire costs in Redis commands.
 
-    python bench/failover.py [--trials 10] [--replicas 3] [--jobs 10] [--interval 1]
+    python bench/failover.py [--trials 10] [--faults kill,partition] [--replicas 3] [--jobs 10]
+                             [--interval 1] [--tree old=/path/to/other/checkout] [--skip-cost]
 
 Failover: ``--replicas`` run_scheduler.py processes share ``--jobs`` interval jobs (phases
-spread, so a fire is due every interval/jobs seconds). Once they run, the leader is killed
-with SIGKILL. A consumer pops the queue throughout (nothing else does) and records each
-message's arrival. Per trial:
+spread, so a fire is due every interval/jobs seconds). Once they run, the leader is hit by a
+fault: ``kill`` sends it SIGKILL; ``partition`` black-holes its connections to Redis (each
+replica reaches Redis through its own TCP proxy, tests/faults/harness.py's ``TcpProxy``: the
+leader's commands hang, unanswered, as behind a dropped network; restored after the trial). A
+consumer pops the queue throughout (nothing else does) and records each message's arrival. Per
+trial:
 
-- ``lease_s``: kill until a survivor holds the leader lease;
-- ``worst_lag_s``: the largest arrival minus nominal time among fires due after the kill (how
+- ``lease_left_s``: what the leader's lease had left (``PTTL``) when the fault hit;
+- ``lease_s``: fault until a survivor holds the leader lease (``lease_s - lease_left_s`` is how
+  long the lease stood free before a survivor took it);
+- ``first_fire_s``: fault until the first fire due after it arrived (the takeover as the
+  queue sees it);
+- ``worst_lag_s``: the largest arrival minus nominal time among fires due after the fault (how
   late the fires of the failover window went out);
-- ``on_time_s``: kill until the first fire after which every fire arrives within 250 ms;
+- ``on_time_s``: fault until the first fire after which every fire arrives within 250 ms;
 - duplicates and gaps over the whole run, from the arrivals.
+
+``--tree label=path`` (repeatable) adds another checkout (an older commit, unpacked with ``git
+archive``) whose run_scheduler.py runs the replicas; trials alternate between the trees and
+the faults (trial 1 of each, then trial 2 of each...), so a noisy machine weighs on all alike.
+The summary gives, per tree and fault, the median and the max of each figure.
 
 Commands per fire: ``CONFIG RESETSTAT``, a window of steady dispatching, then ``INFO
 commandstats``: round trips (script calls) and Redis commands (those run inside the scripts
@@ -46,6 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.dispatch_lag import start_redis  # noqa: E402
+from tests.faults.harness import TcpProxy  # noqa: E402
 
 QUEUE = "failover_cron"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -61,16 +75,23 @@ def write_jobs(path: Path, count: int, interval_s: float) -> None:
             "interval": interval_s,
             "start_date": (EPOCH + timedelta(seconds=i * step)).isoformat(),
             "overlap": "allow",
+            # Every fire of the failover window goes out, however late: a gap is a lost fire
+            # and the worst lag is that of the first fire due after the fault.
+            "coalesce": False,
         }
         for i in range(count)
     ]
     path.write_text(json.dumps({"jobs": jobs}))
 
 
-def start_replicas(url: str, jobs: Path, prefix: str, count: int) -> list[subprocess.Popen[bytes]]:
+def start_replicas(
+    url: str | list[str], jobs: Path, prefix: str, count: int, root: Path = ROOT
+) -> list[subprocess.Popen[bytes]]:
+    """``count`` replicas of the checkout at ``root``; ``url`` is one for all or one each."""
+    urls = url if isinstance(url, list) else [url] * count
     env = {
         **os.environ,
-        "REDIS_URL": url,
+        "PYTHONPATH": str(root),
         "REDIS_KEY_PREFIX": prefix,
         "CELERY_CRON_QUEUE": QUEUE,
         "LOG_LEVEL": "WARNING",
@@ -79,12 +100,12 @@ def start_replicas(url: str, jobs: Path, prefix: str, count: int) -> list[subpro
     }
     return [
         subprocess.Popen(
-            [sys.executable, str(ROOT / "run_scheduler.py"), "--jobs", str(jobs), "--no-worker"],
-            cwd=ROOT,
-            env=env,
+            [sys.executable, str(root / "run_scheduler.py"), "--jobs", str(jobs), "--no-worker"],
+            cwd=root,
+            env={**env, "REDIS_URL": urls[i]},
             stderr=subprocess.DEVNULL,
         )
-        for _ in range(count)
+        for i in range(count)
     ]
 
 
@@ -135,25 +156,37 @@ def wait_for_leader(client: redis.Redis, prefix: str, not_owner: str = "", timeo
     raise SystemExit(f"no leader under {prefix} after {timeout_s}s")
 
 
-def trial(url: str, tmp: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
-    prefix = f"fo{n}:"
+def trial(url: str, tmp: Path, n: int, args: argparse.Namespace, fault: str, tree: tuple[str, Path]) -> dict[str, Any]:
+    label, root = tree
+    prefix = f"fo{n}-{fault}-{label}:"
     jobs = tmp / f"jobs-{n}.yaml"
     write_jobs(jobs, args.jobs, args.interval)
     client = redis.Redis.from_url(url)
+    port = client.connection_pool.connection_kwargs["port"]
+    proxies = [TcpProxy(port) for _ in range(args.replicas)] if fault == "partition" else []
     consumer = Consumer(url)
-    replicas = start_replicas(url, jobs, prefix, args.replicas)
+    replicas = start_replicas([p.url() for p in proxies] or url, jobs, prefix, args.replicas, root)
     try:
         leader, _ = wait_for_leader(client, prefix)
         while len(client.hkeys(f"{prefix}replicas")) < args.replicas:
             time.sleep(0.05)
         time.sleep(3)
+        leader, _ = wait_for_leader(client, prefix)
         pid = int(leader.split(":")[1])
-        os.kill(pid, signal.SIGKILL)
-        killed_at = time.time()
+        lease_left_s = max(0, int(client.pttl(f"{prefix}leader"))) / 1000
+        if fault == "kill":
+            os.kill(pid, signal.SIGKILL)
+        else:
+            proxies[next(i for i, r in enumerate(replicas) if r.pid == pid)].blackhole()
+        hit_at = time.time()
         _, leased_at = wait_for_leader(client, prefix, not_owner=leader)
         time.sleep(args.after)
     finally:
+        for proxy in proxies:
+            proxy.restore()
         stop(replicas)
+        for proxy in proxies:
+            proxy.close()
         time.sleep(0.5)
         consumer.close()
     arrivals = consumer.arrivals
@@ -162,20 +195,36 @@ def trial(url: str, tmp: Path, n: int, args: argparse.Namespace) -> dict[str, An
         (datetime.fromisoformat(at).timestamp(), arrival - datetime.fromisoformat(at).timestamp())
         for arrival, _, at in arrivals
     )
-    after = [(nominal, lag) for nominal, lag in lags if nominal > killed_at]
+    after = [(nominal, lag) for nominal, lag in lags if nominal > hit_at]
     late = [nominal for nominal, lag in after if lag > 0.25]
     gaps = 0
     for job in {job for _, job, _ in arrivals}:
         times = sorted(datetime.fromisoformat(at).timestamp() for (j, at) in counts if j == job)
         gaps += sum(round((b - a) / args.interval) - 1 for a, b in itertools.pairwise(times))
     return {
-        "lease_s": leased_at - killed_at,
+        "lease_left_s": lease_left_s,
+        "lease_s": leased_at - hit_at,
+        "first_fire_s": min(nominal + lag for nominal, lag in after) - hit_at,
         "worst_lag_s": max(lag for _, lag in after),
-        "on_time_s": (max(late) - killed_at) if late else 0.0,
+        "on_time_s": (max(late) - hit_at) if late else 0.0,
         "fires": len(counts),
         "duplicates": sum(c - 1 for c in counts.values()),
         "gaps": gaps,
     }
+
+
+FIGURES = ("lease_left_s", "lease_s", "first_fire_s", "worst_lag_s", "on_time_s")
+
+
+def summarise(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and max of each figure, and the totals, over ``trials``."""
+    summary: dict[str, Any] = {"trials": len(trials)}
+    for figure in FIGURES:
+        values = [t[figure] for t in trials]
+        summary[figure] = {"median": statistics.median(values), "max": max(values), "min": min(values)}
+    for total in ("fires", "duplicates", "gaps"):
+        summary[total] = sum(t[total] for t in trials)
+    return summary
 
 
 def command_cost(url: str, tmp: Path, replicas: int, args: argparse.Namespace, seconds: float = 10) -> dict[str, Any]:
@@ -233,56 +282,76 @@ def idle_cost(url: str, tmp: Path, replicas: int, seconds: float = 10) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--faults", default="kill,partition", help="comma-separated: kill, partition")
+    parser.add_argument("--tree", action="append", default=[], help="label=path of another checkout to alternate with")
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=10, help="interval jobs in the failover trials")
     parser.add_argument("--interval", type=float, default=1.0)
-    parser.add_argument("--after", type=float, default=5.0, help="seconds to run after the kill")
+    parser.add_argument("--after", type=float, default=5.0, help="seconds to run after the fault")
     parser.add_argument("--cost-jobs", type=int, default=200, help="jobs every second in the command-cost runs")
+    parser.add_argument("--skip-cost", action="store_true", help="failover trials only")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    faults = [f for f in args.faults.split(",") if f]
+    if set(faults) - {"kill", "partition"}:
+        parser.error(f"--faults: kill or partition, not {args.faults}")
+    trees = {"this": ROOT} | {label: Path(path).resolve() for label, _, path in (t.partition("=") for t in args.tree)}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {label: {f: [] for f in faults} for label in trees}
+    load: list[float] = []
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         url, server = start_redis(tmp)
         try:
-            trials = []
             for n in range(args.trials):
-                result = trial(url, tmp, n, args)
-                trials.append(result)
-                print(
-                    f"trial {n + 1}: lease {result['lease_s']:.2f}s, worst lag {result['worst_lag_s']:.2f}s, "
-                    f"on time after {result['on_time_s']:.2f}s, {result['fires']} fires, "
-                    f"{result['duplicates']} duplicates, {result['gaps']} gaps",
-                    flush=True,
-                )
-            costs = [command_cost(url, tmp, 1, args), command_cost(url, tmp, args.replicas, args)]
-            idle = idle_cost(url, tmp, args.replicas)
+                for fault in faults:
+                    for label, root in trees.items():
+                        load.append(os.getloadavg()[0])
+                        result = trial(url, tmp, n, args, fault, (label, root))
+                        runs[label][fault].append(result)
+                        print(
+                            f"{label} {fault} {n + 1}: lease had {result['lease_left_s']:.2f}s left, "
+                            f"taken after {result['lease_s']:.2f}s, first fire {result['first_fire_s']:.2f}s, "
+                            f"worst lag {result['worst_lag_s']:.2f}s, on time after {result['on_time_s']:.2f}s; "
+                            f"{result['fires']} fires, {result['duplicates']} duplicates, {result['gaps']} gaps "
+                            f"(load {load[-1]:.2f})",
+                            flush=True,
+                        )
+            costs: list[dict[str, Any]] = []
+            idle = None
+            if not args.skip_cost:
+                costs = [command_cost(url, tmp, 1, args), command_cost(url, tmp, args.replicas, args)]
+                idle = idle_cost(url, tmp, args.replicas)
         finally:
             server.terminate()
             server.wait(10)
-    summary = {
-        "trials": trials,
-        "median_lease_s": statistics.median(t["lease_s"] for t in trials),
-        "median_worst_lag_s": statistics.median(t["worst_lag_s"] for t in trials),
-        "median_on_time_s": statistics.median(t["on_time_s"] for t in trials),
-        "duplicates": sum(t["duplicates"] for t in trials),
-        "gaps": sum(t["gaps"] for t in trials),
-        "fires": sum(t["fires"] for t in trials),
-        "costs": costs,
-        "idle_commands_per_s_per_replica": idle,
+    summary: dict[str, Any] = {
+        "replicas": args.replicas,
+        "jobs": args.jobs,
+        "interval_s": args.interval,
+        "load_average_1m": {"min": min(load), "median": statistics.median(load), "max": max(load)},
+        "trees": {label: str(root) for label, root in trees.items()},
+        "results": {label: {f: summarise(t) for f, t in by_fault.items()} for label, by_fault in runs.items()},
+        "trials": runs,
     }
-    print(
-        f"\n{args.trials} SIGKILLs of the leader of {args.replicas} replicas: median lease takeover "
-        f"{summary['median_lease_s']:.2f}s, median worst lag {summary['median_worst_lag_s']:.2f}s, "
-        f"median back on time {summary['median_on_time_s']:.2f}s; {summary['fires']} fires, "
-        f"{summary['duplicates']} duplicates, {summary['gaps']} gaps"
-    )
+    if costs:
+        summary["costs"] = costs
+        summary["idle_commands_per_s_per_replica"] = idle
+    print(f"\nload average (1 min) during the trials: {min(load):.2f}-{max(load):.2f}")
+    for label, by_fault in summary["results"].items():
+        for fault, s in by_fault.items():
+            figures = ", ".join(f"{k} {s[k]['median']:.2f}/{s[k]['max']:.2f}" for k in FIGURES)
+            print(
+                f"{label} {fault} x{s['trials']} (median/max): {figures}; "
+                f"{s['fires']} fires, {s['duplicates']} duplicates, {s['gaps']} gaps"
+            )
     for cost in costs:
         top = ", ".join(f"{k} {v}" for k, v in list(cost["by_command"].items())[:8])
         print(
             f"{cost['replicas']} replica(s): {cost['script_calls_per_fire']:.2f} script calls and "
             f"{cost['commands_per_fire']:.1f} Redis commands per fire ({cost['fires']} fires; {top})"
         )
-    print(f"idle: {idle:.1f} commands/s per replica (lease, heartbeat, operator-state polling)")
+    if idle is not None:
+        print(f"idle: {idle:.1f} commands/s per replica (lease, heartbeat, operator-state polling)")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
 

@@ -26,7 +26,7 @@ from scheduler.encoder import MessageEncoder
 from scheduler.epoch import DataEpoch
 from scheduler.events import SentEvents
 from scheduler.jobfeed import JobFeed
-from scheduler.leadership import Leadership
+from scheduler.leadership import Leadership, lease_ms_for
 from scheduler.localworker import SHUTDOWN_BUDGET_S, LocalWorker, watch_job_files
 from scheduler.manager import SchedulerManager
 from scheduler.observability import Observability
@@ -127,7 +127,7 @@ class SchedulerService:
             self.state = StateStore(client, keys)
             self.control = ControlStore(client, keys)
             self.leadership = Leadership(
-                client, keys, self.owner, lease_ms=int(sched.takeover_s * 1000), clock=self.clock
+                client, keys, self.owner, lease_ms=lease_ms_for(sched.takeover_s), clock=self.clock
             )
             self.epoch = DataEpoch(client, keys, self._after_data_loss)
             await self.epoch.claim()

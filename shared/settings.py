@@ -113,7 +113,9 @@ class SchedulerSettings(Group):
     """What a fire does while max_instances of its job are queued or running fleet-wide."""
     takeover_s: float = Field(2.0, gt=0)
     """A replica that is not the leader dispatches a fire this long after it is due, if no
-    replica has yet: the fail-over time when a replica dies."""
+    replica has yet: the fail-over time when a replica dies. The leader lease lasts 90% of it
+    (renewed every third of that) and a follower tries the lease the instant it lapses, so a
+    survivor leads, and decides the dead leader's fires, within this of the death."""
     slot_margin_s: int = Field(30, ge=0)
     """A slot of a task whose worker died lapses this long after the task's time limit."""
     history_limit: int = Field(100, ge=1)
