@@ -21,6 +21,7 @@ from pathlib import Path
 import redis
 from loguru import logger
 
+from scheduler.audit import DispatchAudit
 from scheduler.control import ControlStore, file_hashes, source_hash
 from scheduler.dispatch import Dispatcher, Limits
 from scheduler.encoder import MessageEncoder
@@ -109,6 +110,7 @@ class SchedulerService:
         self._registry: asyncio.Task[None]
         self.epoch: DataEpoch
         self.feed: JobFeed
+        self.audit: DispatchAudit
 
     async def __aenter__(self) -> SchedulerService:
         settings = self.settings
@@ -157,6 +159,10 @@ class SchedulerService:
                 lookahead_s=sched.lookahead_s,
             )
             self.dispatcher.job_state = self.manager.job_state
+            self.audit = DispatchAudit(
+                self.ledger, client, encoder, Limits.from_settings(settings), settings, self._job_spec,
+                is_leader=self.leadership.is_leader, clock=self.clock,
+            )  # fmt: skip
             self.leadership.on_promoted = self.dispatcher.promote
             self._hashes = file_hashes(self.options.job_files)
             self.feed = JobFeed(
@@ -182,7 +188,7 @@ class SchedulerService:
                     queues=sorted({settings.celery.cron_queue, settings.celery.default_queue}),
                 )
             loops = (self.leadership.run, self._follow_control, self._sweep_buffers, self.epoch.watch, self.feed.follow)
-            for loop_fn in (*loops, self.feed.sweep_backfills):
+            for loop_fn in (*loops, self.feed.sweep_backfills, self.audit.run):
                 self._tasks.append(asyncio.get_running_loop().create_task(loop_fn()))
             # The registry is for operators; at 100,000 jobs writing it takes seconds, which
             # the first fires should not wait for.
@@ -222,6 +228,9 @@ class SchedulerService:
         await self.control.publish_jobs(self.manager.list(), self._hashes)
         await self.feed.resync()  # the API jobs are gone with the data: stop running them
         await self.leadership.tick()
+
+    def _job_spec(self, job_id: str) -> JobSpec | None:
+        return self.manager.get(job_id) if self.manager.has(job_id) else None
 
     def _count_jobs(self) -> None:
         self.leadership.jobs = len(self.manager.list())

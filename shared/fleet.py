@@ -45,7 +45,8 @@ from shared.names import RedisKeys
 
 
 class Outcome(StrEnum):
-    """How a fire ended. The scheduler decides the first four; workers add the rest."""
+    """How a fire ended. The scheduler decides the first four (and, through the dispatch audit,
+    lost); workers add the rest."""
 
     DISPATCHED = "dispatched"
     COALESCED = "coalesced"
@@ -56,6 +57,7 @@ class Outcome(StrEnum):
     FAILED = "failed"
     RETRIED = "retried"
     EXPIRED = "expired"
+    LOST = "lost"  # the dispatch audit found its message nowhere, past its expiry (scheduler.audit)
 
 
 class Overlap(StrEnum):
@@ -85,6 +87,22 @@ class FireIntent:
     """Epoch ms after which a buffered fire is too late (0: no limit)."""
     list_key: str = ""
     payload: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditCheck:
+    """One fire for :meth:`FireLedger.audit`: look where its message is (``action`` ""), or, if it
+    is nowhere, ``republish`` copy number ``copy`` (``data`` its payload, its slot held
+    ``slot_lapse_ms`` more) or record it ``lost`` (``data`` the reason). ``list``: 1-based index
+    of its queue list in the call's lists (0: unknown, only unacked is looked at)."""
+
+    job_id: str
+    scheduled_at: str
+    list: int
+    action: str = ""
+    copy: int = 0
+    slot_lapse_ms: int = 0
+    data: str = ""
 
 
 FIRE_FIELDS = (
@@ -162,6 +180,7 @@ class FireLedger:
         self._decided = client.register_script(lua.source("decided"))
         self._renew = client.register_script(lua.source("renew"))
         self._streak = client.register_script(lua.source("streak"))
+        self._audit = client.register_script(lua.source("audit"))
 
     def decide(self, fires: Sequence[FireIntent], owner: str) -> Any:
         """Decide each fire once, fleet-wide; returns, per fire, the outcome this call decided
@@ -172,7 +191,7 @@ class FireLedger:
         for f in fires:
             args.append(encode_fire(f))
             args.append(f.payload)
-        return self._decide(keys=[k.counters, k.last_fire, k.buffered, k.fence], args=args)
+        return self._decide(keys=[k.counters, k.last_fire, k.buffered, k.fence, k.dispatched], args=args)
 
     def decided(self, fires: Sequence[tuple[str, str]]) -> Any:
         """For each (job id, scheduled_at): 1 if the fire is decided already, else 0."""
@@ -184,7 +203,7 @@ class FireLedger:
     def release(self, job_ids: Sequence[str]) -> Any:
         """Free lapsed slots and dispatch waiting fires where a slot is free."""
         k = self.keys
-        keys = [k.counters, k.last_fire, k.buffered]
+        keys = [k.counters, k.last_fire, k.buffered, k.dispatched]
         return self._release(keys=keys, args=[self._templates, self.fire_ttl_s, *job_ids])
 
     def start(
@@ -213,7 +232,7 @@ class FireLedger:
         """
         args: list[str | int] = [self._templates, job_id, scheduled_at, task_id, runner, lease_ms]
         return self._start(
-            keys=[self.keys.fence],
+            keys=[self.keys.fence, self.keys.dispatched],
             args=[*args, "1" if force else "0", self.fire_ttl_s, retries, token, int(self.require_record)],
         )
 
@@ -249,9 +268,20 @@ class FireLedger:
         retired fire). Refreshes the fire's TTL.
         """
         k = self.keys
-        keys = [k.counters, k.last_fire, k.buffered, k.fence]
+        keys = [k.counters, k.last_fire, k.buffered, k.fence, k.dispatched]
         args = [self._templates, job_id, scheduled_at, task_id, outcome.value, error[:500], worker, self.fire_ttl_s]
         return self._finish(keys=keys, args=[*args, runner, attempt, retry_lapse_ms])
+
+    def audit(self, checks: Sequence[AuditCheck], lists: Sequence[str], unacked: tuple[str, str], scan_max: int) -> Any:
+        """Where each fire's message is, and the checks' actions applied to fires whose message is
+        nowhere, in one atomic step (``shared/lua/audit.lua`` has the states). ``lists`` are the
+        queue lists :attr:`AuditCheck.list` indexes (from 1); ``unacked`` is kombu's unacked hash
+        and index (prefixed). Returns per check ``[state, new, copies, dispatched_ms]``."""
+        k = self.keys
+        args: list[str | int] = [self._templates, scan_max]
+        for c in checks:
+            args += [c.job_id, c.scheduled_at, c.list, c.action, c.copy, c.slot_lapse_ms, c.data]
+        return self._audit(keys=[k.dispatched, k.counters, *unacked, *lists], args=args)
 
     def streak(self, job_id: str, scheduled_at: str, outcome: Outcome, error: str = "", by: str = "") -> Any:
         """Count a finally failed fire towards the job's ``pause_after_failures`` (a success

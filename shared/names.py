@@ -72,9 +72,11 @@ class RedisKeys:
     def fire(self, job_id: str, scheduled_at: str) -> str:
         """Hash: one fire's whole story, created atomically by whoever decides its outcome.
 
-        Scheduler fields: ``outcome`` (dispatched | coalesced | skipped | missed), ``reason``,
+        Scheduler fields: ``outcome`` (dispatched | coalesced | skipped | missed | lost), ``reason``,
         ``task_id``, ``scheduled_at``, ``decided_ms``, ``dispatched_ms``, ``owner`` (replica),
-        ``trigger`` (schedule | manual). Worker fields: ``run`` (running | succeeded | failed |
+        ``trigger`` (schedule | manual), and the dispatch audit's: ``audit`` (what it found last:
+        queued, unacked, reindexed, republished), ``audit_ms``, ``republished`` (copies it
+        published again). Worker fields: ``run`` (running | succeeded | failed |
         retried | expired), ``runner`` (host:pid of the attempt holding the lease),
         ``attempts``, ``run_retries`` (the running attempt's retry count), ``worker``,
         ``started_ms``, ``finished_ms``, ``duration_ms``, ``error``, ``run_lease_ms`` (epoch ms
@@ -107,6 +109,15 @@ class RedisKeys:
     def job_counters(self, job_id: str) -> str:
         """Hash: outcome -> count for one job, and ``last_success_ms`` (epoch ms of its last success)."""
         return self.key("counters", "job", job_id)
+
+    @property
+    def dispatched(self) -> str:
+        """Sorted set: fires dispatched whose run has not started, as ``job_id`` + ``\\x1f`` +
+        ``scheduled_at`` -> epoch ms of their dispatch, or of the dispatch audit's last look at
+        them (:mod:`scheduler.audit`). Added to by whoever publishes a fire (decide, a released
+        buffer, the audit's republish), removed from by the run's start, a report that it never
+        started, and the audit once it has no more to check."""
+        return self.key("dispatched")
 
     # -- the fleet-wide max_instances ----------------------------------------------------
     def inflight(self, job_id: str) -> str:

@@ -52,6 +52,11 @@ local function fenced(fence, job_id, scheduled_at)
   return mark ~= false and epoch_us(scheduled_at) <= epoch_us(mark)
 end
 
+-- A fire's member in the `dispatched` sorted set (shared.names.RedisKeys.dispatched).
+local function dispatched_member(job_id, scheduled_at)
+  return job_id .. '\31' .. scheduled_at
+end
+
 -- The one spelling of a last_fire entry (read by scheduler.state.StateStore.load_last_fires).
 local function last_fire_json(scheduled_at, dispatched_ms, task_id)
   return '{"scheduled_at":"' .. scheduled_at .. '","dispatched_ms":' .. dispatched_ms
@@ -86,8 +91,8 @@ local function retire(fence, job_id, depth, limit, window_ms, budget)
 end
 
 -- Dispatch the job's buffered fire if a slot is free (or record it missed if it waited past
--- its grace). Returns 1 (dispatched), -1 (missed) or 0 (nothing to do or no free slot).
-local function release_buffer(job_id, buffered, counters, last_fire, fire_ttl)
+-- its grace); a dispatched one joins `dispatched` (the dispatch audit's index). Returns 1 (dispatched), -1 (missed) or 0 (nothing to do or no free slot).
+local function release_buffer(job_id, buffered, counters, last_fire, fire_ttl, dispatched)
   local inflight, buffer = key(T.inflight, job_id), key(T.buffer, job_id)
   local job_counters = key(T.job_counters, job_id)
   redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now_ms)
@@ -113,6 +118,7 @@ local function release_buffer(job_id, buffered, counters, last_fire, fire_ttl)
   redis.call('SREM', buffered, job_id)
   redis.call('ZADD', inflight, now_ms + tonumber(f['slot_lapse_ms']), f['task_id'])
   redis.call('LPUSH', f['list_key'], f['payload'])
+  redis.call('ZADD', dispatched, now_ms, dispatched_member(job_id, f['scheduled_at']))
   redis.call('HSET', fire, 'outcome', 'dispatched', 'reason', 'buffered until a slot freed', 'dispatched_ms', now_ms)
   redis.call('EXPIRE', fire, fire_ttl)
   redis.call('HSET', last_fire, job_id, last_fire_json(f['scheduled_at'], now_ms, f['task_id']))

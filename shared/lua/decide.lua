@@ -1,6 +1,6 @@
 -- decide: decide each fire once, fleet-wide (shared.fleet.FireLedger.decide).
 --
--- KEYS[1] counters, KEYS[2] last_fire, KEYS[3] buffered, KEYS[4] fence.
+-- KEYS[1] counters, KEYS[2] last_fire, KEYS[3] buffered, KEYS[4] fence, KEYS[5] dispatched.
 -- ARGV[1] key templates (see common.lua), ARGV[2] history_limit, ARGV[3] fire_ttl_s,
 -- ARGV[4] owner, ARGV[5] fence_window_ms, then two values per fire: its fields joined by "\31"
 -- and its payload (the encoded broker message; empty unless dispatched).
@@ -12,6 +12,8 @@
 -- beyond the history limit (see retire in common.lua), so the records per job stay bounded.
 -- A skipped fire also counts, in KEYS[1] only, as skipped_paused, skipped_overlap or
 -- skipped_other (its reason), for the metrics' chronoq_fires_skipped_total{reason}.
+-- A dispatched fire joins KEYS[5] (scored with its dispatch time) until its run starts: the
+-- dispatch audit (scheduler.audit) reads it oldest first.
 --#include common.lua
 local function fields(s)
   local t, start = {}, 1
@@ -24,7 +26,7 @@ local function fields(s)
 end
 local limit, fire_ttl, owner, window_ms = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local counters, last_fire, buffered, fence = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local out, last, totals = {}, {}, {}
+local out, last, totals, sent = {}, {}, {}, {}
 local n = (#ARGV - 5) / 2
 for i = 0, n - 1 do
   local f = fields(ARGV[6 + 2*i])
@@ -55,6 +57,8 @@ for i = 0, n - 1 do
     if outcome == 'dispatched' then
       redis.call('ZADD', inflight, now_ms + slot_lapse_ms, task_id)
       redis.call('LPUSH', list_key, payload)
+      sent[#sent + 1] = now_ms
+      sent[#sent + 1] = dispatched_member(job_id, scheduled_at)
       if trigger ~= 'backfill' then  -- a backfilled past fire must not move restart catch-up back
         last[#last + 1] = job_id
         last[#last + 1] = last_fire_json(scheduled_at, now_ms, task_id)
@@ -84,6 +88,9 @@ end
 -- later fire, as with one HSET per fire.
 for first = 1, #last, 1000 do
   redis.call('HSET', last_fire, unpack(last, first, math.min(first + 999, #last)))
+end
+for first = 1, #sent, 1000 do
+  redis.call('ZADD', KEYS[5], unpack(sent, first, math.min(first + 999, #sent)))
 end
 for outcome, count in pairs(totals) do
   redis.call('HINCRBY', counters, outcome, count)
