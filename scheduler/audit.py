@@ -57,8 +57,6 @@ if TYPE_CHECKING:
 
 FULL_BATCH_PAUSE_S = 0.05
 """After a full batch the next one follows this soon (other clients get Redis in between)."""
-RECOVERY_REASONS = ("queued", "unacked", "reindexed", "republished")
-"""The states the audit counts in ``counters`` as ``recovered_<reason>`` (``lost`` is an outcome)."""
 
 _MESSAGES = {
     "queued": "dispatched fire still queued {age:.0f}s after its dispatch: left (its queue is slow or unserved)",

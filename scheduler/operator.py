@@ -34,7 +34,7 @@ from scheduler.planner import plan_manual
 from scheduler.specs import JobSpec
 from scheduler.state import StateStore
 from scheduler.triggers import describe_trigger, next_fire_times
-from scheduler.views import fire_view
+from scheduler.views import audit_counts, fire_view
 from shared.coverage import unserved_tasks
 from shared.errors import ChronoqError, UnknownJobError
 from shared.fleet import FireLedger, Outcome
@@ -207,7 +207,9 @@ class Operator:
             "paused": await self.client.hlen(self.keys.paused),
             "buffered": await self.client.scard(self.keys.buffered),
             "invalid_jobs": {k: json.loads(v) for k, v in (await self.client.hgetall(self.keys.invalid_jobs)).items()},
-            "counters": await self.state.counters(),
+            "counters": (counters := await self.state.counters()),
+            "audit": audit_counts(counters),
+            "awaiting_start": await self.client.zcard(self.keys.dispatched),
             "failing": {k: int(v) for k, v in sorted((await self.client.hgetall(self.keys.fail_streak)).items())},
             "unserved_tasks": unserved_tasks(
                 await self.client.hgetall(self.keys.jobs), await self.client.hgetall(self.keys.workers), now_ms

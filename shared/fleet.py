@@ -60,6 +60,12 @@ class Outcome(StrEnum):
     LOST = "lost"  # the dispatch audit found its message nowhere, past its expiry (scheduler.audit)
 
 
+RECOVERY_REASONS = ("queued", "unacked", "reindexed", "republished")
+"""What the dispatch audit (scheduler.audit) found of a dispatched fire not started in time, as
+``shared/lua/audit.lua`` counts it in the ``counters`` hash (``recovered_<reason>``, once per
+fire and reason). A fire it records lost counts as the outcome ``lost``."""
+
+
 class Overlap(StrEnum):
     """What a fire does when its job already has ``max_instances`` in flight."""
 

@@ -37,7 +37,7 @@ def test_promtool_checks_the_rules() -> None:
         [str(PROMTOOL), "check", "rules", str(DEPLOY / "prometheus/alerts.yml")], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 14 rules found" in result.stdout
 
 
 @needs_promtool
