@@ -66,9 +66,11 @@ end
 -- Retire the job's oldest records while its history (`depth` entries) holds more than `limit`: the oldest
 -- decided fire's hash is deleted and the fence watermark raised to it, once its nominal time is
 -- older than the fence window and nothing needs the record any more: it holds no live slot
--- (queued, running or retried) and is not waiting for one (buffered). A record that is still
--- needed stops the retiring until it is not. At most `budget` records per call.
-local function retire(fence, job_id, depth, limit, window_ms, budget)
+-- (queued, running or retried), is not waiting for one (buffered), and is not a dispatched fire
+-- whose run has not started and which the dispatch audit has not ended yet (in `dispatched`: it
+-- is republished or recorded lost first). A record that is still needed stops the retiring
+-- until it is not. At most `budget` records per call.
+local function retire(fence, dispatched, job_id, depth, limit, window_ms, budget)
   local history, n = key(T.history, job_id), depth
   local horizon = (now_ms - window_ms) * 1000
   while n > limit and budget > 0 do
@@ -76,8 +78,11 @@ local function retire(fence, job_id, depth, limit, window_ms, budget)
     local at = epoch_us(stamp)
     if at > horizon then return end
     local fire = key(T.fire, job_id, stamp)
-    local f = redis.call('HMGET', fire, 'outcome', 'task_id')
+    local f = redis.call('HMGET', fire, 'outcome', 'task_id', 'run')
     if f[1] == 'buffered' then return end
+    if f[1] == 'dispatched' and not f[3] and redis.call('ZSCORE', dispatched, dispatched_member(job_id, stamp)) then
+      return
+    end
     if f[2] then
       local lapse = redis.call('ZSCORE', key(T.inflight, job_id), f[2])
       if lapse and tonumber(lapse) > now_ms then return end

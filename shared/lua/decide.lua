@@ -71,7 +71,7 @@ for i = 0, n - 1 do
     end
     redis.call('EXPIRE', fire, fire_ttl)
     local depth = redis.call('LPUSH', key(T.history, job_id), scheduled_at)
-    if depth > limit then retire(fence, job_id, depth, limit, window_ms, 2) end
+    if depth > limit then retire(fence, KEYS[5], job_id, depth, limit, window_ms, 2) end
     if outcome ~= 'buffered' then
       totals[outcome] = (totals[outcome] or 0) + 1
       if outcome == 'skipped' then
