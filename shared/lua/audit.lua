@@ -90,7 +90,8 @@ local REASONS = {
   republished = 'published again by the dispatch audit (its message was in neither its queue nor unacked)',
 }
 
-local out = {}
+local out, totals = {}, {}
+local function count(name) totals[name] = (totals[name] or 0) + 1 end
 for _, entry in ipairs(fires) do
   local i, f = entry.i, entry.f
   local job_id, scheduled_at = ARGV[i], ARGV[i + 1]
@@ -106,13 +107,13 @@ for _, entry in ipairs(fires) do
     redis.call('HSET', entry.key, 'audit', 'republished', 'audit_ms', now_ms, 'reason', REASONS.republished)
     redis.call('ZADD', key(T.inflight, job_id), now_ms + tonumber(ARGV[i + 5]), f[3])
     redis.call('ZADD', dispatched, now_ms, member)
-    redis.call('HINCRBY', counters, 'recovered_republished', 1)
+    count('recovered_republished')
     state, new = 'republished', 1
   elseif state == 'nowhere' and ARGV[i + 3] == 'lost' then
     redis.call('HSET', entry.key, 'outcome', 'lost', 'reason', ARGV[i + 6], 'audit', 'lost', 'audit_ms', now_ms)
     redis.call('ZREM', key(T.inflight, job_id), f[3])
     redis.call('ZREM', dispatched, member)
-    redis.call('HINCRBY', counters, 'lost', 1)
+    count('lost')
     redis.call('HINCRBY', key(T.job_counters, job_id), 'lost', 1)
     state, new = 'lost', 1
   elseif state ~= 'nowhere' then
@@ -121,10 +122,11 @@ for _, entry in ipairs(fires) do
       local fields = {'audit', state, 'audit_ms', now_ms}
       if REASONS[state] then fields[#fields + 1] = 'reason'; fields[#fields + 1] = REASONS[state] end
       redis.call('HSET', entry.key, unpack(fields))
-      redis.call('HINCRBY', counters, 'recovered_' .. state, 1)
+      count('recovered_' .. state)
       new = 1
     end
   end
   out[#out + 1] = {state, new, copies, tonumber(f[5] or '0')}
 end
+for name, n in pairs(totals) do redis.call('HINCRBY', counters, name, n) end
 return out
