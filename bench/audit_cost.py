@@ -6,12 +6,13 @@
 On a throwaway redis-server, ``--jobs`` jobs each get one fire dispatched as the scheduler does
 it (each message encoded by ``MessageEncoder``, decided and pushed by the decide script, 500 per
 call), then the leader's audit (:class:`scheduler.audit.DispatchAudit`, 500 per batch, the default) runs over
-all of them until its index is empty, in four cases:
+all of them once (its clock set past their visibility timeout), in four cases:
 
 - ``started``: every run started (the common case): the audit reads an empty index;
-- ``queued``: every message still in its queue (no worker): each batch reads up to
-  ``SCHEDULER_AUDIT_SCAN_MAX`` entries from the list's oldest end and leaves the fires;
-- ``republished``: every message gone, before its expiry: looked up, encoded again, published;
+- ``queued``: every message still in its queue (no worker, 10,000 messages): each batch reads up
+  to ``SCHEDULER_AUDIT_SCAN_MAX`` entries from the list's oldest end and leaves the fires;
+- ``republished``: every message gone, before its expiry: looked up, encoded again, published
+  (the copies are taken off the queue after each batch, as workers would);
 - ``lost``: every message gone, past its expiry: looked up and recorded lost.
 
 For the dispatch path and for each audit case: Redis commands (``INFO commandstats``, the
@@ -39,6 +40,7 @@ from typing import Any
 
 import redis
 import redis.asyncio
+from loguru import logger
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -50,14 +52,19 @@ from scheduler.fires import Fire, Limits  # noqa: E402
 from scheduler.specs import JobSpec  # noqa: E402
 from shared import lua  # noqa: E402
 from shared.celery_app import create_celery_app  # noqa: E402
-from shared.fleet import FireLedger  # noqa: E402
-from shared.names import RedisKeys  # noqa: E402
+from shared.clock import SystemClock  # noqa: E402
+from shared.fleet import scheduler_ledger  # noqa: E402
 from shared.settings import AppSettings  # noqa: E402
 
 BATCH = 500
 _INDEX_ZADD = """for first = 1, #sent, 1000 do
   redis.call('ZADD', KEYS[5], unpack(sent, first, math.min(first + 999, #sent)))
 end
+"""
+
+
+_INDEX_MEMBER = """      sent[#sent + 1] = audit_due(expiry_ms, audit_after_ms, audit_margin_ms)
+      sent[#sent + 1] = dispatched_member(job_id, scheduled_at)
 """
 
 
@@ -85,12 +92,26 @@ class Meter:
         }
 
 
+AHEAD_S = 120.0
+"""Fires are made overdue by moving their index scores this far back (as if dispatched two
+minutes ago, past the 60 s visibility timeout; a fire looked at is scored with Redis's time, so
+it is not due again); in the lost case the audit's clock also runs this far ahead, past expiry."""
+
+
+class AheadClock(SystemClock):
+    def now(self) -> datetime:
+        return super().now() + timedelta(seconds=AHEAD_S)
+
+    def time(self) -> float:
+        return super().time() + AHEAD_S
+
+
 def settings_for(url: str, prefix: str) -> AppSettings:
     return AppSettings(
         _env_file=None,
         redis={"url": url, "key_prefix": prefix},
-        celery={"visibility_timeout_s": 2, "task_time_limit_s": 1, "cron_queue": f"cron_{prefix[:-1]}"},
-        scheduler={"slot_margin_s": 0, "audit_margin_s": 0, "audit_batch_size": 500},
+        celery={"visibility_timeout_s": 60, "task_time_limit_s": 30, "cron_queue": f"cron_{prefix[:-1]}"},
+        scheduler={"slot_margin_s": 0, "audit_margin_s": 0},
     )
 
 
@@ -98,14 +119,14 @@ async def one_round(url: str, jobs: int, case: str, sync: redis.Redis, round_no:
     prefix = f"b{round_no}{case[:3]}:"
     settings = settings_for(url, prefix)
     client = redis.asyncio.Redis.from_url(url, decode_responses=True)
-    keys = RedisKeys(prefix)
-    ledger = FireLedger(client, keys)
+    ledger = scheduler_ledger(client, settings)
     if case == "before":  # the decide script without the audit's index
-        ledger._decide = client.register_script(lua.source("decide").replace(_INDEX_ZADD, ""))
+        source = lua.source("decide").replace(_INDEX_ZADD, "").replace(_INDEX_MEMBER, "")
+        ledger._decide = client.register_script(source)
     app = create_celery_app(settings)
     encoder = MessageEncoder(app)
     limits = Limits.from_settings(settings)
-    grace = 1 if case == "lost" else 3600
+    grace = 60 if case == "lost" else 3600  # past its expiry at the audit's time, or not
     specs = {
         f"job-{i}": JobSpec(
             id=f"job-{i}", task="demo.sleep", interval=60, misfire_grace_time=grace, queue=settings.celery.cron_queue
@@ -131,8 +152,12 @@ async def one_round(url: str, jobs: int, case: str, sync: redis.Redis, round_no:
             sync.delete(prefix + "dispatched")  # as the runs' starts do, one ZREM each
         elif case in ("republished", "lost"):
             sync.delete(queue)
-        await asyncio.sleep(2.2 if case != "lost" else 2.5)  # past the visibility timeout (2 s), and expiry
-        audit = DispatchAudit(ledger, client, encoder, limits, settings, specs.get)
+        index = prefix + "dispatched"
+        aged = {member: score - AHEAD_S * 1000 for member, score in sync.zrange(index, 0, -1, withscores=True)}
+        if aged:
+            sync.zadd(index, aged)
+        clock = AheadClock() if case == "lost" else SystemClock()
+        audit = DispatchAudit(ledger, client, encoder, limits, settings, specs.get, clock=clock)
         states: dict[str, int] = {}
 
         async def run_audit() -> None:
@@ -140,6 +165,8 @@ async def one_round(url: str, jobs: int, case: str, sync: redis.Redis, round_no:
                 report = await audit.cycle()
                 for state, count in report.states.items():
                     states[state] = states.get(state, 0) + count
+                if case == "republished":
+                    await client.delete(queue)  # workers take the copies
                 if report.looked < audit.batch_size:
                     return
 
@@ -164,6 +191,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "audit_cost.json")
     args = parser.parse_args()
+    logger.remove()  # the audit logs each fire once: formatted, as a scheduler does, but not shown
+    logger.add(open(os.devnull, "w"), format="{time} | {level} | {message} {extra}")  # noqa: SIM115
     tmp = Path(tempfile.mkdtemp(prefix="chronoq-audit-cost-"))
     url, server = start_redis(tmp)
     sync = redis.Redis.from_url(url, decode_responses=True)
