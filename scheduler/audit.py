@@ -44,7 +44,7 @@ from loguru import logger
 
 from scheduler.encoder import republish_tag
 from scheduler.fires import Fire, Limits
-from scheduler.planner import plan_audit
+from scheduler.planner import message_expiry, next_audit, plan_audit
 from shared.clock import SYSTEM_CLOCK, Clock
 from shared.fleet import AuditCheck, FireLedger
 from shared.names import fire_task_id_of
@@ -95,6 +95,7 @@ class DispatchAudit:
         self.ledger, self.client, self.encoder, self.limits, self.jobs = ledger, client, encoder, limits, jobs
         self.is_leader, self.clock = is_leader, clock
         self.interval_s = sched.audit_interval_s
+        self.margin_s = sched.audit_margin_s
         self.deadline_s = settings.celery.visibility_timeout_s + sched.audit_margin_s
         self.batch_size = sched.audit_batch_size
         self.scan_max = sched.audit_scan_max
@@ -117,7 +118,7 @@ class DispatchAudit:
 
     async def cycle(self) -> AuditReport:
         """Look up one batch of overdue fires and act on those whose message is nowhere."""
-        cutoff_ms = int((self.clock.time() - self.deadline_s) * 1000)
+        cutoff_ms = int(self.clock.time() * 1000)  # the index is scored with each fire's look time
         members = await self.client.zrangebyscore(
             self.ledger.keys.dispatched, "-inf", cutoff_ms, start=0, num=self.batch_size
         )
@@ -164,7 +165,11 @@ class DispatchAudit:
         message = replace(message, delivery_tag=republish_tag(message.task_id, verdict.copy))
         [(_, payload)] = self.encoder.encode([message])
         lapse_ms = fire.intent(now, self.limits).slot_lapse_ms
-        return replace(check, action="republish", copy=verdict.copy, slot_lapse_ms=lapse_ms, data=payload)
+        expiry = message_expiry(job, scheduled_at, dispatched_at)
+        next_ms = int(next_audit(now, expiry, self.deadline_s, self.margin_s).timestamp() * 1000)
+        return replace(
+            check, action="republish", copy=verdict.copy, slot_lapse_ms=lapse_ms, next_ms=next_ms, data=payload
+        )
 
     def _note(
         self, check: AuditCheck, state: str, new: int, copies: int, dispatched_ms: int, now: datetime, data: str

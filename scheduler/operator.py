@@ -37,7 +37,7 @@ from scheduler.triggers import describe_trigger, next_fire_times
 from scheduler.views import audit_counts, fire_view
 from shared.coverage import unserved_tasks
 from shared.errors import ChronoqError, UnknownJobError
-from shared.fleet import FireLedger, Outcome
+from shared.fleet import Outcome, scheduler_ledger
 from shared.names import RedisKeys, format_scheduled_at
 from shared.settings import AppSettings
 
@@ -72,10 +72,7 @@ class Operator:
         self.keys = RedisKeys(settings.redis.key_prefix)
         self.control = ControlStore(client, self.keys)
         self.state = StateStore(client, self.keys)
-        sched = settings.scheduler
-        self.ledger = FireLedger(
-            client, self.keys, history_limit=sched.history_limit, fence_window_s=sched.fence_window_s
-        )
+        self.ledger = scheduler_ledger(client, settings)
         self.limits = Limits.from_settings(settings)
         self._encode = encode
         self._queue_keys = queue_keys or (lambda queue: [queue])

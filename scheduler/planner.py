@@ -39,9 +39,9 @@ backfill               ``backfill`` of [from, to]: each nominal fire      dispat
                        not decided yet; overlap allow; even when paused   backfill                    the previous one finished
 release grid           every release                                      -                           rounded up to 5 ms
 audit                  dispatched, not started after the visibility       its message in neither its  at the audit (leader, every
-                       timeout + ``SCHEDULER_AUDIT_MARGIN_S`` (or as      queue nor unacked: before   ``SCHEDULER_AUDIT_INTERVAL_S``)
-                       long after the audit's last look), its message     its expiry published again
-                       nowhere (:func:`plan_audit`)                       (same task id), at most
+                       timeout + ``SCHEDULER_AUDIT_MARGIN_S``, or its     queue nor unacked: before   ``SCHEDULER_AUDIT_INTERVAL_S``)
+                       message's expiry + the margin if sooner            its expiry published again
+                       (:func:`next_audit`), its message nowhere          (same task id), at most
                                                                           AUDIT_REPUBLISH_MAX times;
                                                                           then ``lost``
 =====================  =================================================  ==========================  ============================
@@ -134,6 +134,16 @@ def message_expiry(job: JobSpec, scheduled_at: datetime, dispatched_at: datetime
     if expires is None:
         return None
     return max(scheduled_at + timedelta(seconds=expires), dispatched_at + timedelta(seconds=1))
+
+
+def next_audit(now: datetime, expiry: datetime | None, after_s: float, margin_s: float) -> datetime:
+    """When the dispatch audit looks at a fire (again) published ``now``: ``after_s`` later (the
+    visibility timeout plus its margin), or at its message's expiry (at least a second away) plus
+    ``margin_s`` if that comes first (``audit_due`` in ``shared/lua/common.lua``, for a dispatch)."""
+    due = now + timedelta(seconds=after_s)
+    if expiry is None:
+        return due
+    return min(due, max(expiry, now + timedelta(seconds=1)) + timedelta(seconds=margin_s))
 
 
 def plan_audit(

@@ -39,7 +39,7 @@ from shared.celery_app import create_celery_app
 from shared.cli_support import exit_code
 from shared.clock import SYSTEM_CLOCK, Clock
 from shared.errors import EX_CONFIG, ChronoqError, ConfigError
-from shared.fleet import FireLedger
+from shared.fleet import FireLedger, scheduler_ledger
 from shared.names import RedisKeys
 from shared.redis import create_async_redis, raise_if_cancelling, resolve_redis
 from shared.schedules import declared_schedules
@@ -123,9 +123,7 @@ class SchedulerService:
             encoder = MessageEncoder(app)
             keys = RedisKeys(settings.redis.key_prefix)
             sched = settings.scheduler
-            self.ledger = FireLedger(
-                client, keys, history_limit=sched.history_limit, fence_window_s=sched.fence_window_s
-            )
+            self.ledger = scheduler_ledger(client, settings)
             self.state = StateStore(client, keys)
             self.control = ControlStore(client, keys)
             self.leadership = Leadership(

@@ -35,13 +35,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from operator import attrgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio
 
 from shared import lua
 from shared.names import RedisKeys
+
+if TYPE_CHECKING:
+    from shared.settings import AppSettings
 
 
 class Outcome(StrEnum):
@@ -93,6 +96,9 @@ class FireIntent:
     """Epoch ms after which a buffered fire is too late (0: no limit)."""
     list_key: str = ""
     payload: str = ""
+    expiry_ms: int = 0
+    """Epoch ms after which its message expires (a worker revokes it unrun); 0: never. The
+    dispatch audit looks at a fire not started by then plus its margin, if that comes first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +114,8 @@ class AuditCheck:
     action: str = ""
     copy: int = 0
     slot_lapse_ms: int = 0
+    next_ms: int = 0
+    """Republish: epoch ms of the audit's next look at the copy."""
     data: str = ""
 
 
@@ -123,6 +131,7 @@ FIRE_FIELDS = (
     "slot_lapse_ms",
     "deadline_ms",
     "list_key",
+    "expiry_ms",
 )
 """The :class:`FireIntent` fields decide receives per fire, joined by ``\\x1f``, in this order
 (``shared/lua/decide.lua`` names them in its header; the payload travels as its own argument)."""
@@ -161,6 +170,10 @@ class FireLedger:
     take-over delay, so the window must exceed those: a fire still undecided that long after
     its nominal time, once later fires of its job were retired, would count as decided.
     ``require_record``: a delivery of a fire without a record never runs (:meth:`start`).
+    ``audit_after_s`` (the visibility timeout plus ``SCHEDULER_AUDIT_MARGIN_S``) and
+    ``audit_margin_s``: when the dispatch audit first looks at a dispatched fire not started
+    (``RedisKeys.dispatched``): this long after its dispatch, or its message's expiry plus the
+    margin if that comes first.
     """
 
     def __init__(
@@ -172,12 +185,15 @@ class FireLedger:
         history_limit: int = 100,
         fence_window_s: float = 300,
         require_record: bool = False,
+        audit_after_s: float = 3660,
+        audit_margin_s: float = 60,
     ) -> None:
         self.keys = keys
         self.require_record = require_record
         self.fire_ttl_s = fire_ttl_s
         self.history_limit = history_limit
         self.fence_window_ms = int(fence_window_s * 1000)
+        self.audit_after_ms, self.audit_margin_ms = int(audit_after_s * 1000), int(audit_margin_s * 1000)
         self._templates = key_templates(keys)
         self._decide = client.register_script(lua.source("decide"))
         self._release = client.register_script(lua.source("release"))
@@ -194,6 +210,7 @@ class FireLedger:
         (or the fire is at or before its job's fence watermark)."""
         k = self.keys
         args: list[str | int] = [self._templates, self.history_limit, self.fire_ttl_s, owner, self.fence_window_ms]
+        args += [self.audit_after_ms, self.audit_margin_ms]
         for f in fires:
             args.append(encode_fire(f))
             args.append(f.payload)
@@ -284,9 +301,9 @@ class FireLedger:
         queue lists :attr:`AuditCheck.list` indexes (from 1); ``unacked`` is kombu's unacked hash
         and index (prefixed). Returns per check ``[state, new, copies, dispatched_ms]``."""
         k = self.keys
-        args: list[str | int] = [self._templates, scan_max]
+        args: list[str | int] = [self._templates, scan_max, self.audit_after_ms]
         for c in checks:
-            args += [c.job_id, c.scheduled_at, c.list, c.action, c.copy, c.slot_lapse_ms, c.data]
+            args += [c.job_id, c.scheduled_at, c.list, c.action, c.copy, c.slot_lapse_ms, c.next_ms, c.data]
         return self._audit(keys=[k.dispatched, k.counters, *unacked, *lists], args=args)
 
     def streak(self, job_id: str, scheduled_at: str, outcome: Outcome, error: str = "", by: str = "") -> Any:
@@ -296,3 +313,17 @@ class FireLedger:
         k = self.keys
         args = [job_id, scheduled_at, outcome.value, error[:300], 1000, by]
         return self._streak(keys=[k.fail_streak, k.jobs, k.paused, k.audit], args=args)
+
+
+def scheduler_ledger(client: redis.Redis | redis.asyncio.Redis, settings: AppSettings) -> FireLedger:
+    """The ledger a scheduler replica (or an operator's trigger) decides fires with: history,
+    fence window and the dispatch audit's timing from ``settings``."""
+    sched = settings.scheduler
+    return FireLedger(
+        client,
+        RedisKeys(settings.redis.key_prefix),
+        history_limit=sched.history_limit,
+        fence_window_s=sched.fence_window_s,
+        audit_after_s=settings.celery.visibility_timeout_s + sched.audit_margin_s,
+        audit_margin_s=sched.audit_margin_s,
+    )

@@ -4,10 +4,12 @@
 -- KEYS[1] dispatched (the audit's index), KEYS[2] counters, KEYS[3] kombu's unacked hash,
 -- KEYS[4] kombu's unacked index, KEYS[5..] the queue lists the fires were published to.
 -- ARGV[1] key templates (see common.lua), ARGV[2] scan_max (queue entries read per list, from
--- the oldest), then seven values per fire: job_id, scheduled_at, list (index into KEYS from 5,
--- 0: none known), action ('' to look; 'republish' or 'lost'), n (the copy a republish publishes:
--- 1 + copies published before), slot_lapse_ms (republish), data (republish: the payload; lost: the
--- reason).
+-- the oldest), ARGV[3] after_ms (the visibility timeout plus the audit's margin: a fire looked at
+-- and left is looked at again this much later), then eight values per fire: job_id,
+-- scheduled_at, list (index into KEYS from 5, 0: none known), action ('' to look; 'republish' or
+-- 'lost'), n (the copy a republish publishes: 1 + copies published before), slot_lapse_ms and
+-- next_ms (republish: how long its slot is held; epoch ms of the next look), data (republish: the
+-- payload; lost: the reason).
 --
 -- Where a fire's message is, checked in one atomic step:
 --   done      its record is gone (retired), not dispatched (lost, ...) or its run started: it
@@ -27,19 +29,19 @@
 -- each entry's task id is read from its first '"id": "' (the protocol-2 header, the first key
 -- of that name in the JSON kombu writes; the body before it is a base64 or JSON-quoted string).
 --
--- Each fire found unacked, reindexed or queued is scored with now in the index (looked at again
--- one deadline later) and counted once per fire and state (KEYS[2] recovered_<state>; its
+-- Each fire found unacked, reindexed or queued is scored with now + after_ms in the index (looked
+-- at again one deadline later) and counted once per fire and state (KEYS[2] recovered_<state>; its
 -- record's 'audit' field holds the state last counted). Returns, per fire,
 -- {state, new (1: first time in this state, or an action applied), copies published again, dispatched_ms}.
 --#include common.lua
 local dispatched, counters, unacked, index = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local scan_max = tonumber(ARGV[2])
-local GROUP = 7
+local scan_max, after_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
+local GROUP = 8
 
 -- Per list: the task ids wanted in it, then which were found, and whether it was read whole.
 local wanted, found, whole = {}, {}, {}
 local fires = {}
-for i = 3, #ARGV, GROUP do
+for i = 4, #ARGV, GROUP do
   local list = tonumber(ARGV[i + 2])
   local fire = key(T.fire, ARGV[i], ARGV[i + 1])
   local f = redis.call('HMGET', fire, 'outcome', 'run', 'task_id', 'republished', 'dispatched_ms', 'audit')
@@ -102,22 +104,24 @@ for _, entry in ipairs(fires) do
   if state == 'done' then
     redis.call('ZREM', dispatched, member)
   elseif state == 'nowhere' and ARGV[i + 3] == 'republish' and tonumber(ARGV[i + 4]) == copies + 1 then
-    redis.call('LPUSH', KEYS[4 + entry.list], ARGV[i + 6])
+    redis.call('LPUSH', KEYS[4 + entry.list], ARGV[i + 7])
     copies = redis.call('HINCRBY', entry.key, 'republished', 1)
     redis.call('HSET', entry.key, 'audit', 'republished', 'audit_ms', now_ms, 'reason', REASONS.republished)
     redis.call('ZADD', key(T.inflight, job_id), now_ms + tonumber(ARGV[i + 5]), f[3])
-    redis.call('ZADD', dispatched, now_ms, member)
+    local next_ms = tonumber(ARGV[i + 6])
+    if next_ms <= 0 then next_ms = now_ms + after_ms end
+    redis.call('ZADD', dispatched, next_ms, member)
     count('recovered_republished')
     state, new = 'republished', 1
   elseif state == 'nowhere' and ARGV[i + 3] == 'lost' then
-    redis.call('HSET', entry.key, 'outcome', 'lost', 'reason', ARGV[i + 6], 'audit', 'lost', 'audit_ms', now_ms)
+    redis.call('HSET', entry.key, 'outcome', 'lost', 'reason', ARGV[i + 7], 'audit', 'lost', 'audit_ms', now_ms)
     redis.call('ZREM', key(T.inflight, job_id), f[3])
     redis.call('ZREM', dispatched, member)
     count('lost')
     redis.call('HINCRBY', key(T.job_counters, job_id), 'lost', 1)
     state, new = 'lost', 1
   elseif state ~= 'nowhere' then
-    redis.call('ZADD', dispatched, now_ms, member)
+    redis.call('ZADD', dispatched, now_ms + after_ms, member)
     if state ~= 'unknown' and (f[6] ~= state or state == 'reindexed') then
       local fields = {'audit', state, 'audit_ms', now_ms}
       if REASONS[state] then fields[#fields + 1] = 'reason'; fields[#fields + 1] = REASONS[state] end

@@ -57,6 +57,16 @@ local function dispatched_member(job_id, scheduled_at)
   return job_id .. '\31' .. scheduled_at
 end
 
+-- When the dispatch audit first looks at a fire dispatched now: `after_ms` later (the visibility
+-- timeout plus its margin), or its message's expiry (epoch ms, at least a second after now; 0:
+-- none) plus `margin_ms` if that comes first: a message past its expiry can no longer run, and
+-- one that is nowhere then is lost whatever the visibility timeout.
+local function audit_due(expiry_ms, after_ms, margin_ms)
+  local due = now_ms + after_ms
+  if expiry_ms > 0 then due = math.min(due, math.max(expiry_ms, now_ms + 1000) + margin_ms) end
+  return due
+end
+
 -- The one spelling of a last_fire entry (read by scheduler.state.StateStore.load_last_fires).
 local function last_fire_json(scheduled_at, dispatched_ms, task_id)
   return '{"scheduled_at":"' .. scheduled_at .. '","dispatched_ms":' .. dispatched_ms
@@ -123,7 +133,9 @@ local function release_buffer(job_id, buffered, counters, last_fire, fire_ttl, d
   redis.call('SREM', buffered, job_id)
   redis.call('ZADD', inflight, now_ms + tonumber(f['slot_lapse_ms']), f['task_id'])
   redis.call('LPUSH', f['list_key'], f['payload'])
-  redis.call('ZADD', dispatched, now_ms, dispatched_member(job_id, f['scheduled_at']))
+  local due = audit_due(tonumber(f['expiry_ms'] or '0'), tonumber(f['audit_after_ms'] or '3660000'),
+                        tonumber(f['audit_margin_ms'] or '60000'))
+  redis.call('ZADD', dispatched, due, dispatched_member(job_id, f['scheduled_at']))
   redis.call('HSET', fire, 'outcome', 'dispatched', 'reason', 'buffered until a slot freed', 'dispatched_ms', now_ms)
   redis.call('EXPIRE', fire, fire_ttl)
   redis.call('HSET', last_fire, job_id, last_fire_json(f['scheduled_at'], now_ms, f['task_id']))

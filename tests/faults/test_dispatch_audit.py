@@ -23,7 +23,7 @@ from scheduler.encoder import MessageEncoder
 from scheduler.fires import Fire, Limits
 from scheduler.specs import JobSpec
 from shared.celery_app import create_celery_app
-from shared.fleet import FireLedger
+from shared.fleet import scheduler_ledger
 from shared.names import RedisKeys
 from shared.redis import create_async_redis, create_redis
 from shared.settings import AppSettings
@@ -53,7 +53,7 @@ class AuditRig:
         self.settings = settings
         self.keys = RedisKeys(settings.redis.key_prefix)
         self.redis = create_redis(settings.redis)
-        self.ledger = FireLedger(self.redis, self.keys)
+        self.ledger = scheduler_ledger(self.redis, settings)
         self.app = create_celery_app(settings)
         self.encoder = MessageEncoder(self.app)
         self.limits = Limits.from_settings(settings)
@@ -83,7 +83,7 @@ class AuditRig:
     def start_audit(self) -> None:
         async def main() -> None:
             client = create_async_redis(self.settings.redis)
-            ledger = FireLedger(client, self.keys)
+            ledger = scheduler_ledger(client, self.settings)
             jobs = {self.job.id: self.job}
             audit = DispatchAudit(ledger, client, self.encoder, self.limits, self.settings, jobs.get)
             task = asyncio.get_running_loop().create_task(audit.run())

@@ -136,7 +136,7 @@ def run_audit(ledger: FireLedger, keys: RedisKeys, queue: str, url: str) -> None
     stray.close()
     looks = [AuditCheck(job_id, at, 1) for job_id, at in AUDITED]
     assert [r[0] for r in ledger.audit(looks, [queue], unacked, 100)] == ["nowhere", "reindexed"]
-    republish = AuditCheck(*AUDITED[0], 1, "republish", 1, 1000, "{}")
+    republish = AuditCheck(*AUDITED[0], 1, "republish", copy=1, slot_lapse_ms=1000, data="{}")
     assert ledger.audit([republish], [queue], unacked, 100)[0][:3] == ["republished", 1, 1]
     lost = AuditCheck(*AUDITED[0], 1, "lost", data="gone")
     assert ledger.audit([lost], [queue], unacked, 100)[0][:2] == ["lost", 1]
