@@ -4,12 +4,16 @@ Nothing in Celery or kombu checks that a published message was ever taken, and a
 lost between them (a reply lost in a Redis restart, an ``unacked`` entry whose index entry is
 gone so kombu's sweep never sees it, a consumer that is not a chronoq worker). chronoq knows
 every fire it dispatched: the decide script (and a released buffer) adds each to
-``RedisKeys.dispatched``, scored with its dispatch time, and the run's start takes it out. So
+``RedisKeys.dispatched`` and the run's start takes it out. So
 the fires to check are the index's oldest, read a bounded batch at a time, off the dispatch path.
 
 Every ``SCHEDULER_AUDIT_INTERVAL_S`` the leader reads at most ``SCHEDULER_AUDIT_BATCH_SIZE``
-fires dispatched more than the visibility timeout plus ``SCHEDULER_AUDIT_MARGIN_S`` ago and
-still not started, and looks up each message in one atomic script (``shared/lua/audit.lua``):
+fires whose look is due, still not started: the visibility timeout plus
+``SCHEDULER_AUDIT_MARGIN_S`` after their dispatch, or their message's expiry plus the margin if
+that comes first (a message past its expiry can no longer run; if it is nowhere then, the fire
+is lost whatever the visibility timeout; :func:`scheduler.planner.next_audit`). The index is
+scored with that time. Each message is looked up in one atomic script
+(``shared/lua/audit.lua``):
 
 - still **queued** (the queue is slow, or has no consumer): counted once and left;
 - **unacked**, with its index entry: a worker holds it or kombu's sweep puts it back: left;
@@ -23,8 +27,8 @@ Each fire found unacked, reindexed, queued or republished is looked at again one
 Finding a message in its queue list costs a read of the list from its oldest end, at most
 ``SCHEDULER_AUDIT_SCAN_MAX`` entries per list per call, and only for fires past the deadline:
 messages are pushed at the list's head and taken from its tail (kombu restores to the tail), so
-a message older than the visibility timeout sits among the oldest entries, and a list with more
-than that many entries ahead of it is a backlog (the fire is taken as still queued). ``LPOS``
+an overdue fire's message sits among the oldest entries, and a list with more than that many
+entries ahead of it is a backlog (the fire is taken as still queued). ``LPOS``
 cannot be used: it matches whole entries, and the message's bytes are not kept. ``unacked`` is
 probed by delivery tag, which is the fire's task id (:mod:`scheduler.encoder`), without a scan.
 """

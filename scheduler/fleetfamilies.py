@@ -51,7 +51,7 @@ def fleet_families(snap: FleetSnapshot, wall: float) -> Iterator[Metric]:
     yield skipped
     recovered = CounterMetricFamily(
         "chronoq_fires_recovered",
-        "Dispatched fires not started a visibility timeout later, by what the dispatch audit found and did",
+        "Dispatched fires not started by the dispatch audit's look, by what it found and did",
         labels=["reason"],
     )
     for reason in RECOVERY_REASONS:

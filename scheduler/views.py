@@ -31,7 +31,7 @@ def audit_line(counts: dict[str, int], awaiting: int) -> str:
     """The dispatch audit's findings in one line (``chronoq status``)."""
     return (
         f"{counts['republished']} republished, {counts['reindexed']} reindexed, {counts['lost']} lost; "
-        f"{counts['queued']} still queued and {counts['unacked']} held unacked past the visibility timeout; "
+        f"{counts['queued']} still queued and {counts['unacked']} held unacked at its look; "
         f"{awaiting} dispatched, not started yet"
     )
 

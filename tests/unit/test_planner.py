@@ -16,6 +16,7 @@ from scheduler.planner import (
     LastDispatch,
     jitter_of,
     message_expiry,
+    next_audit,
     plan_audit,
     plan_catch_up,
     plan_due,
@@ -386,3 +387,19 @@ def test_message_expiry_is_the_nominal_time_plus_expires_else_grace() -> None:
     assert message_expiry(job(expires=5), at(0), at(0)) == at(5)
     assert message_expiry(job(misfire_grace_time=None), at(0), at(0)) is None
     assert message_expiry(job(), at(-600), at(0)) == at(1)
+
+
+@pytest.mark.parametrize(
+    ("expiry_s", "now_s", "expected_s"),
+    [
+        (None, 0, 3660),  # no expiry: the visibility timeout plus the margin
+        (60, 0, 120),  # expires first: its expiry plus the margin
+        (5000, 0, 3660),
+        (-30, 0, 61),  # expired already: a second from now plus the margin
+    ],
+)
+def test_the_audit_looks_at_a_fire_at_its_deadline_or_its_expiry_if_sooner(
+    expiry_s: float | None, now_s: float, expected_s: float
+) -> None:
+    expiry = None if expiry_s is None else at(expiry_s)
+    assert next_audit(at(now_s), expiry, 3660, 60) == at(expected_s)

@@ -108,7 +108,9 @@ def test_the_overview_and_status_show_what_the_dispatch_audit_found(
     assert "3 still queued · 0 held unacked · 1 not started yet" in page
     assert "1 dispatched fire recorded lost" in page
     status = chronoq(settings, "status", check=False)
-    assert "audit       2 republished, 1 reindexed, 1 lost; 3 still queued and 0 held unacked" in status.stdout
+    assert (
+        "audit       2 republished, 1 reindexed, 1 lost; 3 still queued and 0 held unacked at its look" in status.stdout
+    )
     assert "1 dispatched, not started yet" in status.stdout and "recovered_" not in status.stdout
     shown = json.loads(chronoq(settings, "status", "--json", check=False).stdout)
     assert shown["audit"] == {"queued": 3, "unacked": 0, "reindexed": 1, "republished": 2, "lost": 1}
