@@ -113,8 +113,9 @@ class RedisKeys:
     @property
     def dispatched(self) -> str:
         """Sorted set: fires dispatched whose run has not started, as ``job_id`` + ``\\x1f`` +
-        ``scheduled_at`` -> epoch ms of their dispatch, or of the dispatch audit's last look at
-        them (:mod:`scheduler.audit`). Added to by whoever publishes a fire (decide, a released
+        ``scheduled_at`` -> epoch ms when the dispatch audit (:mod:`scheduler.audit`) is to look
+        at them: their dispatch plus the visibility timeout and the audit's margin, or their
+        message's expiry plus the margin if sooner; after a look, one such deadline later. Added to by whoever publishes a fire (decide, a released
         buffer, the audit's republish), removed from by the run's start, a report that it never
         started, and the audit once it has no more to check."""
         return self.key("dispatched")
@@ -127,7 +128,8 @@ class RedisKeys:
 
     def buffer(self, job_id: str) -> str:
         """Hash: the one fire of a ``buffer_one`` job waiting for a slot (task_id, scheduled_at,
-        list, payload, lapse_ms)."""
+        list, payload, lapse_ms, and when the dispatch audit is to look at it once dispatched:
+        expiry_ms, audit_after_ms, audit_margin_ms)."""
         return self.key("buffer", job_id)
 
     @property
