@@ -23,6 +23,13 @@ RSS (all its processes, and the Celery main process under the supervisor), Redis
   fires due between warm-up + 10 s and the end - 15 s; and the scheduler's outcome counters.
 
 The machine may be shared: CPU contention shows as lag and skipped fires, not as memory.
+
+``--plain-consumer`` drains the cron queue with a plain ``BRPOP`` loop instead of a chronoq
+worker: every message is taken and nothing ever reports, as with a foreign consumer or a lost
+message. Then no run is counted; what is measured is whether the records of fires that never
+start stay bounded (the dispatch audit republishes them, then records them lost, and they
+retire). ``--set NAME=VALUE`` passes settings to the scheduler (e.g. a short
+``CELERY_VISIBILITY_TIMEOUT_S`` so the audit's deadline falls inside a run of minutes).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -62,6 +70,16 @@ def write_jobs(path: Path, interval_jobs: int, cron_jobs: int) -> None:
         for i in range(cron_jobs)
     ]
     path.write_text(json.dumps({"jobs": jobs}))
+
+
+def drain(url: str, queue: str, stop: threading.Event, eaten: list[int]) -> None:
+    """A plain consumer: take every message off ``queue`` and drop it (no ack, no report)."""
+    client = redis.Redis.from_url(url)
+    while not stop.is_set():
+        with contextlib.suppress(redis.RedisError):
+            if client.brpop([queue], timeout=1):
+                eaten[0] += 1
+    client.close()
 
 
 def child_env(url: str, log_level: str, result_expires_s: int) -> dict[str, str]:
@@ -143,8 +161,11 @@ def main() -> int:
         default=120,
         help="CELERY_RESULT_EXPIRES_S: Celery's result keys (not chronoq's) live this long (default 1 day)",
     )
+    parser.add_argument("--plain-consumer", action="store_true", help="drain the queue with BRPOP, no chronoq worker")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a scheduler setting")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
     args = parser.parse_args()
+    extra_env = dict(item.split("=", 1) for item in args.set)
     warmup_s = (args.minutes / 3 if args.warmup_minutes is None else args.warmup_minutes) * 60
     duration_s = args.minutes * 60
 
@@ -154,29 +175,35 @@ def main() -> int:
     jobs_path = tmp / "jobs.yaml"  # JSON is YAML, read with the json module
     write_jobs(jobs_path, args.interval_jobs, args.cron_jobs)
     procs: list[subprocess.Popen[bytes]] = []
+    stop, eaten = threading.Event(), [0]
     try:
-        with (tmp / "worker.log").open("wb") as log:
-            worker = subprocess.Popen(
-                [sys.executable, str(ROOT / "run_worker.py"), "-c", str(args.concurrency), "-n", "soak@bench"],
-                cwd=ROOT,
-                env=child_env(url, "WARNING", args.result_expires_s),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        procs.append(worker)
+        worker: subprocess.Popen[bytes] | None = None
+        if args.plain_consumer:
+            threading.Thread(target=drain, args=(url, "cron_queue", stop, eaten), daemon=True).start()
+        else:
+            with (tmp / "worker.log").open("wb") as log:
+                worker = subprocess.Popen(
+                    [sys.executable, str(ROOT / "run_worker.py"), "-c", str(args.concurrency), "-n", "soak@bench"],
+                    cwd=ROOT,
+                    env={**child_env(url, "WARNING", args.result_expires_s), **extra_env},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            procs.append(worker)
         with (tmp / "scheduler.log").open("wb") as log:
             scheduler = subprocess.Popen(
                 [sys.executable, str(ROOT / "run_scheduler.py"), "--jobs", str(jobs_path), "--no-worker"],
                 cwd=ROOT,
-                env=child_env(url, "INFO", args.result_expires_s),
+                env={**child_env(url, "INFO", args.result_expires_s), **extra_env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
         procs.append(scheduler)
         started = datetime.now(UTC)
         t0 = time.monotonic()
-        sched_ps, worker_ps = psutil.Process(scheduler.pid), psutil.Process(worker.pid)
+        sched_ps = psutil.Process(scheduler.pid)
+        worker_ps = psutil.Process(worker.pid) if worker is not None else None
         runs: Counter[tuple[str, str]] = Counter()
         samples: list[dict[str, Any]] = []
         next_sample = 0.0
@@ -186,9 +213,10 @@ def main() -> int:
             flush=True,
         )
         while (elapsed := time.monotonic() - t0) < duration_s:
-            if scheduler.poll() is not None or worker.poll() is not None:
+            if scheduler.poll() is not None or (worker is not None and worker.poll() is not None):
                 raise SystemExit(
-                    f"soak: a process exited (scheduler {scheduler.returncode}, worker {worker.returncode}); logs in {tmp}"
+                    f"soak: a process exited (scheduler {scheduler.returncode}, "
+                    f"worker {worker and worker.returncode}); logs in {tmp}"
                 )
             with client.pipeline() as pipe:  # MULTI: read and trim atomically
                 pipe.lrange(EXECUTIONS, 0, -1)
@@ -204,10 +232,15 @@ def main() -> int:
                     "t_s": round(elapsed, 1),
                     "scheduler_rss_mb": round(sched_ps.memory_info().rss / 1e6, 2),
                     "scheduler_fds": sched_ps.num_fds(),
-                    "worker_rss_mb": round(tree_rss_mb(worker_ps), 2),
-                    "worker_main_rss_mb": round(celery_main(worker_ps).memory_info().rss / 1e6, 2),
+                    "worker_rss_mb": round(tree_rss_mb(worker_ps), 2) if worker_ps else 0.0,
+                    "worker_main_rss_mb": round(celery_main(worker_ps).memory_info().rss / 1e6, 2)
+                    if worker_ps
+                    else 0.0,
                     "redis_used_memory": int(info["used_memory"]),
                     "redis_keys": int(client.dbsize()),
+                    "history_every_0": int(client.llen(f"{PREFIX}history:every-0")),
+                    "dispatched_not_started": int(client.zcard(f"{PREFIX}dispatched")),
+                    "eaten_by_plain_consumer": eaten[0],
                     "runs": sum(runs.values()),
                     "outcomes": {k.decode(): int(v) for k, v in client.hgetall(f"{PREFIX}counters").items()},
                 }
@@ -223,7 +256,12 @@ def main() -> int:
         history_bytes = client.memory_usage(f"{PREFIX}history:every-0")
         counters = {k.decode(): int(v) for k, v in client.hgetall(f"{PREFIX}counters").items()}
         used_end = int(client.info("memory")["used_memory"])
+        with client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.llen(f"{PREFIX}history:{job_id}")
+            history_lengths = [int(n) for n in pipe.execute()]
     finally:
+        stop.set()
         for proc in reversed(procs):
             if proc.poll() is None:
                 proc.terminate()
@@ -263,6 +301,10 @@ def main() -> int:
         "interval_jobs": args.interval_jobs,
         "cron_jobs": args.cron_jobs,
         "result_expires_s": args.result_expires_s,
+        "plain_consumer": args.plain_consumer,
+        "settings": extra_env,
+        "history_length": {"max": max(history_lengths), "mean": round(statistics.fmean(history_lengths), 1)},
+        "dispatched_not_started_end": samples[-1]["dispatched_not_started"] if samples else None,
         "started": started.isoformat(),
         "ended": ended.isoformat(),
         "machine": {"cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},

@@ -206,6 +206,7 @@ async def _jobs(args: argparse.Namespace, settings: Any) -> int:
 
 async def _status(args: argparse.Namespace, settings: Any) -> int:
     from scheduler.operator import Operator, with_operator
+    from scheduler.views import audit_line
 
     async def action(operator: Operator) -> dict[str, Any]:
         return await operator.status()
@@ -225,7 +226,9 @@ async def _status(args: argparse.Namespace, settings: Any) -> int:
     lines.append(
         f"jobs        {status['jobs']} registered, {status['paused']} paused, {status['buffered']} waiting for a slot"
     )
-    lines.append("outcomes    " + (", ".join(f"{k} {v}" for k, v in sorted(status["counters"].items())) or "none yet"))
+    outcomes = {k: v for k, v in status["counters"].items() if not k.startswith("recovered_")}
+    lines.append("outcomes    " + (", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())) or "none yet"))
+    lines.append("audit       " + audit_line(status["audit"], status["awaiting_start"]))
     risk = "  EVICTS KEYS: set noeviction" if status["eviction_risk"] else ""
     lost = f" (last {status['last_data_loss']})" if status["last_data_loss"] else ""
     lines.append(

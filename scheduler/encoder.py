@@ -22,11 +22,8 @@ declares no queue (workers declare the queues they consume). Only direct queues 
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import json.encoder
-import random
-import uuid
 from bisect import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -104,6 +101,7 @@ class MessageEncoder:
             channel_cls.codecs[body_encoding] if body_encoding and body_encoding.lower() != "utf-8" else None
         )
         self._default_priority: int = channel_cls.default_priority
+        self._unacked = (self._key_prefix + option("unacked_key"), self._key_prefix + option("unacked_index_key"))
         self._routes: dict[str, _Route] = {}
         self._templates: dict[tuple[Any, ...], tuple[str, str]] = {}
         self._bodies: dict[str, tuple[str, str, str]] = {}
@@ -166,7 +164,7 @@ class MessageEncoder:
             expires = (now + timedelta(seconds=message.expires_s)).astimezone(self._timezone)
             values["expires"] = _quote(expires.isoformat())
             values["expiration"] = _quote(str(int(max(message.expires_s, 0) * 1000)))
-        values["delivery_tag"] = _quote(_delivery_tag())
+        values["delivery_tag"] = _quote(message.delivery_tag or message.task_id)
         return template % values
 
     def _body_of(self, message: TaskMessage) -> tuple[str, str, str]:
@@ -227,7 +225,7 @@ class MessageEncoder:
         if self._body_codec is not None:
             payload = self._body_codec.encode(payload)
         properties["body_encoding"] = self._body_encoding
-        properties["delivery_tag"] = _delivery_tag()
+        properties["delivery_tag"] = message.delivery_tag or message.task_id
         envelope = {
             "body": payload,
             "content-encoding": content_encoding,
@@ -248,6 +246,15 @@ class MessageEncoder:
     def queue_keys(self, queue_name: str) -> list[str]:
         """The broker lists holding ``queue_name``'s messages, one per priority step."""
         return list(dict.fromkeys(self._route(queue_name).keys_by_step.values()))
+
+    def list_key(self, queue_name: str, priority: int | None) -> str:
+        """The broker list a message of ``queue_name`` with ``priority`` is pushed to."""
+        step = self._steps[bisect(self._steps, priority or self._default_priority) - 1]
+        return self._route(queue_name).keys_by_step[step]
+
+    def unacked_keys(self) -> tuple[str, str]:
+        """kombu's unacked hash and its index, as the broker's workers name them (prefixed)."""
+        return self._unacked
 
     def _route(self, queue_name: str) -> _Route:
         route = self._routes.get(queue_name)
@@ -312,14 +319,14 @@ def _compile(envelope: dict[str, Any], message: TaskMessage) -> str:
     return template
 
 
-_TAG_PREFIX = str(uuid.uuid4())[:24]
-_tag_numbers = itertools.count(random.getrandbits(47))
+def republish_tag(task_id: str, copy: int) -> str:
+    """The delivery tag of the ``copy``-th copy of a fire's message the dispatch audit publishes
+    again (``shared/lua/audit.lua`` probes kombu's unacked hash for each).
 
-
-def _delivery_tag() -> str:
-    """A delivery tag shaped like the UUID4 kombu's ``uuid()`` makes: a random prefix per process
-    and a counter. The tag only has to be unique among unacknowledged messages (it names the
-    message in kombu's ``unacked`` hash). Neither ``os.urandom`` (its system call releases the
-    GIL, and the encoder then waits up to the 5 ms switch interval to get it back) nor a UUID
-    object per message (about 3 us) is needed for that."""
-    return f"{_TAG_PREFIX}{next(_tag_numbers):012x}"
+    A message's delivery tag names it in kombu's ``unacked`` hash, so it has to be unique only
+    among messages unacknowledged at once. A fire's message uses its task id (unique per fire:
+    uuid5 of job and nominal time); kombu's restore puts the same message back with the same
+    tag; a worker's deferred or retried copy gets a fresh one from kombu. A copy published again
+    while the first one might still turn up gets ``<task id>.r<copy>``, so the two never share
+    an entry."""
+    return f"{task_id}.r{copy}"

@@ -118,6 +118,8 @@ class Fire:
         lapse_s = wait_s + (job.time_limit or limits.time_limit_s) + limits.slot_margin_s
         grace = job.misfire_grace_time
         list_key, payload = encoded or ("", "")
+        message_expires = job.expires if job.expires is not None else job.misfire_grace_time
+        expiry_ms = 0 if message_expires is None else int((self.scheduled_at.timestamp() + message_expires) * 1000)
         return FireIntent(
             job_id=job.id,
             scheduled_at=self.stamp,
@@ -131,6 +133,7 @@ class Fire:
             deadline_ms=0 if grace is None else int((self.scheduled_at.timestamp() + grace) * 1000),
             list_key=list_key,
             payload=payload,
+            expiry_ms=expiry_ms,
         )
 
 

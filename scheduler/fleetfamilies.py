@@ -1,5 +1,5 @@
 """The fleet-wide families of ``/metrics`` from one read of Redis (:class:`FleetSnapshot`):
-outcome counters, skips by reason, poison messages, the leader, replicas' and workers'
+outcome counters, skips by reason, the dispatch audit's findings, poison messages, the leader, replicas' and workers'
 heartbeats, queue depths. Pure: the snapshot and the wall time in, families out; reading
 Redis and the per-job series are :mod:`scheduler.fleetmetrics`'s."""
 
@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from shared.fleet import Outcome
+from shared.fleet import RECOVERY_REASONS, Outcome
 
 WORKER_SEEN_S = 10.0
 REPLICA_SEEN_S = 10.0
@@ -49,6 +49,14 @@ def fleet_families(snap: FleetSnapshot, wall: float) -> Iterator[Metric]:
     for reason in ("paused", "overlap", "other"):
         skipped.add_metric([reason], snap.counters.get(f"skipped_{reason}", 0))
     yield skipped
+    recovered = CounterMetricFamily(
+        "chronoq_fires_recovered",
+        "Dispatched fires not started by the dispatch audit's look, by what it found and did",
+        labels=["reason"],
+    )
+    for reason in RECOVERY_REASONS:
+        recovered.add_metric([reason], snap.counters.get(f"recovered_{reason}", 0))
+    yield recovered
     yield CounterMetricFamily(
         "chronoq_poison_messages", "Unreadable messages workers set aside", value=snap.counters.get("poison", 0)
     )

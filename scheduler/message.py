@@ -16,7 +16,7 @@ class TaskMessage:
     (``id``, ``task``, ``eta``...). ``priority`` is 0-9; kombu's Redis transport consumes *lower*
     numbers first and folds them into its priority steps (default 0, 3, 6, 9). ``expires_s`` is
     relative to the moment of publishing and may be negative (the worker then revokes the task
-    as expired). ``time_limit_s``/``soft_time_limit_s`` None: the worker's configured limits.
+    as expired). ``delivery_tag`` "" is the task id. ``time_limit_s``/``soft_time_limit_s`` None: the worker's configured limits.
     """
 
     task_name: str
@@ -29,6 +29,10 @@ class TaskMessage:
     expires_s: float | None = None
     time_limit_s: int | None = None
     soft_time_limit_s: int | None = None
+    delivery_tag: str = ""
+    """kombu's delivery tag (its key in the broker's unacked hash); "": the task id. A fire's
+    message is found there by its task id (:mod:`scheduler.audit`); a copy the dispatch audit
+    publishes again has a tag of its own (:func:`scheduler.encoder.republish_tag`)."""
 
     def __post_init__(self) -> None:
         if self.priority is not None and not 0 <= self.priority <= 9:

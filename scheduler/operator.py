@@ -34,10 +34,10 @@ from scheduler.planner import plan_manual
 from scheduler.specs import JobSpec
 from scheduler.state import StateStore
 from scheduler.triggers import describe_trigger, next_fire_times
-from scheduler.views import fire_view
+from scheduler.views import audit_counts, fire_view
 from shared.coverage import unserved_tasks
 from shared.errors import ChronoqError, UnknownJobError
-from shared.fleet import FireLedger, Outcome
+from shared.fleet import Outcome, scheduler_ledger
 from shared.names import RedisKeys, format_scheduled_at
 from shared.settings import AppSettings
 
@@ -72,10 +72,7 @@ class Operator:
         self.keys = RedisKeys(settings.redis.key_prefix)
         self.control = ControlStore(client, self.keys)
         self.state = StateStore(client, self.keys)
-        sched = settings.scheduler
-        self.ledger = FireLedger(
-            client, self.keys, history_limit=sched.history_limit, fence_window_s=sched.fence_window_s
-        )
+        self.ledger = scheduler_ledger(client, settings)
         self.limits = Limits.from_settings(settings)
         self._encode = encode
         self._queue_keys = queue_keys or (lambda queue: [queue])
@@ -207,7 +204,9 @@ class Operator:
             "paused": await self.client.hlen(self.keys.paused),
             "buffered": await self.client.scard(self.keys.buffered),
             "invalid_jobs": {k: json.loads(v) for k, v in (await self.client.hgetall(self.keys.invalid_jobs)).items()},
-            "counters": await self.state.counters(),
+            "counters": (counters := await self.state.counters()),
+            "audit": audit_counts(counters),
+            "awaiting_start": await self.client.zcard(self.keys.dispatched),
             "failing": {k: int(v) for k, v in sorted((await self.client.hgetall(self.keys.fail_streak)).items())},
             "unserved_tasks": unserved_tasks(
                 await self.client.hgetall(self.keys.jobs), await self.client.hgetall(self.keys.workers), now_ms

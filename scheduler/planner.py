@@ -38,6 +38,12 @@ manual                 operator ``trigger`` (``--force``: overlap allow)  dispat
 backfill               ``backfill`` of [from, to]: each nominal fire      dispatched, trigger         now (``allow``), or each when
                        not decided yet; overlap allow; even when paused   backfill                    the previous one finished
 release grid           every release                                      -                           rounded up to 5 ms
+audit                  dispatched, not started after the visibility       its message in neither its  at the audit (leader, every
+                       timeout + ``SCHEDULER_AUDIT_MARGIN_S``, or its     queue nor unacked: before   ``SCHEDULER_AUDIT_INTERVAL_S``)
+                       message's expiry + the margin if sooner            its expiry published again
+                       (:func:`next_audit`), its message nowhere          (same task id), at most
+                                                                          AUDIT_REPUBLISH_MAX times;
+                                                                          then ``lost``
 =====================  =================================================  ==========================  ============================
 
 Rules apply in the table's order: a fire past its grace is missed and never coalesced; only
@@ -102,6 +108,59 @@ def deadline_of(job: JobSpec, scheduled_at: datetime) -> datetime | None:
     """After this a fire is too late to run (None: no limit)."""
     grace = job.misfire_grace_time
     return None if grace is None else scheduled_at + timedelta(seconds=grace)
+
+
+AUDIT_REPUBLISH_MAX = 3
+"""Copies of one fire the dispatch audit publishes again; a fire whose message is still nowhere
+after that (eaten each time by a consumer that never reports, e.g. not a chronoq worker) is
+recorded lost, as one past its expiry is."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditVerdict:
+    """What becomes of a dispatched fire whose message the audit found nowhere: ``republish``
+    (its ``copy``-th copy) or ``lost`` (with ``reason``)."""
+
+    action: str
+    reason: str = ""
+    copy: int = 0
+
+
+def message_expiry(job: JobSpec, scheduled_at: datetime, dispatched_at: datetime) -> datetime | None:
+    """When the message of a fire dispatched at ``dispatched_at`` expires (a worker revokes it
+    unrun after this): the job's ``expires``, else its misfire grace, from the nominal time, and
+    at least a second after its dispatch (as :meth:`scheduler.fires.Fire.expires_s`). None: never."""
+    expires = job.expires if job.expires is not None else job.misfire_grace_time
+    if expires is None:
+        return None
+    return max(scheduled_at + timedelta(seconds=expires), dispatched_at + timedelta(seconds=1))
+
+
+def next_audit(now: datetime, expiry: datetime | None, after_s: float, margin_s: float) -> datetime:
+    """When the dispatch audit looks at a fire (again) published ``now``: ``after_s`` later (the
+    visibility timeout plus its margin), or at its message's expiry (at least a second away) plus
+    ``margin_s`` if that comes first (``audit_due`` in ``shared/lua/common.lua``, for a dispatch)."""
+    due = now + timedelta(seconds=after_s)
+    if expiry is None:
+        return due
+    return min(due, max(expiry, now + timedelta(seconds=1)) + timedelta(seconds=margin_s))
+
+
+def plan_audit(
+    job: JobSpec, scheduled_at: datetime, dispatched_at: datetime, copies: int, now: datetime
+) -> AuditVerdict:
+    """A dispatched fire whose run has not started and whose message is in neither its queue nor
+    kombu's unacked hash (``copies``: copies published again already). Before its message's
+    expiry, and fewer than :data:`AUDIT_REPUBLISH_MAX` copies so far, it is published again
+    (workers run a fire once whatever the copies); otherwise it is lost: a copy would be revoked
+    as expired, or would be eaten like the others."""
+    expiry = message_expiry(job, scheduled_at, dispatched_at)
+    if expiry is not None and now >= expiry:
+        late = (now - expiry).total_seconds()
+        return AuditVerdict("lost", f"its message was in neither its queue nor unacked, {late:.0f}s past its expiry")
+    if copies >= AUDIT_REPUBLISH_MAX:
+        return AuditVerdict("lost", f"its message was in neither its queue nor unacked after {copies} copies")
+    return AuditVerdict("republish", copy=copies + 1)
 
 
 def jitter_of(job: JobSpec, scheduled_at: datetime) -> float:

@@ -20,6 +20,7 @@ from pathlib import Path
 import redis
 from loguru import logger
 
+from scheduler.audit import DispatchAudit
 from scheduler.control import ControlStore, file_hashes, source_hash
 from scheduler.dispatch import Dispatcher, Limits
 from scheduler.encoder import MessageEncoder
@@ -37,7 +38,7 @@ from shared.celery_app import create_celery_app
 from shared.cli_support import exit_code
 from shared.clock import SYSTEM_CLOCK, Clock
 from shared.errors import EX_CONFIG, ChronoqError, ConfigError
-from shared.fleet import FireLedger
+from shared.fleet import FireLedger, scheduler_ledger
 from shared.names import RedisKeys
 from shared.redis import create_async_redis, raise_if_cancelling, resolve_redis
 from shared.schedules import declared_schedules
@@ -109,6 +110,7 @@ class SchedulerService:
         self._registry: asyncio.Task[None]
         self.epoch: DataEpoch
         self.feed: JobFeed
+        self.audit: DispatchAudit
 
     async def __aenter__(self) -> SchedulerService:
         settings = self.settings
@@ -121,9 +123,7 @@ class SchedulerService:
             encoder = MessageEncoder(app)
             keys = RedisKeys(settings.redis.key_prefix)
             sched = settings.scheduler
-            self.ledger = FireLedger(
-                client, keys, history_limit=sched.history_limit, fence_window_s=sched.fence_window_s
-            )
+            self.ledger = scheduler_ledger(client, settings)
             self.state = StateStore(client, keys)
             self.control = ControlStore(client, keys)
             self.leadership = Leadership(
@@ -157,6 +157,10 @@ class SchedulerService:
                 lookahead_s=sched.lookahead_s,
             )
             self.dispatcher.job_state = self.manager.job_state
+            self.audit = DispatchAudit(
+                self.ledger, client, encoder, Limits.from_settings(settings), settings, self._job_spec,
+                is_leader=self.leadership.is_leader, clock=self.clock,
+            )  # fmt: skip
             self.leadership.on_promoted = self.dispatcher.promote
             self._hashes = file_hashes(self.options.job_files)
             self.feed = JobFeed(
@@ -182,7 +186,7 @@ class SchedulerService:
                     queues=sorted({settings.celery.cron_queue, settings.celery.default_queue}),
                 )
             loops = (self.leadership.run, self._follow_control, self._sweep_buffers, self.epoch.watch, self.feed.follow)
-            for loop_fn in (*loops, self.feed.sweep_backfills):
+            for loop_fn in (*loops, self.feed.sweep_backfills, self.audit.run):
                 self._tasks.append(asyncio.get_running_loop().create_task(loop_fn()))
             # The registry is for operators; at 100,000 jobs writing it takes seconds, which
             # the first fires should not wait for.
@@ -222,6 +226,9 @@ class SchedulerService:
         await self.control.publish_jobs(self.manager.list(), self._hashes)
         await self.feed.resync()  # the API jobs are gone with the data: stop running them
         await self.leadership.tick()
+
+    def _job_spec(self, job_id: str) -> JobSpec | None:
+        return self.manager.get(job_id) if self.manager.has(job_id) else None
 
     def _count_jobs(self) -> None:
         self.leadership.jobs = len(self.manager.list())

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.fleet import RECOVERY_REASONS
+
 NEVER_RUN = "never"
 """The outcome filter's value for jobs without a fire in their history."""
 OUTCOMES = ("succeeded", "failed", "running", "dispatched", "buffered", "retried", "expired", "skipped",
-            "missed", "coalesced", NEVER_RUN)  # fmt: skip
+            "missed", "coalesced", "lost", NEVER_RUN)  # fmt: skip
 """The values of the jobs lists' outcome filter (CLI, API, console): a fire's final state as the
 history shows it (:func:`fire_view`'s ``final``), or ``never`` (no fire yet)."""
 
@@ -15,6 +17,23 @@ history shows it (:func:`fire_view`'s ``final``), or ``never`` (no fire yet)."""
 def last_outcome(final: str | None) -> str:
     """A job's last ``final`` state as the outcome filter names it (``never`` for none)."""
     return final or NEVER_RUN
+
+
+def audit_counts(counters: dict[str, int]) -> dict[str, int]:
+    """What the dispatch audit found (``recovered_<reason>``) and the fires it recorded lost,
+    from the fleet's counters: ``queued``, ``unacked``, ``reindexed``, ``republished``, ``lost``."""
+    counts = {reason: counters.get(f"recovered_{reason}", 0) for reason in RECOVERY_REASONS}
+    counts["lost"] = counters.get("lost", 0)
+    return counts
+
+
+def audit_line(counts: dict[str, int], awaiting: int) -> str:
+    """The dispatch audit's findings in one line (``chronoq status``)."""
+    return (
+        f"{counts['republished']} republished, {counts['reindexed']} reindexed, {counts['lost']} lost; "
+        f"{counts['queued']} still queued and {counts['unacked']} held unacked at its look; "
+        f"{awaiting} dispatched, not started yet"
+    )
 
 
 def fire_view(raw: dict[str, str]) -> dict[str, Any]:

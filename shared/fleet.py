@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from operator import attrgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio
@@ -43,9 +43,13 @@ import redis.asyncio
 from shared import lua
 from shared.names import RedisKeys
 
+if TYPE_CHECKING:
+    from shared.settings import AppSettings
+
 
 class Outcome(StrEnum):
-    """How a fire ended. The scheduler decides the first four; workers add the rest."""
+    """How a fire ended. The scheduler decides the first four (and, through the dispatch audit,
+    lost); workers add the rest."""
 
     DISPATCHED = "dispatched"
     COALESCED = "coalesced"
@@ -56,6 +60,13 @@ class Outcome(StrEnum):
     FAILED = "failed"
     RETRIED = "retried"
     EXPIRED = "expired"
+    LOST = "lost"  # the dispatch audit found its message nowhere, past its expiry (scheduler.audit)
+
+
+RECOVERY_REASONS = ("queued", "unacked", "reindexed", "republished")
+"""What the dispatch audit (scheduler.audit) found of a dispatched fire not started in time, as
+``shared/lua/audit.lua`` counts it in the ``counters`` hash (``recovered_<reason>``, once per
+fire and reason). A fire it records lost counts as the outcome ``lost``."""
 
 
 class Overlap(StrEnum):
@@ -85,6 +96,27 @@ class FireIntent:
     """Epoch ms after which a buffered fire is too late (0: no limit)."""
     list_key: str = ""
     payload: str = ""
+    expiry_ms: int = 0
+    """Epoch ms after which its message expires (a worker revokes it unrun); 0: never. The
+    dispatch audit looks at a fire not started by then plus its margin, if that comes first."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditCheck:
+    """One fire for :meth:`FireLedger.audit`: look where its message is (``action`` ""), or, if it
+    is nowhere, ``republish`` copy number ``copy`` (``data`` its payload, its slot held
+    ``slot_lapse_ms`` more) or record it ``lost`` (``data`` the reason). ``list``: 1-based index
+    of its queue list in the call's lists (0: unknown, only unacked is looked at)."""
+
+    job_id: str
+    scheduled_at: str
+    list: int
+    action: str = ""
+    copy: int = 0
+    slot_lapse_ms: int = 0
+    next_ms: int = 0
+    """Republish: epoch ms of the audit's next look at the copy."""
+    data: str = ""
 
 
 FIRE_FIELDS = (
@@ -99,6 +131,7 @@ FIRE_FIELDS = (
     "slot_lapse_ms",
     "deadline_ms",
     "list_key",
+    "expiry_ms",
 )
 """The :class:`FireIntent` fields decide receives per fire, joined by ``\\x1f``, in this order
 (``shared/lua/decide.lua`` names them in its header; the payload travels as its own argument)."""
@@ -137,6 +170,10 @@ class FireLedger:
     take-over delay, so the window must exceed those: a fire still undecided that long after
     its nominal time, once later fires of its job were retired, would count as decided.
     ``require_record``: a delivery of a fire without a record never runs (:meth:`start`).
+    ``audit_after_s`` (the visibility timeout plus ``SCHEDULER_AUDIT_MARGIN_S``) and
+    ``audit_margin_s``: when the dispatch audit first looks at a dispatched fire not started
+    (``RedisKeys.dispatched``): this long after its dispatch, or its message's expiry plus the
+    margin if that comes first.
     """
 
     def __init__(
@@ -148,12 +185,15 @@ class FireLedger:
         history_limit: int = 100,
         fence_window_s: float = 300,
         require_record: bool = False,
+        audit_after_s: float = 3660,
+        audit_margin_s: float = 60,
     ) -> None:
         self.keys = keys
         self.require_record = require_record
         self.fire_ttl_s = fire_ttl_s
         self.history_limit = history_limit
         self.fence_window_ms = int(fence_window_s * 1000)
+        self.audit_after_ms, self.audit_margin_ms = int(audit_after_s * 1000), int(audit_margin_s * 1000)
         self._templates = key_templates(keys)
         self._decide = client.register_script(lua.source("decide"))
         self._release = client.register_script(lua.source("release"))
@@ -162,6 +202,7 @@ class FireLedger:
         self._decided = client.register_script(lua.source("decided"))
         self._renew = client.register_script(lua.source("renew"))
         self._streak = client.register_script(lua.source("streak"))
+        self._audit = client.register_script(lua.source("audit"))
 
     def decide(self, fires: Sequence[FireIntent], owner: str) -> Any:
         """Decide each fire once, fleet-wide; returns, per fire, the outcome this call decided
@@ -169,10 +210,11 @@ class FireLedger:
         (or the fire is at or before its job's fence watermark)."""
         k = self.keys
         args: list[str | int] = [self._templates, self.history_limit, self.fire_ttl_s, owner, self.fence_window_ms]
+        args += [self.audit_after_ms, self.audit_margin_ms]
         for f in fires:
             args.append(encode_fire(f))
             args.append(f.payload)
-        return self._decide(keys=[k.counters, k.last_fire, k.buffered, k.fence], args=args)
+        return self._decide(keys=[k.counters, k.last_fire, k.buffered, k.fence, k.dispatched], args=args)
 
     def decided(self, fires: Sequence[tuple[str, str]]) -> Any:
         """For each (job id, scheduled_at): 1 if the fire is decided already, else 0."""
@@ -184,7 +226,7 @@ class FireLedger:
     def release(self, job_ids: Sequence[str]) -> Any:
         """Free lapsed slots and dispatch waiting fires where a slot is free."""
         k = self.keys
-        keys = [k.counters, k.last_fire, k.buffered]
+        keys = [k.counters, k.last_fire, k.buffered, k.dispatched]
         return self._release(keys=keys, args=[self._templates, self.fire_ttl_s, *job_ids])
 
     def start(
@@ -213,7 +255,7 @@ class FireLedger:
         """
         args: list[str | int] = [self._templates, job_id, scheduled_at, task_id, runner, lease_ms]
         return self._start(
-            keys=[self.keys.fence],
+            keys=[self.keys.fence, self.keys.dispatched],
             args=[*args, "1" if force else "0", self.fire_ttl_s, retries, token, int(self.require_record)],
         )
 
@@ -249,9 +291,20 @@ class FireLedger:
         retired fire). Refreshes the fire's TTL.
         """
         k = self.keys
-        keys = [k.counters, k.last_fire, k.buffered, k.fence]
+        keys = [k.counters, k.last_fire, k.buffered, k.fence, k.dispatched]
         args = [self._templates, job_id, scheduled_at, task_id, outcome.value, error[:500], worker, self.fire_ttl_s]
         return self._finish(keys=keys, args=[*args, runner, attempt, retry_lapse_ms])
+
+    def audit(self, checks: Sequence[AuditCheck], lists: Sequence[str], unacked: tuple[str, str], scan_max: int) -> Any:
+        """Where each fire's message is, and the checks' actions applied to fires whose message is
+        nowhere, in one atomic step (``shared/lua/audit.lua`` has the states). ``lists`` are the
+        queue lists :attr:`AuditCheck.list` indexes (from 1); ``unacked`` is kombu's unacked hash
+        and index (prefixed). Returns per check ``[state, new, copies, dispatched_ms]``."""
+        k = self.keys
+        args: list[str | int] = [self._templates, scan_max, self.audit_after_ms]
+        for c in checks:
+            args += [c.job_id, c.scheduled_at, c.list, c.action, c.copy, c.slot_lapse_ms, c.next_ms, c.data]
+        return self._audit(keys=[k.dispatched, k.counters, *unacked, *lists], args=args)
 
     def streak(self, job_id: str, scheduled_at: str, outcome: Outcome, error: str = "", by: str = "") -> Any:
         """Count a finally failed fire towards the job's ``pause_after_failures`` (a success
@@ -260,3 +313,17 @@ class FireLedger:
         k = self.keys
         args = [job_id, scheduled_at, outcome.value, error[:300], 1000, by]
         return self._streak(keys=[k.fail_streak, k.jobs, k.paused, k.audit], args=args)
+
+
+def scheduler_ledger(client: redis.Redis | redis.asyncio.Redis, settings: AppSettings) -> FireLedger:
+    """The ledger a scheduler replica (or an operator's trigger) decides fires with: history,
+    fence window and the dispatch audit's timing from ``settings``."""
+    sched = settings.scheduler
+    return FireLedger(
+        client,
+        RedisKeys(settings.redis.key_prefix),
+        history_limit=sched.history_limit,
+        fence_window_s=sched.fence_window_s,
+        audit_after_s=settings.celery.visibility_timeout_s + sched.audit_margin_s,
+        audit_margin_s=sched.audit_margin_s,
+    )

@@ -72,9 +72,11 @@ class RedisKeys:
     def fire(self, job_id: str, scheduled_at: str) -> str:
         """Hash: one fire's whole story, created atomically by whoever decides its outcome.
 
-        Scheduler fields: ``outcome`` (dispatched | coalesced | skipped | missed), ``reason``,
+        Scheduler fields: ``outcome`` (dispatched | coalesced | skipped | missed | lost), ``reason``,
         ``task_id``, ``scheduled_at``, ``decided_ms``, ``dispatched_ms``, ``owner`` (replica),
-        ``trigger`` (schedule | manual). Worker fields: ``run`` (running | succeeded | failed |
+        ``trigger`` (schedule | manual), and the dispatch audit's: ``audit`` (what it found last:
+        queued, unacked, reindexed, republished), ``audit_ms``, ``republished`` (copies it
+        published again). Worker fields: ``run`` (running | succeeded | failed |
         retried | expired), ``runner`` (host:pid of the attempt holding the lease),
         ``attempts``, ``run_retries`` (the running attempt's retry count), ``worker``,
         ``started_ms``, ``finished_ms``, ``duration_ms``, ``error``, ``run_lease_ms`` (epoch ms
@@ -108,6 +110,16 @@ class RedisKeys:
         """Hash: outcome -> count for one job, and ``last_success_ms`` (epoch ms of its last success)."""
         return self.key("counters", "job", job_id)
 
+    @property
+    def dispatched(self) -> str:
+        """Sorted set: fires dispatched whose run has not started, as ``job_id`` + ``\\x1f`` +
+        ``scheduled_at`` -> epoch ms when the dispatch audit (:mod:`scheduler.audit`) is to look
+        at them: their dispatch plus the visibility timeout and the audit's margin, or their
+        message's expiry plus the margin if sooner; after a look, one such deadline later. Added to by whoever publishes a fire (decide, a released
+        buffer, the audit's republish), removed from by the run's start, a report that it never
+        started, and the audit once it has no more to check."""
+        return self.key("dispatched")
+
     # -- the fleet-wide max_instances ----------------------------------------------------
     def inflight(self, job_id: str) -> str:
         """Sorted set: task ids of the job queued or running anywhere -> epoch ms when the slot
@@ -116,7 +128,8 @@ class RedisKeys:
 
     def buffer(self, job_id: str) -> str:
         """Hash: the one fire of a ``buffer_one`` job waiting for a slot (task_id, scheduled_at,
-        list, payload, lapse_ms)."""
+        list, payload, lapse_ms, and when the dispatch audit is to look at it once dispatched:
+        expiry_ms, audit_after_ms, audit_margin_ms)."""
         return self.key("buffer", job_id)
 
     @property

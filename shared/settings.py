@@ -137,6 +137,17 @@ class SchedulerSettings(Group):
     """Fires one backfill request may dispatch; a larger range is refused, nothing dispatched."""
     changes_maxlen: int = Field(10_000, ge=100)
     """Entries kept in the change feed of API jobs; a replica that falls further behind resyncs."""
+    audit_interval_s: float = Field(10.0, gt=0, le=3600)
+    """How often the leader's dispatch audit looks for dispatched fires whose run has not
+    started (scheduler.audit); a full batch is followed by the next at once."""
+    audit_margin_s: float = Field(60.0, ge=0)
+    """A dispatched fire is looked up once its run has not started this long past the
+    visibility timeout (and again as long after each look)."""
+    audit_batch_size: int = Field(500, ge=1, le=100_000)
+    """Fires the audit looks up per Redis call (one Lua script: about 10 ms of Redis for 500)."""
+    audit_scan_max: int = Field(1000, ge=1, le=1_000_000)
+    """Queue entries the audit reads per queue list and call, from the oldest, to find an
+    overdue fire's message; a fire not found in a longer list is taken as still queued."""
 
     @field_validator("misfire_grace_time", mode="before")
     @classmethod

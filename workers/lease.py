@@ -46,7 +46,11 @@ FINISH_RETRY_S = 3.0
 """An outcome Redis cannot take is tried again this long (a restart): lost, the lease lapses and
 the message, whose ack was lost too, runs again after the visibility timeout."""
 _RECEIVED_MAX = 10_000
-_DONE = {"": "the fire already succeeded", "retired": "its record was retired long ago"}
+_DONE = {
+    "": "the fire already succeeded",
+    "retired": "its record was retired long ago",
+    "lost": "the dispatch audit recorded it lost (its message was nowhere past its expiry)",
+}
 DEFER_MIN_S = 1.0
 """A deferred duplicate comes back at least this late."""
 DEFER_SLACK_S = 0.5

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from importlib import resources
 
-SCRIPTS = ("decide", "decided", "release", "start", "renew", "finish", "jobwrite", "streak", "jobstats")
+SCRIPTS = ("decide", "decided", "release", "start", "renew", "finish", "audit", "jobwrite", "streak", "jobstats")
 _INCLUDE = "--#include "
 
 

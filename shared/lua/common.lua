@@ -52,6 +52,21 @@ local function fenced(fence, job_id, scheduled_at)
   return mark ~= false and epoch_us(scheduled_at) <= epoch_us(mark)
 end
 
+-- A fire's member in the `dispatched` sorted set (shared.names.RedisKeys.dispatched).
+local function dispatched_member(job_id, scheduled_at)
+  return job_id .. '\31' .. scheduled_at
+end
+
+-- When the dispatch audit first looks at a fire dispatched now: `after_ms` later (the visibility
+-- timeout plus its margin), or its message's expiry (epoch ms, at least a second after now; 0:
+-- none) plus `margin_ms` if that comes first: a message past its expiry can no longer run, and
+-- one that is nowhere then is lost whatever the visibility timeout.
+local function audit_due(expiry_ms, after_ms, margin_ms)
+  local due = now_ms + after_ms
+  if expiry_ms > 0 then due = math.min(due, math.max(expiry_ms, now_ms + 1000) + margin_ms) end
+  return due
+end
+
 -- The one spelling of a last_fire entry (read by scheduler.state.StateStore.load_last_fires).
 local function last_fire_json(scheduled_at, dispatched_ms, task_id)
   return '{"scheduled_at":"' .. scheduled_at .. '","dispatched_ms":' .. dispatched_ms
@@ -61,9 +76,11 @@ end
 -- Retire the job's oldest records while its history (`depth` entries) holds more than `limit`: the oldest
 -- decided fire's hash is deleted and the fence watermark raised to it, once its nominal time is
 -- older than the fence window and nothing needs the record any more: it holds no live slot
--- (queued, running or retried) and is not waiting for one (buffered). A record that is still
--- needed stops the retiring until it is not. At most `budget` records per call.
-local function retire(fence, job_id, depth, limit, window_ms, budget)
+-- (queued, running or retried), is not waiting for one (buffered), and is not a dispatched fire
+-- whose run has not started and which the dispatch audit has not ended yet (in `dispatched`: it
+-- is republished or recorded lost first). A record that is still needed stops the retiring
+-- until it is not. At most `budget` records per call.
+local function retire(fence, dispatched, job_id, depth, limit, window_ms, budget)
   local history, n = key(T.history, job_id), depth
   local horizon = (now_ms - window_ms) * 1000
   while n > limit and budget > 0 do
@@ -71,8 +88,11 @@ local function retire(fence, job_id, depth, limit, window_ms, budget)
     local at = epoch_us(stamp)
     if at > horizon then return end
     local fire = key(T.fire, job_id, stamp)
-    local f = redis.call('HMGET', fire, 'outcome', 'task_id')
+    local f = redis.call('HMGET', fire, 'outcome', 'task_id', 'run')
     if f[1] == 'buffered' then return end
+    if f[1] == 'dispatched' and not f[3] and redis.call('ZSCORE', dispatched, dispatched_member(job_id, stamp)) then
+      return
+    end
     if f[2] then
       local lapse = redis.call('ZSCORE', key(T.inflight, job_id), f[2])
       if lapse and tonumber(lapse) > now_ms then return end
@@ -86,8 +106,8 @@ local function retire(fence, job_id, depth, limit, window_ms, budget)
 end
 
 -- Dispatch the job's buffered fire if a slot is free (or record it missed if it waited past
--- its grace). Returns 1 (dispatched), -1 (missed) or 0 (nothing to do or no free slot).
-local function release_buffer(job_id, buffered, counters, last_fire, fire_ttl)
+-- its grace); a dispatched one joins `dispatched` (the dispatch audit's index). Returns 1 (dispatched), -1 (missed) or 0 (nothing to do or no free slot).
+local function release_buffer(job_id, buffered, counters, last_fire, fire_ttl, dispatched)
   local inflight, buffer = key(T.inflight, job_id), key(T.buffer, job_id)
   local job_counters = key(T.job_counters, job_id)
   redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now_ms)
@@ -113,6 +133,9 @@ local function release_buffer(job_id, buffered, counters, last_fire, fire_ttl)
   redis.call('SREM', buffered, job_id)
   redis.call('ZADD', inflight, now_ms + tonumber(f['slot_lapse_ms']), f['task_id'])
   redis.call('LPUSH', f['list_key'], f['payload'])
+  local due = audit_due(tonumber(f['expiry_ms'] or '0'), tonumber(f['audit_after_ms'] or '3660000'),
+                        tonumber(f['audit_margin_ms'] or '60000'))
+  redis.call('ZADD', dispatched, due, dispatched_member(job_id, f['scheduled_at']))
   redis.call('HSET', fire, 'outcome', 'dispatched', 'reason', 'buffered until a slot freed', 'dispatched_ms', now_ms)
   redis.call('EXPIRE', fire, fire_ttl)
   redis.call('HSET', last_fire, job_id, last_fire_json(f['scheduled_at'], now_ms, f['task_id']))

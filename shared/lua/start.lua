@@ -1,6 +1,6 @@
 -- start: take the run lease of a fire (shared.fleet.FireLedger.start, from workers).
 --
--- KEYS[1] fence.
+-- KEYS[1] fence, KEYS[2] dispatched (the run starting takes the fire out of the dispatch audit's index).
 -- ARGV[1] key templates (see common.lua), ARGV[2] job_id, ARGV[3] scheduled_at, ARGV[4] task_id,
 -- ARGV[5] runner (host:pid), ARGV[6] lease_ms, ARGV[7] force (1 = take over), ARGV[8] fire_ttl_s,
 -- ARGV[9] retries (the delivery's retry count), ARGV[10] token (one per admission, '' = none),
@@ -25,7 +25,7 @@ local f = redis.call('HMGET', fire, 'run', 'run_lease_ms', 'runner', 'run_retrie
 if f[1] == 'succeeded' then return {'done', '', 0, 0} end
 if f[1] == 'running' and ARGV[10] ~= '' and f[6] == ARGV[10] then return {'run', '', 0, tonumber(f[7])} end
 if not f[5] and fenced(KEYS[1], job_id, scheduled_at) then return {'done', 'retired', 0, 0} end
-if f[5] and f[5] ~= 'dispatched' then return {'done', f[5], 0, 0} end
+if f[5] and f[5] ~= 'dispatched' then return {'done', f[5], 0, 0} end  -- lost too: recorded for good
 if not f[5] and ARGV[11] == '1' then return {'done', 'undecided', 0, 0} end
 local lease = tonumber(f[2] or '0')
 local held_retries = tonumber(f[4] or '')
@@ -38,4 +38,5 @@ redis.call('HSET', fire, 'run', 'running', 'runner', ARGV[5], 'started_ms', now_
 local attempt = redis.call('HINCRBY', fire, 'attempts', 1)
 redis.call('EXPIRE', fire, tonumber(ARGV[8]))
 redis.call('ZADD', inflight, now_ms + tonumber(ARGV[6]), task_id)
+redis.call('ZREM', KEYS[2], dispatched_member(job_id, scheduled_at))
 return {'run', '', 0, attempt}

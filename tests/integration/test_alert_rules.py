@@ -33,7 +33,7 @@ def test_promtool_checks_the_rules() -> None:
         [str(PROMTOOL), "check", "rules", str(DEPLOY / "prometheus/alerts.yml")], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 14 rules found" in result.stdout
 
 
 def test_promtool_unit_tests_of_the_alerts_pass() -> None:

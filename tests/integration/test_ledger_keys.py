@@ -20,7 +20,7 @@ import redis.asyncio
 from scheduler.jobstore import JobRecord, JobStore, spec_document
 from scheduler.specs import JobSpec
 from shared import lua
-from shared.fleet import FIRE_FIELDS, KEY_TEMPLATES, FireIntent, FireLedger, Outcome, Overlap
+from shared.fleet import FIRE_FIELDS, KEY_TEMPLATES, AuditCheck, FireIntent, FireLedger, Outcome, Overlap
 from shared.names import RedisKeys, fire_task_id_of
 from shared.redis import create_redis
 from shared.settings import AppSettings
@@ -112,12 +112,35 @@ def run_every_script(ledger: FireLedger, keys: RedisKeys, queue: str, url: str) 
     task_id = fire_task_id_of(*retired)
     assert ledger.start(*retired, task_id, "h:2", 1000) == ["done", "retired", 0, 0]
     assert ledger.finish(*retired, task_id, Outcome.FAILED, runner="h:2") == ["stale", "retired"]
+    run_audit(ledger, keys, queue, url)
     run_job_scripts(ledger, keys, url)
     stats = redis.Redis.from_url(url, decode_responses=True)
     jobstats = stats.register_script(lua.source("jobstats"))  # what a scrape reads of each job
     assert jobstats(keys=[key for job in ("buf", "many") for key in (keys.job_counters(job), keys.inflight(job))])
     stats.close()
-    return [*fires, undecided]
+    return [*fires, undecided, *AUDITED]
+
+
+AUDITED = [("aud", "2020-01-01T00:02:00+00:00"), ("aud", "2020-01-01T00:02:01+00:00")]
+
+
+def run_audit(ledger: FireLedger, keys: RedisKeys, queue: str, url: str) -> None:
+    """audit: one fire whose message is nowhere (republished, then lost), one in unacked only."""
+    unacked = (keys.key("unacked"), keys.key("unacked_index"))
+    for job_id, at in AUDITED:
+        intent = FireIntent(job_id, at, fire_task_id_of(job_id, at), Outcome.DISPATCHED, overlap=Overlap.ALLOW,
+                            slot_lapse_ms=60_000, list_key=queue, payload="{}")  # fmt: skip
+        assert ledger.decide([intent], owner="t") == ["dispatched"]
+    stray = redis.Redis.from_url(url, decode_responses=True)
+    stray.hset(unacked[0], fire_task_id_of(*AUDITED[1]), '[{}, "", "q"]')
+    stray.close()
+    looks = [AuditCheck(job_id, at, 1) for job_id, at in AUDITED]
+    assert [r[0] for r in ledger.audit(looks, [queue], unacked, 100)] == ["nowhere", "reindexed"]
+    republish = AuditCheck(*AUDITED[0], 1, "republish", copy=1, slot_lapse_ms=1000, data="{}")
+    assert ledger.audit([republish], [queue], unacked, 100)[0][:3] == ["republished", 1, 1]
+    lost = AuditCheck(*AUDITED[0], 1, "lost", data="gone")
+    assert ledger.audit([lost], [queue], unacked, 100)[0][:2] == ["lost", 1]
+    assert ledger.release(["aud"]) == [0]  # the lost fire's slot is free; nothing waits
 
 
 def run_job_scripts(ledger: FireLedger, keys: RedisKeys, url: str) -> None:
@@ -155,7 +178,8 @@ def test_scripts_touch_only_the_keys_redis_keys_names(client: redis.Redis, setti
             continue
         touched.update(str(k) for k in client.command_getkeys(*command))
     job_ids = {job_id for job_id, _ in fires}
-    named = {keys.counters, keys.last_fire, keys.buffered, keys.fence, queue}
+    named = {keys.counters, keys.last_fire, keys.buffered, keys.fence, keys.dispatched, queue}
+    named |= {keys.key("unacked"), keys.key("unacked_index")}  # kombu's, under the test's prefix
     named |= {keys.api_jobs, keys.changes, keys.audit, keys.jobs, keys.paused, keys.fail_streak, keys.history("api")}
     named.add(keys.invalid_jobs)
     named |= {keys.fire(job_id, at) for job_id, at in fires}

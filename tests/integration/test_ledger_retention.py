@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio
 
 from scheduler.state import StateStore
-from shared.fleet import FireIntent, FireLedger, Outcome, Overlap
+from shared.fleet import AuditCheck, FireIntent, FireLedger, Outcome, Overlap
 from shared.names import RedisKeys, fire_task_id_of, format_scheduled_at
 from shared.redis import create_redis
 from shared.settings import AppSettings
@@ -152,6 +152,24 @@ def test_records_still_needed_are_kept(ledger: Ledger) -> None:
     assert ledger.redis.zcard(ledger.keys.inflight("held")) == 0
 
 
+def test_a_fire_never_started_is_kept_until_the_dispatch_audit_ends_it(ledger: Ledger) -> None:
+    """Its slot lapsed, but its run never started: the record stays (and stops the retiring)
+    until the audit has republished it and it ran, or recorded it lost; then it retires."""
+    assert ledger.fire("quiet", stamp(0), run=False, lapse_ms=1) == "dispatched"
+    for i in range(1, 40):
+        ledger.fire("quiet", stamp(i))
+    assert ledger.redis.zcard(ledger.keys.inflight("quiet")) == 0  # the slot lapsed long ago
+    assert ledger.redis.exists(ledger.keys.fire("quiet", stamp(0)))
+    assert len(ledger.fire_keys("quiet")) == 40
+    lost = AuditCheck("quiet", stamp(0), 1, "lost", data="its message was nowhere")
+    assert ledger.ledger.audit([lost], [ledger.queue + ":none"], ("unacked", "unacked_index"), 10)[0][0] == "lost"
+    assert ledger.redis.zcard(ledger.keys.dispatched) == 0
+    for i in range(40, 80):
+        ledger.fire("quiet", stamp(i))
+    assert len(ledger.fire_keys("quiet")) == LIMIT
+    assert ledger.redis.hget(ledger.keys.fence, "quiet") is not None
+
+
 def test_a_buffered_fire_is_kept_until_it_is_dispatched(ledger: Ledger) -> None:
     one: dict[str, Any] = {"overlap": Overlap.BUFFER_ONE}
     assert ledger.fire("buf", stamp(0), run=False, **one) == "dispatched"
@@ -178,6 +196,8 @@ def test_a_buffered_fire_is_kept_until_it_is_dispatched(ledger: Ledger) -> None:
 
 def test_a_worker_reporting_on_a_retired_fire_writes_nothing(ledger: Ledger) -> None:
     assert ledger.fire("late", stamp(0), run=False, lapse_ms=1) == "dispatched"  # its slot lapses at once
+    lost = AuditCheck("late", stamp(0), 1, "lost", data="its message was nowhere")  # the audit ends it
+    assert ledger.ledger.audit([lost], [ledger.queue + ":none"], ("unacked", "unacked_index"), 10)[0][0] == "lost"
     for i in range(1, 40):
         ledger.fire("late", stamp(i))
     fire = ledger.keys.fire("late", stamp(0))

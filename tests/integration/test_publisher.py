@@ -128,7 +128,7 @@ def test_messages_equal_what_send_task_writes(
     assert template["headers"]["id"] == f"{namespace}-first"
     assert template["body"] == [["other"], {"z": [1]}, ours["body"][2]]
     for sent in (ours, celerys):
-        sent["properties"].pop("delivery_tag")  # a fresh uuid per message, by design
+        sent["properties"].pop("delivery_tag")  # send_task: a fresh uuid; ours: the task id, by design
     if expires_s is None:
         assert ours["headers"]["expires"] is None
     else:
@@ -165,6 +165,26 @@ def test_template_path_writes_what_the_first_path_writes(app: Celery) -> None:
         assert 29_000 <= int(payload["properties"].pop("expiration")) <= 30_000
     assert ours == celerys
     assert json.loads(base64.b64decode(ours["body"]))[0] == awkward
+
+
+@pytest.mark.parametrize("delivery_tag", ["", "tid-7.r2"])
+def test_the_delivery_tag_and_the_first_id_key_name_the_fire(app: Celery, delivery_tag: str) -> None:
+    """What the dispatch audit (shared/lua/audit.lua) relies on: a message's delivery tag is its
+    task id unless one is given, and the first '"id": "' of its JSON is the task id's, whatever the
+    arguments hold; ``list_key`` names the list ``encode`` pushes to."""
+    awkward = ['"id": "not-this"', {"id": "nor-this"}]
+    with BatchPublisher(app) as publisher:
+        for priority in (None, 5, 9):
+            sent = [
+                TaskMessage("demo.sleep", awkward, {"id": "x"}, "q", "tid-7", {HEADER_JOB_ID: "j"}, priority=priority,
+                            delivery_tag=delivery_tag)
+                for _ in range(2)  # the first path, then the template path
+            ]  # fmt: skip
+            for list_key, payload in publisher.encode(sent):
+                assert json.loads(payload)["properties"]["delivery_tag"] == (delivery_tag or "tid-7")
+                first = re.search(r'"id": "([^"]*)"', payload)
+                assert first and first.group(1) == "tid-7"
+                assert list_key == publisher.encoder.list_key("q", priority)
 
 
 def test_worker_runs_a_batch_and_sees_its_headers(

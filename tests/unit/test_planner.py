@@ -9,11 +9,15 @@ import pytest
 
 from scheduler.fires import MANUAL, Fire
 from scheduler.planner import (
+    AUDIT_REPUBLISH_MAX,
     MAX_CATCH_UP_RECORDS,
     PAUSED,
     REDIS_CAME_BACK_LATE,
     LastDispatch,
     jitter_of,
+    message_expiry,
+    next_audit,
+    plan_audit,
     plan_catch_up,
     plan_due,
     plan_manual,
@@ -341,3 +345,61 @@ def test_a_fire_coalesced_by_an_earlier_attempt_is_missed_once_past_its_grace() 
     first = replan([held(spec, s) for s in (-9, -8, -7)], at(-6))
     retry = replan([*first, held(spec, -2), held(spec, -1)], NOW, late_reason=REDIS_CAME_BACK_LATE)
     assert outcomes(retry) == [(-9, M), (-8, M), (-7, M), (-2, C), (-1, D)]
+
+
+# -- the dispatch audit: a dispatched fire whose message is nowhere ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "nominal_s", "dispatched_s", "copies", "now_s", "action"),
+    [
+        # before its message's expiry (grace 60 s from the nominal time): published again
+        ({}, -30, -30, 0, 0, "republish"),
+        ({}, -59, -59, 2, 0, "republish"),
+        # at or past it: a copy would be revoked as expired
+        ({}, -60, -60, 0, 0, "lost"),
+        ({}, -3600, -3600, 0, 0, "lost"),
+        # the job's own expires wins over its grace
+        ({"expires": 120}, -90, -90, 0, 0, "republish"),
+        ({"expires": 10}, -30, -30, 0, 0, "lost"),
+        # dispatched late (a catch-up): the message lives at least a second after its dispatch
+        ({}, -100, -0.5, 0, 0, "republish"),
+        ({}, -100, -1, 0, 0, "lost"),
+        # no expiry at all: published again up to AUDIT_REPUBLISH_MAX copies, then lost
+        ({"misfire_grace_time": None}, -86400, -86400, AUDIT_REPUBLISH_MAX - 1, 0, "republish"),
+        ({"misfire_grace_time": None}, -86400, -86400, AUDIT_REPUBLISH_MAX, 0, "lost"),
+        ({}, -10, -10, AUDIT_REPUBLISH_MAX, 0, "lost"),
+    ],
+)
+def test_audit_republishes_a_fire_still_possible_to_run_else_records_it_lost(
+    fields: dict[str, Any], nominal_s: float, dispatched_s: float, copies: int, now_s: float, action: str
+) -> None:
+    verdict = plan_audit(job(**fields), at(nominal_s), at(dispatched_s), copies, at(now_s))
+    assert verdict.action == action
+    if action == "republish":
+        assert verdict.copy == copies + 1
+    else:
+        assert verdict.reason and verdict.copy == 0
+
+
+def test_message_expiry_is_the_nominal_time_plus_expires_else_grace() -> None:
+    assert message_expiry(job(), at(0), at(0)) == at(60)
+    assert message_expiry(job(expires=5), at(0), at(0)) == at(5)
+    assert message_expiry(job(misfire_grace_time=None), at(0), at(0)) is None
+    assert message_expiry(job(), at(-600), at(0)) == at(1)
+
+
+@pytest.mark.parametrize(
+    ("expiry_s", "now_s", "expected_s"),
+    [
+        (None, 0, 3660),  # no expiry: the visibility timeout plus the margin
+        (60, 0, 120),  # expires first: its expiry plus the margin
+        (5000, 0, 3660),
+        (-30, 0, 61),  # expired already: a second from now plus the margin
+    ],
+)
+def test_the_audit_looks_at_a_fire_at_its_deadline_or_its_expiry_if_sooner(
+    expiry_s: float | None, now_s: float, expected_s: float
+) -> None:
+    expiry = None if expiry_s is None else at(expiry_s)
+    assert next_audit(at(now_s), expiry, 3660, 60) == at(expected_s)

@@ -14,7 +14,7 @@ import pytest
 
 from shared.names import RedisKeys
 from shared.settings import AppSettings
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, chronoq
 from tests.web.conftest import ConsoleProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -91,3 +91,26 @@ def test_live_partials_rates_and_timeline(settings: AppSettings, redis_server: R
         assert timeline.status_code == 200 and "fires in the next 180 minutes" in timeline.text
         assert timeline.text.count('href="/jobs/hourly-report"') in (2, 3)
         assert "<svg" in timeline.text
+
+
+def test_the_overview_and_status_show_what_the_dispatch_audit_found(
+    settings: AppSettings, redis_server: RedisServer, start_console: Any
+) -> None:
+    keys = RedisKeys(settings.redis.key_prefix)
+    with redis_server.client() as r:
+        counts = {"recovered_republished": 2, "recovered_reindexed": 1, "recovered_queued": 3, "lost": 1}
+        r.hset(keys.counters, mapping={**counts, "dispatched": 9})
+        r.zadd(keys.dispatched, {"job\x1f2030-01-01T00:00:00+00:00": 1})
+    console: ConsoleProcess = start_console(settings)
+    with console.http() as http:
+        page = html.unescape(http.get("/").text)
+    assert "Dispatch audit" in page and "2 · 1 · 1" in page
+    assert "3 still queued · 0 held unacked · 1 not started yet" in page
+    assert "1 dispatched fire recorded lost" in page
+    status = chronoq(settings, "status", check=False)
+    assert (
+        "audit       2 republished, 1 reindexed, 1 lost; 3 still queued and 0 held unacked at its look" in status.stdout
+    )
+    assert "1 dispatched, not started yet" in status.stdout and "recovered_" not in status.stdout
+    shown = json.loads(chronoq(settings, "status", "--json", check=False).stdout)
+    assert shown["audit"] == {"queued": 3, "unacked": 0, "reindexed": 1, "republished": 2, "lost": 1}
