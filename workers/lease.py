@@ -42,9 +42,20 @@ from workers.heartbeat import Heartbeat
 from workers.keeper import Held, LeaseKeeper
 from workers.requests import ERROR_MAX_CHARS, Headers, fire_of, pid_is_gone, retry_delay_s, short_error
 
-FINISH_RETRY_S = 3.0
-"""An outcome Redis cannot take is tried again this long (a restart): lost, the lease lapses and
-the message, whose ack was lost too, runs again after the visibility timeout."""
+FINISH_RETRY_MIN_S = 3.0
+FINISH_RETRY_MAX_S = 60.0
+
+
+def finish_retry_s(visibility_timeout_s: float) -> float:
+    """How long an outcome Redis cannot take (a restart, a failover: a fenced master refuses
+    writes until its replica is promoted) is tried again: half the visibility timeout, within
+    3-60 s. Given up, the lease lapses and the message, whose ack failed too, runs again once
+    the visibility timeout restores it: the retry must outlast a failover (a planned one took
+    3.3 s on a loaded machine, past the fixed 3 s this was, and the fire ran twice), and ends
+    well before the message can come back."""
+    return min(FINISH_RETRY_MAX_S, max(FINISH_RETRY_MIN_S, visibility_timeout_s / 2))
+
+
 _RECEIVED_MAX = 10_000
 _DONE = {
     "": "the fire already succeeded",
@@ -86,6 +97,7 @@ class WorkerFleet:
         self.settings = settings
         self.keys = RedisKeys(settings.redis.key_prefix)
         self.slot_margin_s = settings.scheduler.slot_margin_s
+        self.finish_retry_s = finish_retry_s(settings.celery.visibility_timeout_s)
         self._clients: dict[int, tuple[redis.Redis, FireLedger]] = {}
         self._leased: dict[tuple[str, int], Lease] = {}
         # Main process: task id -> fire and the requests received with that id (weakly: Celery
@@ -347,7 +359,7 @@ class WorkerFleet:
             retry_lapse_ms=retry_lapse_ms,
         )
         try:
-            verdict, current = retry_through_restart(finish, FINISH_RETRY_S)
+            verdict, current = retry_through_restart(finish, self.finish_retry_s)
             if verdict == "applied" and outcome in (Outcome.SUCCEEDED, Outcome.FAILED):
                 self.ledger.streak(job_id, scheduled_at, outcome, error, by=self.hostname)
         except redis.RedisError as exc:

@@ -163,3 +163,11 @@ def test_text_logging_shows_context() -> None:
         logger.remove()
     line = stream.getvalue().strip()
     assert "| scheduler |" in line and line.endswith("fired [job_id=hb]")
+
+
+def test_an_outcome_is_retried_through_a_failover_and_never_past_the_message_coming_back() -> None:
+    from workers.lease import finish_retry_s
+
+    assert finish_retry_s(10) == 5.0  # the fault suite's visibility timeout: past a 3.3 s failover
+    assert finish_retry_s(4) == 3.0  # never under 3 s
+    assert finish_retry_s(3600) == 60.0  # the default: a minute at most, a slot blocked meanwhile
