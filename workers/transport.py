@@ -57,7 +57,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from shared.names import RedisKeys
-from shared.sentinel import master_moved, refused
+from shared.sentinel import FencedConnection, FencedSSLConnection, master_moved, refused
 from workers.poison import PoisonSink
 from workers.restore import SWEEP_LOCK
 from workers.take import Taker
@@ -250,6 +250,13 @@ class Transport(kombu_redis.Transport):  # type: ignore[misc]
 
 class SentinelChannel(Channel, kombu_redis.SentinelChannel):  # type: ignore[misc]
     """kombu's Sentinel channel with the fixes of :class:`Channel` (method order: ours first)."""
+
+    # A fenced master's NOREPLICAS (planned-failover.sh, before its replica is promoted) reads
+    # as a lost connection, as for the scheduler's clients: an ack or a take is a pipeline, and
+    # its ResponseError ended the Celery worker (exit 70); a ConnectionError makes its consumer
+    # reconnect. kombu's asynchronous pool subclasses these with its disconnect hook.
+    connection_class = FencedConnection
+    connection_class_ssl = FencedSSLConnection  # type: ignore[assignment]
 
     from_transport_options = tuple(  # type: ignore[assignment]
         dict.fromkeys(

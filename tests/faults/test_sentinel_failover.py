@@ -473,3 +473,46 @@ def test_sigkill_of_the_master_with_wait_loses_nothing(
     assert counts["coalesced"] >= 20, counts  # the fires due during the failover: one per job
     for name, log in logs.items():
         assert log.count("redis writes wait for 0 of REDIS_WAIT_REPLICAS=1") == 1, (name, log[-3000:])
+
+
+def test_a_fenced_master_refusing_outcomes_and_acks_costs_no_run_and_no_worker(
+    sentinel_group: SentinelGroup,
+    redis_process: Callable[..., RedisProcess],
+    start_worker: Callable[..., WorkerProcess],
+    start_scheduler: Callable[..., list[SchedulerProcess]],
+    tmp_path: Path,
+    namespace: str,
+) -> None:
+    """The master refuses writes for 4 s (``min-replicas-to-write`` unmet, as
+    ``planned-failover.sh`` fences it before its replica is promoted) while runs end. Each
+    run's outcome is tried again until the fence lifts, and a refused ack
+    reads as a lost connection, not an error that ended the Celery worker (exit 70): no fire
+    runs twice, no outcome is lost, the worker never stops."""
+    ledger = redis_process(appendonly=False)
+    settings = sentinel_settings(sentinel_group, namespace, False)
+    env = fault_env(ledger)
+    worker = start_worker(settings, "--pool", "threads", "--concurrency", "8", extra_env=env)
+    jobs = [{"id": "r", "task": "faults.ledger", "args": [0.5], "interval": 0.25, "overlap": "allow"}]
+    (scheduler,) = start_scheduler(settings, write_jobs(tmp_path / "jobs.yaml", jobs), extra_env=env)
+    with ledger.client() as ledger_client, sentinel_group.master().client() as master:
+
+        def starts() -> Counter[str]:
+            return Counter(e["task_id"] for e in read_ledger(ledger_client) if e["event"] == "start")
+
+        wait_for(lambda: sum(starts().values()) >= 8, 30, "the job to run")
+        master.config_set("min-replicas-to-write", 10)  # more replicas than there are: every write refused
+        fenced = time.time()
+        time.sleep(4)  # the fence (an action, not a wait for a condition)
+        master.config_set("min-replicas-to-write", 0)
+        ends = [e["ms"] / 1000 for e in read_ledger(ledger_client) if e["event"] == "end"]
+        assert any(fenced <= t <= fenced + 0.5 for t in ends), "no run ended early in the fence: it proves nothing"
+        assert scheduler.stop() == 0, scheduler.log()[-3000:]
+        # A copy of a fire whose outcome was lost comes back once the visibility timeout (10 s)
+        # restores its message: none may run twice.
+        with pytest.raises(pytest.fail.Exception):
+            wait_for(lambda: [t for t, n in starts().items() if n > 1], 15, "a fire to run twice", interval_s=0.5)
+        wait_for(lambda: master.hlen("unacked") == 0, 15, "every message acknowledged")
+    log = worker.log()
+    assert "fire outcome not recorded" not in log, log[-3000:]
+    assert "without a shutdown request" not in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]

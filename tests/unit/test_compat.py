@@ -230,6 +230,8 @@ NAMES: tuple[Name, ...] = (
              ("self", "c", "cancel_consumers")),
     attr("celery", "celery.worker.consumer.consumer:Consumer.Blueprint.default_steps", "workers/consumer.py:Consumer.Blueprint"),
     attr("kombu", KR + "SentinelTransport.Channel", f"{TRA}:SentinelTransport"),
+    attr("kombu", KR + "SentinelChannel.connection_class", f"{TRA}:SentinelChannel"),
+    attr("kombu", KR + "SentinelChannel.connection_class_ssl", f"{TRA}:SentinelChannel"),
     # -- Celery and kombu: the worker's consumer, task base class, timer bootstep --------------
     override("celery", "celery.worker.consumer.consumer:Consumer.ensure_connected", "workers/consumer.py:Consumer",
              ("self", "conn")),
