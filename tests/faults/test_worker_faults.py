@@ -451,6 +451,50 @@ def test_a_fire_whose_result_cannot_be_stored_is_recorded_succeeded_and_runs_onc
         ledger.close()
 
 
+def test_an_outcome_that_redis_refuses_past_one_call_is_tried_again_and_the_fire_runs_once(
+    redis_process: Callable[..., RedisProcess],
+    tcp_proxy: Callable[[int], TcpProxy],
+    namespace: str,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """Redis cannot be reached for 8 s from the moment a run's outcome is sent (a failover, a
+    restart). One redis-py call gives up after about 4-5 s of its own retries; the outcome is
+    tried again for half the visibility timeout (15 s here), so it is recorded once Redis is back
+    and the fire runs once. With a fixed 3 s budget it was given up after that first call, and
+    the fire stayed "running" while its restored message came back to run it again."""
+    broker = redis_process(appendonly=False)
+    ledger_server = redis_process(appendonly=False)
+    proxy = tcp_proxy(broker.port)
+    visibility_s = 30  # the outcome's budget: 15 s, three redis-py calls or more
+    settings = fault_settings(broker, namespace, visibility_s=visibility_s)
+    worker = start_worker(
+        fault_settings(broker, namespace, url=proxy.url(), visibility_s=visibility_s),
+        *("-P", "threads", "-c", "2"),
+        extra_env=fault_env(ledger_server, visibility_s=visibility_s),
+    )
+    fleet = Fleet(settings)
+    ledger = ledger_server.client()
+    try:
+        warm_up = fleet.fire("warm-up", "faults.ledger")
+        wait_for(lambda: fleet.run_of(warm_up).get("run") == "succeeded", 30, "a first fire's outcome")
+        fire = fleet.fire(f"refused-{namespace}", "faults.ledger", kwargs={"seconds": 1.0}, minute=1)
+        # The finish script's arguments: ..., task id, outcome (not the run's start, nor an event).
+        cut = proxy.cut_on_request(f"{fire.task_id}\r\n$9\r\nsucceeded".encode())
+        wait_for(cut.is_set, 30, "the outcome's write to be cut")
+        time.sleep(8)  # Redis out of reach (an action, not a wait for a condition)
+        proxy.restore()
+        wait_for(lambda: fleet.run_of(fire).get("run") not in (None, "running"), 15, "the fire's outcome")
+        assert fleet.run_of(fire)["run"] == "succeeded", fleet.run_of(fire)
+        # The connection's loss put its message back (Celery restores what it holds): it comes
+        # back and is turned away. Once nothing is unacknowledged, the fire ran once.
+        wait_for(lambda: fleet.redis.hlen("unacked") == 0, 30, "every message acknowledged")
+        assert [e["event"] for e in read_ledger(ledger) if e["job_id"] == fire.job_id] == ["start", "end"]
+        assert "fire outcome not recorded" not in worker.log(), worker.log()[-3000:]
+    finally:
+        fleet.close()
+        ledger.close()
+
+
 @pytest.mark.parametrize("pool", ["threads", "prefork"])
 def test_a_worker_whose_broadcast_connection_is_killed_goes_on_consuming(
     pool: str, redis_process: Callable[..., RedisProcess], namespace: str, start_worker: Callable[..., WorkerProcess]

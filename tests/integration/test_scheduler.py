@@ -161,8 +161,8 @@ async def test_jitter_stays_in_bounds_and_grid_does_not_drift(
     # twin without jitter, on the same grid in the same process, measures the dispatch latency
     # of the moment, so the jittered job's delay is judged against it, not against a wall-clock
     # figure that a loaded machine can exceed.
-    common = {"task": "demo.sleep", "interval": 0.2, "args": [0], "coalesce": False}
-    jittery = {"id": "jittery", "jitter": 0.15, **common}
+    common: dict[str, Any] = {"task": "demo.sleep", "interval": 0.2, "args": [0], "coalesce": False}
+    jittery: dict[str, Any] = {"id": "jittery", "jitter": 0.15, **common}
     async with run_service([jittery, {"id": "steady", **common}]):
         deadline = time.monotonic() + 30
         while not poll():
