@@ -53,7 +53,12 @@ def test_pause_resume_trigger_and_status(
         [
             {"id": "tick", "task": "demo.record_fire", "interval": 0.5, "overlap": "allow"},
             {"id": "yearly", "task": "demo.record_fire", "cron": YEARLY},
-            {"id": "slow", "task": "demo.record_fire", "cron": YEARLY, "kwargs": {"seconds": 4}},
+            {
+                "id": "slow",
+                "task": "demo.record_fire",
+                "cron": YEARLY,
+                "kwargs": {"seconds": 60, "until": "release-slow"},
+            },
         ],
     )
     first, second = start_scheduler(settings, jobs, count=2)
@@ -114,7 +119,9 @@ def test_pause_resume_trigger_and_status(
     history = as_json(settings, "jobs", "history", "yearly")
     assert [(f["trigger"], f["outcome"]) for f in history] == [("manual", "dispatched")]
 
-    # Overlap policy: a second trigger while the first runs is skipped, unless forced.
+    # Overlap policy: a second trigger while the first runs is skipped, unless forced. The run
+    # lasts until the test releases it (a 4 s run ended, on a loaded machine, before the CLI
+    # that was to be refused had started).
     assert as_json(settings, "jobs", "trigger", "slow")["outcome"] == "dispatched"
     wait_for(lambda: ran(client, settings, "slow"), 10, "the slow fire to start")
     refused = chronoq(settings, "jobs", "trigger", "slow", "--json", check=False)
@@ -123,6 +130,7 @@ def test_pause_resume_trigger_and_status(
     assert "overlap" in json.loads(refused.stdout)["reason"]
     assert as_json(settings, "jobs", "trigger", "slow", "--force")["outcome"] == "dispatched"
     wait_for(lambda: len(ran(client, settings, "slow")) == 2, 10, "the forced fire to run")
+    client.set(f"{settings.redis.key_prefix}release-slow", 1)
 
     status = as_json(settings, "status")
     alive = [r for r in status["replicas"] if r["alive"]]

@@ -69,9 +69,11 @@ async def async_sleep(self: Any, seconds: float) -> dict[str, Any]:
 
 
 @shared_task(name="demo.record_fire", bind=True)
-def record_fire(self: Any, seconds: float = 0.0) -> dict[str, Any]:
+def record_fire(self: Any, seconds: float = 0.0, until: str | None = None) -> dict[str, Any]:
     """Append which fire ran where to the Redis list ``<prefix>executions``, sleep ``seconds``
     (blocking), return the entry: what fleet tests count to see what the workers executed.
+    With ``until``, it returns as soon as the key ``<prefix><until>`` exists, ``seconds`` at
+    most: a run that lasts exactly as long as a test needs it to, whatever the machine's load.
 
     The entry is ``{"job_id", "scheduled_at", "task_id", "worker", "pid", "started_ms"}``;
     ``job_id``/``scheduled_at`` are None for an ad-hoc call.
@@ -87,5 +89,10 @@ def record_fire(self: Any, seconds: float = 0.0) -> dict[str, Any]:
         "started_ms": int(time.time() * 1000),
     }
     fleet.client.rpush(fleet.keys.key(EXECUTIONS_KEY), json.dumps(entry))
-    time.sleep(seconds)
+    if until is None:
+        time.sleep(seconds)
+        return entry
+    deadline = time.monotonic() + seconds
+    while not fleet.client.exists(fleet.keys.key(until)) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return entry
