@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 from celery import Celery
 
 from scheduler.encoder import MessageEncoder
+from scheduler.events import SentEvents
 from scheduler.fires import Limits
 from scheduler.joblist import JobIndex
 from scheduler.jobmodels import ApplyPlan, BackfillResult, JobPage, TriggerResult
@@ -49,6 +50,8 @@ class AsyncClient:
         self._encoder = MessageEncoder(self.app)
         self._limits = Limits.from_settings(settings)
         self.redis = create_async_redis(settings.redis)
+        self._events = SentEvents.for_app(self.app, self.redis)
+        """Manual fires and backfills announce themselves (task-sent) as scheduled ones do."""
         self.index = JobIndex()
         """One snapshot of the job list for every ``ops_as`` user of this client."""
         self.ops = self.ops_as(by)
@@ -64,7 +67,9 @@ class AsyncClient:
         def encode(messages: list[TaskMessage]) -> list[tuple[str, str]]:
             return encoder.encode(messages)
 
-        operator = Operator(self.settings, self.redis, encode=encode_fire, queue_keys=encoder.queue_keys, by=by)
+        operator = Operator(
+            self.settings, self.redis, encode=encode_fire, queue_keys=encoder.queue_keys, by=by, events=self._events
+        )
         return JobOps(operator, encode, self.index)
 
     async def create(self, spec: dict[str, Any] | JobSpec, *, note: str = "") -> JobRecord:

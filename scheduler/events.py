@@ -28,9 +28,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import redis
 import redis.asyncio
 from celery.utils.saferepr import saferepr
 from celery.utils.time import utcoffset
+from loguru import logger
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -135,3 +137,17 @@ class SentEvents:
                 pipe.publish(self.channel, self.envelope(self.event(fire, now_ts, offset)))
             await pipe.execute()
         return len(fires)
+
+
+async def announce(events: SentEvents | None, fires: Sequence[Fire], sent_ts: float) -> int:
+    """Announce ``fires`` (just dispatched) when events are enabled (``events`` not None), best
+    effort: the fires are out, so a Redis error is logged, not raised. Every path that decides
+    a fire outside the dispatcher (a manual trigger, a backfill, a sequential backfill's next
+    fire) calls this once for what it dispatched; returns how many were announced."""
+    if events is None or not fires:
+        return 0
+    try:
+        return await events.publish(fires, sent_ts)
+    except (redis.RedisError, OSError) as exc:
+        logger.warning("task-sent events for {} fires not published: {}", len(fires), exc)
+        return 0

@@ -28,6 +28,7 @@ import redis
 import redis.asyncio
 from loguru import logger
 
+from scheduler.events import SentEvents, announce
 from scheduler.fires import BACKFILL, Fire, Limits
 from scheduler.jobops import Encode, backfill_intent
 from scheduler.jobstore import API, JobStore, parse_record
@@ -60,8 +61,11 @@ class JobFeed:
         encode: Encode,
         is_leader: Callable[[], bool],
         on_change: Callable[[], None] = lambda: None,
+        events: SentEvents | None = None,
     ) -> None:
         self.client, self.keys, self.manager, self.owner = client, keys, manager, owner
+        self.events = events
+        """Announces a sequential backfill's fires (task-sent) when events are enabled."""
         self.store = JobStore(client, keys, changes_maxlen=settings.scheduler.changes_maxlen)
         self.limits = Limits.from_settings(settings)
         self.ledger, self.encode, self.is_leader, self.on_change = ledger, encode, is_leader, on_change
@@ -228,7 +232,10 @@ class JobFeed:
         fire = Fire(
             self.manager.get(job_id), datetime.fromisoformat(entry["scheduled_at"]), trigger=BACKFILL, force=True
         )
+        sent_ts = time.time()
         (outcome,) = await self.ledger.decide([backfill_intent(fire, now, self.limits, self.encode)], self.owner)
+        if str(outcome) == "dispatched":
+            await announce(self.events, [fire], sent_ts)
         await self.client.lpop(queue)
         logger.bind(job_id=job_id, scheduled_at=fire.stamp).info("sequential backfill fire {}", outcome)
 

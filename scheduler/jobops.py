@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, Literal, TypeVar
 
 import redis
 
+from scheduler.events import announce
 from scheduler.fires import Fire, Limits
 from scheduler.joblist import JobIndex
 from scheduler.jobmodels import ApplyPlan, BackfillResult, JobPage, TriggerResult
@@ -300,8 +302,11 @@ class JobOps:
                                   already_decided=already, queued=[f.stamp for f in later], dry_run=True)  # fmt: skip
         limits = self.operator.limits
         intents = [backfill_intent(fire, now, limits, self._encode) for fire in first]
+        sent_ts = time.time()  # before the publish: a worker may receive the task at once
         results = await self.operator.ledger.decide(intents, f"api:{self.by}") if intents else []
-        dispatched = [i.scheduled_at for i, r in zip(intents, results, strict=True) if str(r) == "dispatched"]
+        out = [(fire, i) for fire, i, r in zip(first, intents, results, strict=True) if str(r) == "dispatched"]
+        await announce(self.operator.events, [fire for fire, _ in out], sent_ts)
+        dispatched = [i.scheduled_at for _, i in out]
         queued = [fire.stamp for fire in later]
         if queued:
             await self._queue_sequential(job_id, [*[i.scheduled_at for i in intents], *queued])

@@ -168,7 +168,9 @@ def main() -> int:
     directory, parent = Path(config["dir"]), int(config["parent_pid"])
     settings = read_settings(sys.stdin.readline())
     configure_logging(settings, process="metrics", stream=sys.stderr)  # stdout is the reply pipe
-    registry = CollectorRegistry()
+    # None of these collectors describes itself (the multiprocess files and the fleet's families
+    # are known only when collected): without this, a name[] filter dropped every one of them.
+    registry = CollectorRegistry(support_collectors_without_names=True)
     registry.register(Documented(MultiProcessCollector(None, path=str(directory / "prom"))))  # type: ignore[no-untyped-call]
     ProcessCollector(pid=lambda: parent, registry=registry)  # the scheduler's, not this process's
     PlatformCollector(registry=registry)

@@ -27,7 +27,7 @@ from loguru import logger
 
 from scheduler.control import ControlStore
 from scheduler.epoch import redis_facts
-from scheduler.events import SentEvents
+from scheduler.events import SentEvents, announce
 from scheduler.fires import Fire, Limits
 from scheduler.jobstore import source_kind
 from scheduler.planner import plan_manual
@@ -78,7 +78,8 @@ class Operator:
         self._queue_keys = queue_keys or (lambda queue: [queue])
         self.by = by or operator_name()
         self.events = events
-        """Announces a manual fire it published with Celery's task-sent event (when enabled)."""
+        """Announces the fires it or its :class:`~scheduler.jobops.JobOps` dispatch (a manual trigger, a
+        backfill) with Celery's task-sent event; None: events are off."""
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -251,11 +252,8 @@ class Operator:
         sent_ts = time.time()  # before the publish: a worker may receive the task at once
         (result,) = await self.ledger.decide([intent], f"cli:{self.by}:{os.getpid()}")
         outcome = str(result)
-        if outcome == Outcome.DISPATCHED and self.events is not None:
-            try:
-                await self.events.publish([fire], sent_ts)
-            except (redis.RedisError, OSError) as exc:  # the fire is out; the announcement is best effort
-                logger.warning("task-sent event not published: {}", exc)
+        if outcome == Outcome.DISPATCHED:
+            await announce(self.events, [fire], sent_ts)
         fire_hash = await self.client.hgetall(self.keys.fire(job_id, intent.scheduled_at))
         await self.control.record(
             "trigger" + (" --force" if force else ""), job_id, note=f"{note} ({outcome})".strip(), by=self.by

@@ -166,6 +166,7 @@ class SchedulerService:
             self.feed = JobFeed(
                 client, keys, self.manager, self.owner, settings, ledger=self.ledger,
                 encode=encoder.encode, is_leader=self.leadership.is_leader, on_change=self._count_jobs,
+                events=self.dispatcher.events,
             )  # fmt: skip
             for spec in [*await self.feed.load(), *await self._without_removed(self.feed.admit(self._initial_specs))]:
                 self.manager.register(spec)

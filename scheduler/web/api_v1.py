@@ -53,6 +53,11 @@ class BackfillRequest(BaseModel):
     dry_run: bool = Field(False, description="preview: the fires it would send; nothing is sent")
 
 
+OPENAPI = "/api/v1/openapi.json"
+API_DOCS = "/api/v1/docs"
+"""The API's reference page (:mod:`scheduler.web.apidocs`, rendered by the pages' router)."""
+
+
 def router(console: Console, guard: Guard) -> APIRouter:
     def user(request: Request) -> User:
         return guard.user(request)
@@ -65,6 +70,12 @@ def router(console: Console, guard: Guard) -> APIRouter:
     Reader = Annotated[User, Depends(user)]
     Writer = Annotated[User, Depends(writer)]
     api = APIRouter(prefix="/api/v1")
+
+    @api.get(OPENAPI.removeprefix("/api/v1"), include_in_schema=False)
+    async def openapi(request: Request, _: Reader) -> dict[str, Any]:
+        # Behind the console's authentication like every other answer (FastAPI's own is open).
+        schema: dict[str, Any] = request.app.openapi()
+        return schema
 
     @api.get("/status", summary="replicas, leader, queues, workers, outcome counters (as `chronoq status`)")
     async def status(_: Reader) -> dict[str, Any]:

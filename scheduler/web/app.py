@@ -8,14 +8,14 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
 
 from scheduler.web.api_v1 import router as api_router
 from scheduler.web.console import Console, error_status
 from scheduler.web.pages import router as pages_router
-from scheduler.web.security import Guard
+from scheduler.web.security import Guard, SecurityHeaders
 from shared.settings import AppSettings
 
 STATIC = Path(__file__).parent / "static"
@@ -39,8 +39,10 @@ def create_app(settings: AppSettings) -> FastAPI:
         title="chronoq",
         summary="Jobs, fires, workers and replicas of a chronoq fleet",
         version="1",
-        openapi_url="/api/v1/openapi.json",
-        docs_url="/api/v1/docs",
+        # Served by the API's router and the pages (behind authentication, no script): FastAPI's
+        # own are open to anyone and its docs load swagger-ui from a CDN.
+        openapi_url=None,
+        docs_url=None,
         redoc_url=None,
     )
     app.state.console = console
@@ -51,6 +53,11 @@ def create_app(settings: AppSettings) -> FastAPI:
         # Liveness for probes and healthchecks: no authentication, no Redis, nothing revealed
         # (Redis down is a 503 on the pages, which should stay reachable to say so).
         return PlainTextResponse("ok\n", headers={"Cache-Control": "no-store"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        # Pages name /static/favicon.svg; a browser asks here for an answer that is no page.
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
 
     app.include_router(api_router(console, guard))
     app.include_router(pages_router(console, guard))
@@ -88,4 +95,5 @@ def create_app(settings: AppSettings) -> FastAPI:
                 return JSONResponse({"error": lines[0], "problems": lines}, status_code)
             return PlainTextResponse("\n".join(lines) + "\n", status_code)
 
+    app.add_middleware(SecurityHeaders)  # the outermost: on every answer, errors included
     return app

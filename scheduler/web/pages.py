@@ -23,7 +23,8 @@ from fastapi.templating import Jinja2Templates
 
 from scheduler.jobstore import JobRecord
 from scheduler.views import OUTCOMES
-from scheduler.web.api_v1 import job_rows
+from scheduler.web.api_v1 import API_DOCS, OPENAPI, job_rows
+from scheduler.web.apidocs import models, operations
 from scheduler.web.charts import runs_chart, timeline_chart
 from scheduler.web.console import TIMELINE_MAX_FIRES, Console, error_status, histogram
 from scheduler.web.security import CSRF_COOKIE, CSRF_FIELD, Guard, User
@@ -132,6 +133,13 @@ def router(console: Console, guard: Guard) -> APIRouter:
         except Exception as exc:
             return await failed(request, user, exc, title="Jobs")
         return render(request, user, "jobs.html", title="Jobs", filters=params, outcomes=OUTCOMES, **context)
+
+    @pages.get(API_DOCS, response_class=HTMLResponse)
+    async def api_docs(request: Request) -> Response:
+        user = guard.user(request)
+        schema = request.app.openapi()
+        return render(request, user, "api_docs.html", title="API", info=schema.get("info", {}), openapi_url=OPENAPI,
+                      ops=operations(schema), models=models(schema))  # fmt: skip
 
     @pages.get("/new", response_class=HTMLResponse)
     async def new_job(request: Request) -> Response:

@@ -86,6 +86,7 @@ def serve(settings: AppSettings, host: str, sock: socket.socket) -> int:
     config = uvicorn.Config(
         create_app(settings), log_config=None, access_log=False, lifespan="on",
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S, timeout_keep_alive=KEEP_ALIVE_S,
+        server_header=False,  # no 'Server: uvicorn': nothing to tell a scanner
     )  # fmt: skip
     _server_class()(config).run(sockets=[sock])
     return 0

@@ -9,13 +9,16 @@ import sys
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from scheduler.api import Client
 from shared.celery_app import create_celery_app
+from shared.names import fire_task_id_of
 from shared.settings import AppSettings
 from tests.conftest import (
     ROOT,
@@ -157,3 +160,38 @@ def test_a_manual_trigger_is_announced_too(
         assert answer["dispatched"] is True
         (sent,) = wait_for(partial(log.of, "task-sent", answer["task_id"]), 10, "the manual fire's task-sent")
         assert sent["name"] == "demo.record_fire"
+
+
+def test_backfills_and_client_triggers_announce_every_fire_once(
+    settings: AppSettings,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    start_scheduler: Callable[..., list[SchedulerProcess]],
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """The paths that decide fires outside the dispatcher: ``Client.trigger`` (the API's and the
+    console's too), a backfill (its fires at once) and a sequential one (the first at once, the
+    rest from the leader's sweep as each one before has run)."""
+    jobs = write_jobs(tmp_path / "jobs.yaml", [{"id": "yearly", "task": "demo.record_fire", "cron": "0 3 1 1 *"}])
+    start_scheduler(settings, jobs)
+    start_worker(settings)
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=60)
+    with EventLog(settings) as log, Client(settings) as client:
+        client.create({"id": "late", "task": "demo.record_fire", "interval": 1, "enabled": False})
+        wait_for(lambda: client.get("yearly"), 10, "the file job in the registry")
+        manual = client.trigger("yearly")
+        filled = client.backfill("late", start, start + timedelta(seconds=9))
+        in_turn = client.backfill("late", start + timedelta(seconds=20), start + timedelta(seconds=22),
+                                  overlap="sequential")  # fmt: skip
+        assert manual.dispatched and len(filled.dispatched) == 10
+        assert (len(in_turn.dispatched), len(in_turn.queued)) == (1, 2)
+        expected = {manual.task_id} | {
+            fire_task_id_of("late", stamp) for stamp in [*filled.dispatched, *in_turn.dispatched, *in_turn.queued]
+        }
+
+        def announced() -> list[str]:
+            return [e["uuid"] for e in list(log.events) if e.get("type") == "task-sent"]
+
+        wait_for(lambda: expected <= set(announced()), 20, "every fire's task-sent")
+        sent = announced()
+        assert sorted(sent) == sorted(expected), "each fire announced once, and nothing else"

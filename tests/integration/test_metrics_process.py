@@ -110,3 +110,28 @@ def test_the_schedulers_own_metrics_reach_the_server_with_their_help_texts(
     assert sample(replica, "process_start_time_seconds") == pytest.approx(
         psutil.Process(replica.process.pid).create_time(), abs=1.0
     )
+
+
+NAMED = {
+    "chronoq_fires_total": "counter from Redis (the fleet collector)",
+    "chronoq_jobs": "gauge of the fleet collector",
+    "chronoq_leader": "the scheduler's own, from the multiprocess files",
+    "chronoq_fire_lag_seconds_count": "a histogram's sample, from the multiprocess files",
+    "process_cpu_seconds_total": "the scheduler's process collector",
+    "python_info": "the platform collector",
+    "chronoq_job_next_fire_timestamp_seconds": "per job (appended text)",
+}
+
+
+def test_name_filters_return_every_family_asked_for(
+    settings: AppSettings, tmp_path: Path, start_scheduler: Callable[..., list[SchedulerProcess]]
+) -> None:
+    (replica,) = start_scheduler(settings, write_jobs(tmp_path / "jobs.yaml", JOBS))
+    wait_for(lambda: (sample(replica, "chronoq_fire_lag_seconds_count") or 0) >= 1, 20, "a fire observed")
+    wait_for(lambda: "chronoq_fires_total{" in replica.get("/metrics")[1], 10, "the fleet's counters")
+    for name, kind in NAMED.items():
+        status, text = replica.get(f"/metrics?name[]={name}&name[]=python_gc_objects_collected_total")
+        assert status == 200, text
+        samples = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+        assert name in samples, f"name[]={name} ({kind}) answered {text!r}"
+        assert samples <= {name, "python_gc_objects_collected_total"}, f"only what was asked for: {samples}"

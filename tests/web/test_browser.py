@@ -2,15 +2,19 @@
 against a real redis-server, scheduler and Celery worker: the overview, finding a job, pausing
 it with a note (``chronoq jobs show`` agrees), running it and watching the run appear in its
 history as the page refreshes itself, creating a job through the form and seeing it fire, and
-the auth and CSRF refusals. One browser for the module."""
+the auth and CSRF refusals, every page under the Content-Security-Policy with nothing loaded
+from elsewhere, and the console refusing to be framed. One browser for the module."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import pytest
@@ -43,6 +47,7 @@ def browser() -> Iterator[WebDriver]:
         options.binary_location = str(CHROMIUM)
         for flag in (*FLAGS, f"--user-data-dir={profile}"):
             options.add_argument(flag)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console's log: CSP violations
         driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
         try:
             yield driver
@@ -252,3 +257,100 @@ def test_live_updates_stop_while_the_tab_is_hidden(
         until(browser, lambda b: text(b, "#job-id") == "seen-1", "the page after the refresh")
     finally:
         proxy.close()
+
+
+def severe(browser: WebDriver) -> list[str]:
+    """The browser console's errors since the last call: a CSP violation (a refused inline script,
+    style, eval or framing), a failed load (a 404, an unreachable CDN), an uncaught exception."""
+    entries = cast(Any, browser).get_log("browser")  # Chromium's driver has it; the remote type does not
+    return [str(entry["message"]) for entry in entries if entry["level"] == "SEVERE"]
+
+
+def resources(browser: WebDriver) -> list[str]:
+    """Every URL the page loaded (the document's resource timing entries)."""
+    return list(browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)"))
+
+
+def test_every_page_passes_the_csp_loads_nothing_from_elsewhere_and_still_works(
+    browser: WebDriver, settings: AppSettings, start_console: Any, redis_server: RedisServer, namespace: str
+) -> None:
+    console: ConsoleProcess = start_console(settings, extra_env={"WEB_POLL_S": str(POLL_S)})
+    with console.http() as http:
+        spec = {"id": "csp-job", "task": "demo.sleep", "cron": "0 2 * * *", "queue": f"none_{namespace}"}
+        assert http.post("/api/v1/jobs", json={"spec": spec}).status_code == 201
+    severe(browser)  # what earlier tests left in the log
+    pages = ["/", "/jobs", "/jobs/csp-job", "/new", "/timeline?minutes=60", "/api/v1/docs", "/jobs/absent"]
+    for path in pages:
+        browser.get(console.url + path)
+        until(browser, lambda b: b.execute_script("return document.readyState") == "complete", f"{path} to load")
+        until(browser, lambda b: b.execute_script("return typeof htmx === 'object'"), f"htmx on {path}")
+        # The error page's own status is logged as a failed load: any other entry is a fault.
+        own = f"{console.url}{path} - Failed to load resource: the server responded with a status of 404"
+        assert [m for m in severe(browser) if not m.startswith(own)] == [], f"{path}: errors in the browser's console"
+        elsewhere = [url for url in resources(browser) if not url.startswith(console.url + "/")]
+        assert elsewhere == [], f"{path} loaded from elsewhere"
+    browser.get(console.url + "/api/v1/docs")
+    headings = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "h3.op")]
+    assert "POST /api/v1/jobs/{job_id}/backfill" in headings and "BackfillRequest" in headings
+    assert browser.find_elements(By.CSS_SELECTOR, "link[rel=icon]"), "a favicon, so no page logs its 404"
+
+    # htmx still refreshes a live region (no eval needed), and a form still posts.
+    browser.get(console.url + "/jobs/csp-job")
+    browser.execute_script(
+        "window.polls = 0; document.body.addEventListener('htmx:afterRequest', () => window.polls++)"
+    )
+    until(browser, lambda b: b.execute_script("return window.polls") >= 2, "two polls of the live region")
+    browser.find_element(By.ID, "pause-note").send_keys("under the CSP")
+    browser.find_element(By.ID, "pause-button").click()
+    until(browser, lambda b: "paused csp-job" in b.page_source, "the pause to be confirmed")
+    with redis_server.client() as r:
+        assert r.hget(f"{settings.redis.key_prefix}paused", "csp-job") is not None
+    # The timeline's range submits itself when changed (the handler is in console.js now).
+    browser.get(console.url + "/timeline?minutes=60")
+    Select(browser.find_element(By.NAME, "minutes")).select_by_value("180")
+    until(browser, lambda b: "minutes=180" in b.current_url, "the range to submit itself")
+    assert severe(browser) == [], "errors while using the pages"
+
+
+@contextlib.contextmanager
+def attacker_site(html: str) -> Iterator[str]:
+    """Another site (another origin: ``localhost`` and a port of its own) serving ``html``."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = html.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_another_site_cannot_frame_the_console(browser: WebDriver, settings: AppSettings, start_console: Any) -> None:
+    console: ConsoleProcess = start_console(settings)
+    page = f"<h1>win a prize</h1><iframe id=victim src='{console.url}/' width=800 height=600></iframe>"
+    with attacker_site(page) as attacker:
+        browser.get(attacker)
+        browser.switch_to.frame(browser.find_element(By.ID, "victim"))
+        try:
+            # The frame ends on a document of its own: Chromium's error page when it refuses to
+            # show the console (frame-ancestors 'none', X-Frame-Options DENY), the console otherwise.
+            shown = until(browser, lambda b: (b.execute_script("return location.href") or "about:blank") != "about:blank"
+                          and b.execute_script("return document.readyState") == "complete"
+                          and b.execute_script("return location.href"), "the frame to load")  # fmt: skip
+            assert not str(shown).startswith(console.url), "the console was shown inside another site's frame"
+            assert not browser.find_elements(By.CSS_SELECTOR, "header.top, form"), "the console rendered in the frame"
+        finally:
+            browser.switch_to.default_content()

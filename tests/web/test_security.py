@@ -19,8 +19,14 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.routing import Mount
 
 from scheduler.web import create_app
+from scheduler.web.api_v1 import router as api_router
+from scheduler.web.console import Console
+from scheduler.web.pages import router as pages_router
+from scheduler.web.security import CONTENT_SECURITY_POLICY, Guard
 from shared.names import RedisKeys
 from shared.settings import AppSettings
 from tests.conftest import ROOT, RedisServer, free_port, make_settings, settings_env, wait_for
@@ -196,3 +202,61 @@ def test_mounted_into_a_fastapi_app(mounted: str, redis_server: RedisServer, set
         assert done.status_code == 303 and done.headers["location"].startswith("/chronoq/jobs/nightly?")
     with redis_server.client() as r:
         assert r.hget(keys.paused, "nightly") is not None
+
+
+def every_request(settings: AppSettings) -> list[tuple[str, str]]:
+    """(method, path) of every route of the app and of its API and pages routers, path
+    parameters filled in, and a static file."""
+    console, guard = Console(settings), Guard(settings.web)
+    routes = [*create_app(settings).routes, *api_router(console, guard).routes, *pages_router(console, guard).routes]
+    found = []
+    for route in routes:
+        if isinstance(route, APIRoute):
+            path = route.path.replace("{job_id}", "nightly").replace("{action}", "pause")
+            found += [(method, path) for method in sorted(route.methods or ())]
+        elif isinstance(route, Mount):
+            found.append(("GET", f"{route.path}/console.css"))
+    return found
+
+
+def test_every_answer_carries_the_security_headers_and_no_server_header(
+    settings: AppSettings, start_console: Any
+) -> None:
+    console: ConsoleProcess = start_console(settings, extra_env={"WEB_TOKEN": TOKEN})
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    requests = every_request(settings)
+    assert {("GET", "/"), ("GET", "/api/v1/docs"), ("GET", "/api/v1/openapi.json"), ("GET", "/favicon.ico"),
+            ("POST", "/jobs/nightly/pause"), ("DELETE", "/api/v1/jobs/nightly")} <= set(requests)  # fmt: skip
+    with console.http() as http:
+        assert http.post("/api/v1/jobs", json={"spec": SPEC}, headers=bearer).status_code == 201
+        statuses = set()
+        for (method, path), headers in [(r, h) for r in requests for h in (bearer, {})] + [
+            (("GET", "/nope"), bearer),
+            (("GET", "/static/nope.js"), {}),
+            (("GET", "/api/v1/jobs/absent"), bearer),
+            (("PUT", "/api/v1/jobs"), bearer),
+        ]:
+            answer = http.request(method, path, headers=headers, json={} if method in ("POST", "PATCH") else None)
+            statuses.add(answer.status_code)
+            what = f"{method} {path} {'with' if headers else 'without'} credentials: {answer.status_code}"
+            assert answer.headers.get("content-security-policy") == CONTENT_SECURITY_POLICY, what
+            assert (
+                "frame-ancestors 'none'" in CONTENT_SECURITY_POLICY and "'unsafe-inline'" not in CONTENT_SECURITY_POLICY
+            )
+            assert answer.headers.get("x-frame-options") == "DENY", what
+            assert answer.headers.get("x-content-type-options") == "nosniff", what
+            assert answer.headers.get("referrer-policy") == "same-origin", what
+            assert "server" not in answer.headers, what
+        assert {200, 401, 403, 404, 405, 422} <= statuses, "answers and errors of every kind were checked"
+        # The API's schema and its docs page are behind authentication like everything else.
+        for path in ("/api/v1/openapi.json", "/api/v1/docs"):
+            assert http.get(path).status_code == 401, path
+            assert http.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 403, path
+            assert http.get(path, headers=bearer).status_code == 200, path
+        schema = http.get("/api/v1/openapi.json", headers=bearer).json()
+        assert "/api/v1/jobs/{job_id}/backfill" in schema["paths"]
+        docs = http.get("/api/v1/docs", headers=bearer).text
+        assert "<script>" not in docs and "cdn" not in docs.lower() and "fastapi.tiangolo.com" not in docs
+        assert "/api/v1/jobs/{job_id}/backfill" in docs and "BackfillRequest" in docs
+        icon = http.get("/favicon.ico")
+        assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
