@@ -3,6 +3,7 @@
 # make install      - a new .venv with exactly the locked versions (requirements.lock, hashes checked)
 # make lock         - resolve pyproject.toml's ranges again into requirements.lock (a deliberate upgrade: commit it)
 # make test-latest  - the suite on the newest versions pyproject.toml allows, in .venv-latest (no lock)
+# make docs         - build the manual (docs/, mkdocs.yml) strictly into site/: a broken link fails; part of `make test`
 # make bench        - run the benchmarks (see docs/benchmarks.md); never part of `make test`
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 TEST_WORKERS ?= 5
 UV_VERSION := 0.13.8
 
-.PHONY: install run worker test test-deps test-latest lint format lock durations bench clean
+.PHONY: install run worker test test-deps test-latest lint docs format lock durations bench clean
 
 install: $(VENV)/.installed
 
@@ -45,11 +46,18 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The manual, built as CI builds it: --strict makes every warning (a link to a missing page or
+# anchor, a page missing from the nav) a failure. Never add --quiet: it drops the warnings before
+# strict mode counts them, and a broken link then builds with exit 0. NO_MKDOCS_2_WARNING hides
+# mkdocs-material's banner about MkDocs 2.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: test-deps lint
+test: test-deps lint docs
 	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 # Refresh tests/durations.json, the measured times that order the suite slowest first.
@@ -71,4 +79,4 @@ bench: install
 	$(BIN)/python -m bench.compare $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) .venv-lock var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST_VENV) .venv-lock var site .pytest_cache .mypy_cache .ruff_cache

@@ -70,7 +70,7 @@ def launch(name: str, spec: WorkloadSpec, workdir: Path, log: IO[bytes]) -> subp
 
 def write_chronoq_jobs(jobs: list[JobDef], workdir: Path) -> list[Path]:
     """chronoq job files for ``jobs``, at most 4,000 jobs per file, written as JSON (which is
-    YAML), as the README advises for generated job files: read with the json module. As YAML
+    YAML), as docs/job-files.md advises for generated job files: read with the json module. As YAML
     flow style, 100,000 jobs take about 19 s more to parse."""
     paths = []
     for number, first in enumerate(range(0, len(jobs), JOBS_PER_FILE)):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Take the README's screenshots of the web console: ``docs/img/console-*.png``.
+"""Take the screenshots of the web console in docs/console.md: ``docs/img/console-*.png``.
 
 Start the demo first (``make run`` prints the console's URL), let it run a minute or two so the
 jobs have history, then: ``.venv/bin/python docs/console_screenshots.py [--url URL] [--seed]``.

@@ -13,7 +13,7 @@ next command goes to the new master. Writes between the promotion and the Sentin
 it (about a second) can still land on the old master, unless it refuses them
 (``min-replicas-to-write``, as ``deploy/redis/planned-failover.sh`` sets for a planned switch):
 a ``NOREPLICAS`` refusal is turned into a connection error here, so every caller retries it
-(and reconnects, asking the Sentinels) as it retries a dropped connection. See README "Sentinel".
+(and reconnects, asking the Sentinels) as it retries a dropped connection. See docs/sentinel.md.
 """
 
 from __future__ import annotations

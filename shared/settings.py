@@ -227,7 +227,7 @@ class LogSettings(Group):
 
 
 class WebSettings(Group):
-    """``chronoq web``: where the console listens and who may use it (README "Web console")."""
+    """``chronoq web``: where the console listens and who may use it (docs/console.md)."""
 
     host: str = "127.0.0.1"
     """Any address but loopback is refused unless ``token`` or ``username``+``password`` is set."""

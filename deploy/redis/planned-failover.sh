@@ -5,7 +5,7 @@
 # A plain `SENTINEL FAILOVER` leaves the old master up and accepting writes until the Sentinels
 # announce the new one (about a second) and chronoq's clients follow (REDIS_SENTINEL_CHECK_S);
 # those writes are discarded when the old master resyncs as a replica (measured: about 1.2 s of
-# writes, see README "Sentinel"). Here the old master's writes are paused (CLIENT PAUSE WRITE:
+# writes, see docs/sentinel.md). Here the old master's writes are paused (CLIENT PAUSE WRITE:
 # they wait, unexecuted, so the replica is promoted with everything acknowledged so far) until
 # the Sentinels name the new master, and min-replicas-to-write 1 makes it refuse them (and any
 # later one) once its replica has left; chronoq retries refused writes against the new master.

@@ -2,7 +2,7 @@
 scheduled tasks: danihodovic's celery-exporter (on PyPI as ``prometheus-exporter-celery``).
 
 It pins ``redis<6`` and ``prometheus-client<0.22``, so it cannot live in chronoq's virtualenv
-(the README says to run it in its own, or its container image). This test builds such a
+(docs/observability.md says to run it in its own, or its container image). This test builds such a
 virtualenv once per session with pip; without a package index (pip fails) it is skipped,
 saying so.
 """

@@ -16,7 +16,7 @@ installed version, the name and the difference.
 subclass of a third-party class where that class's source uses the name, and for every method or
 class attribute a subclass of a third-party class defines over one of its base's; each must have
 an entry for that file. :func:`test_no_stale_entries` fails on an entry whose name its file no
-longer mentions. See README "Development" for what to do when one fails.
+longer mentions. See docs/development.md for what to do when one fails.
 """
 
 from __future__ import annotations

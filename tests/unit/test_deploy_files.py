@@ -327,7 +327,7 @@ def test_web_unit_is_sandboxed_like_the_scheduler_and_binds_loopback() -> None:
     web, scheduler = unit("chronoq-web.service"), unit("chronoq-scheduler.service")
     assert {k: web[k] for k in SANDBOX} == {k: scheduler[k] for k in SANDBOX}
     assert shlex.split(web["ExecStart"])[1:] == ["web"], "WEB_HOST and WEB_PORT come from the env file"
-    assert WebSettings().host == "127.0.0.1", "the unit relies on a loopback default (README: reverse proxy or token)"
+    assert WebSettings().host == "127.0.0.1", "the unit relies on a loopback default (docs/production.md)"
     assert web["RestartPreventExitStatus"] == "78"
 
 

@@ -124,3 +124,46 @@ def test_env_example_documents_every_setting() -> None:
         else:
             fields.add(name.upper())
     assert documented == fields
+
+
+def setting_names() -> set[str]:
+    names = set()
+    for name, info in AppSettings.model_fields.items():
+        group = info.annotation
+        if isinstance(group, type) and hasattr(group, "model_fields"):
+            names |= {f"{name}_{sub}".upper() for sub in group.model_fields}
+        else:
+            names.add(name.upper())
+    return names
+
+
+def test_the_settings_table_in_the_docs_documents_every_setting() -> None:
+    """docs/configuration.md's table names every setting and nothing else. A cell may shorten a
+    row of names (`SCHEDULER_TIMEZONE`, `_JITTER`: a prefix of the previous name, then the rest)
+    or name a group (`WORKER_*`)."""
+    import re
+
+    fields = setting_names()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    documented: set[str] = set()
+    groups: set[str] = set()
+    wrong: list[str] = []
+    for row in (line for line in text.splitlines() if line.startswith("| `")):
+        previous = ""
+        for name in re.findall(r"`([A-Z_*]+)`", row.split("|")[1]):
+            if name.endswith("*"):
+                groups.add(name[:-1])
+                continue
+            if name.startswith("_"):
+                parts = previous.split("_")
+                found = [p for k in range(1, len(parts)) if (p := "_".join(parts[:k]) + name) in fields]
+                if not found:
+                    wrong.append(f"{previous} / {name}")
+                    continue
+                name = found[-1]
+            previous = name
+            documented.add(name)
+    assert wrong == [], "shortened names in docs/configuration.md that are no setting"
+    assert documented - fields == set(), "docs/configuration.md names settings that do not exist"
+    undocumented = {name for name in fields - documented if not name.startswith(tuple(groups))}
+    assert undocumented == set(), "settings missing from docs/configuration.md's table"

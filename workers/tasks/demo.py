@@ -1,4 +1,4 @@
-"""Demo tasks: what the shipped job file and the README's examples run.
+"""Demo tasks: what the shipped job file and the docs' examples run.
 
 Tasks are declared with ``@shared_task`` and an explicit name, the pattern for users' own task
 modules too: they register on whichever app the worker builds, and the scheduler sends them by
