@@ -25,6 +25,7 @@ import redis
 import redis.asyncio
 from loguru import logger
 
+from scheduler.bounds import MAX_NAME_CHARS, MAX_NOTE_CHARS, safe_repr, text_problem
 from scheduler.control import ControlStore
 from scheduler.epoch import redis_facts
 from scheduler.events import SentEvents
@@ -36,7 +37,7 @@ from scheduler.state import StateStore
 from scheduler.triggers import describe_trigger, next_fire_times
 from scheduler.views import audit_counts, fire_view
 from shared.coverage import unserved_tasks
-from shared.errors import ChronoqError, UnknownJobError
+from shared.errors import ChronoqError, JobSpecError, UnknownJobError
 from shared.fleet import Outcome, scheduler_ledger
 from shared.names import RedisKeys, format_scheduled_at
 from shared.settings import AppSettings
@@ -224,18 +225,31 @@ class Operator:
 
     # -- changing ------------------------------------------------------------------------------
 
+    def check_note(self, job_id: str, note: str) -> None:
+        """Refuse a change whose note (or whose ``by``) is over its limit, before anything is
+        written; raises JobSpecError naming the job and the field. Every change of this class
+        and of :class:`scheduler.jobops.JobOps` calls it first."""
+        fields = (("note", note, MAX_NOTE_CHARS), ("by", self.by, MAX_NAME_CHARS))
+        problems = [f"job {safe_repr(job_id)}: {name}: {problem}" for name, value, limit in fields
+                    if (problem := text_problem(value, limit)) is not None]  # fmt: skip
+        if problems:
+            raise JobSpecError(problems)
+
     async def pause(self, job_id: str, note: str = "") -> dict[str, Any]:
+        self.check_note(job_id, note)
         await self.spec(job_id)
         await self.control.pause(job_id, note=note, by=self.by)
         return {"job": job_id, "paused": True, "note": note}
 
     async def resume(self, job_id: str, note: str = "") -> dict[str, Any]:
+        self.check_note(job_id, note)
         await self.spec(job_id)
         was_paused = job_id in await self.control.paused()
         await self.control.resume(job_id, note=note, by=self.by)
         return {"job": job_id, "paused": False, "was_paused": was_paused, "note": note}
 
     async def remove(self, job_id: str, note: str = "") -> dict[str, Any]:
+        self.check_note(job_id, note)
         spec, entry = await self.spec(job_id)
         await self.control.remove(job_id, str(entry.get("source_hash", "")), spec.source, note=note, by=self.by)
         return {"job": job_id, "removed": True, "source": spec.source, "note": note}
@@ -244,6 +258,7 @@ class Operator:
         """Fire the job now, once: decided and published like a scheduled fire."""
         if self._encode is None:
             raise ChronoqError("this operator cannot publish (no encoder)")
+        self.check_note(job_id, note)
         spec, _ = await self.spec(job_id)
         now = datetime.now(UTC)
         fire = plan_manual(spec, now, force=force)

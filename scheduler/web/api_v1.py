@@ -11,17 +11,21 @@ No ``from __future__ import annotations`` here: FastAPI reads the routes' annota
 the dependency aliases are local to :func:`router`.
 """
 
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
+from scheduler.jobfiles import parse_json_document
 from scheduler.jobmodels import BackfillResult, TriggerResult
 from scheduler.jobstore import JobRecord
 from scheduler.views import OUTCOMES
 from scheduler.web.console import Console
 from scheduler.web.security import Guard, User
+from shared.errors import JobSpecError
 
 
 class NewJob(BaseModel):
@@ -62,9 +66,29 @@ def router(console: Console, guard: Guard) -> APIRouter:
         guard.writable()
         return found
 
+    class BodyRequest(Request):
+        """A request whose JSON body is parsed in a worker thread within the document limits
+        (size, depth): a hostile body is a 400 naming it, and never stalls the event loop."""
+
+        async def json(self) -> Any:
+            body = await self.body()
+            try:
+                return await console.parse(parse_json_document, body, "body")
+            except JobSpecError as exc:
+                raise HTTPException(400, str(exc)) from None
+
+    class BodyRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def bounded(request: Request) -> Response:
+                return await handler(BodyRequest(request.scope, request.receive))
+
+            return bounded
+
     Reader = Annotated[User, Depends(user)]
     Writer = Annotated[User, Depends(writer)]
-    api = APIRouter(prefix="/api/v1")
+    api = APIRouter(prefix="/api/v1", route_class=BodyRoute)
 
     @api.get("/status", summary="replicas, leader, queues, workers, outcome counters (as `chronoq status`)")
     async def status(_: Reader) -> dict[str, Any]:

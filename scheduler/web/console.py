@@ -44,6 +44,9 @@ LIVE_TTL_S = 2.0
 LIVE_MAX_KEYS = 500
 TIMELINE_MAX_FIRES = 2000
 """Per job and per page: the timeline lists at most this many fires (its chart counts all)."""
+PARSE_THREADS = 2
+"""User documents (form fields, API bodies) are parsed in at most this many worker threads at
+once per console; more posts wait their turn while the event loop goes on answering."""
 
 
 T = TypeVar("T")
@@ -76,6 +79,15 @@ class Console:
         self._live_locks: dict[Hashable, asyncio.Lock] = {}
         self.live_reads = 0
         """How often a live region's data was read from Redis (not taken from the cache)."""
+        self._parse_limiter: anyio.CapacityLimiter | None = None
+
+    async def parse(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in a worker thread, at most :data:`PARSE_THREADS` at once: a
+        user's document is parsed (and a form read into a spec) off the event loop, so a big
+        one never stalls the other requests (``/healthz`` included)."""
+        if self._parse_limiter is None:  # created in the serving event loop
+            self._parse_limiter = anyio.CapacityLimiter(PARSE_THREADS)
+        return await anyio.to_thread.run_sync(function, *args, limiter=self._parse_limiter)
 
     async def client(self) -> AsyncClient:
         async with self._lock:
