@@ -61,6 +61,12 @@ MAX_REQUEST_BYTES = 4 * MAX_DOCUMENT_BYTES
 """An HTTP request body of the console (a form field is URL-encoded: up to 3 bytes a byte)."""
 
 
+def name_repr(value: Any) -> str:
+    """A job id (or any name) for a message: whole when it is within MAX_NAME_CHARS, cut when
+    a hostile one is not (a 10 MB id must not come back ten times in an error)."""
+    return safe_repr(value, MAX_NAME_CHARS + 2)
+
+
 def text_problem(value: str, limit: int) -> str | None:
     """``N characters; the limit is L``, or None when ``value`` fits."""
     if len(value) <= limit:

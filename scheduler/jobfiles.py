@@ -104,7 +104,7 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], aliases: list[int], l
     for child in children:
         total += _expanded_size(child, sizes, aliases, limit)
         if total > limit:
-            raise _Refused(f"more than {limit} values, aliases expanded (a 'billion laughs' file?)")
+            raise _Refused(f"aliases expand to more than {limit} values (a 'billion laughs' file?)")
     sizes[id(node)] = total
     return total
 

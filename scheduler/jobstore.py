@@ -21,6 +21,7 @@ from typing import Any, Literal
 import redis.asyncio
 from pydantic import BaseModel, ValidationError
 
+from scheduler.bounds import name_repr
 from scheduler.planner import refusal
 from scheduler.specs import TRIGGER_KEYS, JobDefaults, JobSpec, _describe, trigger_problem
 from shared import lua
@@ -86,7 +87,7 @@ def validate_api_spec(document: Any, defaults: JobDefaults | None, label: str = 
             f"{prefix}a job must be a mapping with id, task and a trigger, not {type(document).__name__}"
         )
     job_id = document.get("id")
-    place = f"{prefix}job {job_id!r}" if isinstance(job_id, str) else f"{prefix}job (no id)"
+    place = f"{prefix}job {name_repr(job_id)}" if isinstance(job_id, str) else f"{prefix}job (no id)"
     found: list[str] = []
     if "source" in document:
         found.append("unknown key 'source'")

@@ -25,7 +25,7 @@ import redis
 import redis.asyncio
 from loguru import logger
 
-from scheduler.bounds import MAX_NAME_CHARS, MAX_NOTE_CHARS, safe_repr, text_problem
+from scheduler.bounds import MAX_NAME_CHARS, MAX_NOTE_CHARS, name_repr, text_problem
 from scheduler.control import ControlStore
 from scheduler.epoch import redis_facts
 from scheduler.events import SentEvents
@@ -230,7 +230,7 @@ class Operator:
         written; raises JobSpecError naming the job and the field. Every change of this class
         and of :class:`scheduler.jobops.JobOps` calls it first."""
         fields = (("note", note, MAX_NOTE_CHARS), ("by", self.by, MAX_NAME_CHARS))
-        problems = [f"job {safe_repr(job_id)}: {name}: {problem}" for name, value, limit in fields
+        problems = [f"job {name_repr(job_id)}: {name}: {problem}" for name, value, limit in fields
                     if (problem := text_problem(value, limit)) is not None]  # fmt: skip
         if problems:
             raise JobSpecError(problems)

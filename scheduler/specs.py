@@ -50,6 +50,7 @@ from scheduler.bounds import (
     MAX_PAYLOAD_BYTES,
     MAX_TIMEZONE_CHARS,
     MAX_YEAR,
+    name_repr,
     safe_repr,
     text_problem,
 )
@@ -95,6 +96,13 @@ class _JobOptions(BaseModel):
     """With max_instances queued or running fleet-wide: skip the fire, let one wait, or run anyway."""
 
     _timezone = field_validator("timezone")(_check_timezone)
+
+    @field_validator("queue", mode="before")
+    @classmethod
+    def _check_queue(cls, value: Any) -> Any:
+        if isinstance(value, str) and (problem := text_problem(value, MAX_NAME_CHARS)) is not None:
+            raise ValueError(problem)
+        return value
 
 
 class JobDefaults(_JobOptions):
@@ -355,9 +363,14 @@ def validate_job_documents(docs: list[tuple[Path, dict[str, Any]]], defaults: Jo
                 found += _describe(exc)
             if isinstance(job_id, str):
                 if job_id in first_use:
-                    found.append(f"id {job_id!r} is already used by {first_use[job_id]}")
+                    found.append(f"id {name_repr(job_id)} is already used by {first_use[job_id]}")
                 first_use.setdefault(job_id, place)
-            label = f"{place} ({job_id if isinstance(job_id, str) else 'no id'})"
+            shown = (
+                job_id[:MAX_NAME_CHARS] + ("..." if len(job_id) > MAX_NAME_CHARS else "")
+                if isinstance(job_id, str)
+                else "no id"
+            )
+            label = f"{place} ({shown})"
             problems += [f"{label}: {line}" for line in dict.fromkeys(found)]
     if problems:
         raise JobSpecError(problems)

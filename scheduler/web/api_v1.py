@@ -57,6 +57,31 @@ class BackfillRequest(BaseModel):
     dry_run: bool = Field(False, description="preview: the fires it would send; nothing is sent")
 
 
+class BodyRequest(Request):
+    """A request whose JSON body is parsed in a worker thread within the document limits
+    (size, depth): a hostile body is a 400 naming it, and never stalls the event loop."""
+
+    async def json(self) -> Any:
+        body = await self.body()
+        console: Console = self.app.state.console
+        try:
+            return await console.parse(parse_json_document, body, "body")
+        except JobSpecError as exc:
+            raise HTTPException(400, str(exc)) from None
+
+
+class BodyRoute(APIRoute):
+    """The API's routes: their body is read by :class:`BodyRequest`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def bounded(request: Request) -> Response:
+            return await handler(BodyRequest(request.scope, request.receive))
+
+        return bounded
+
+
 def router(console: Console, guard: Guard) -> APIRouter:
     def user(request: Request) -> User:
         return guard.user(request)
@@ -65,26 +90,6 @@ def router(console: Console, guard: Guard) -> APIRouter:
         found = guard.user(request)
         guard.writable()
         return found
-
-    class BodyRequest(Request):
-        """A request whose JSON body is parsed in a worker thread within the document limits
-        (size, depth): a hostile body is a 400 naming it, and never stalls the event loop."""
-
-        async def json(self) -> Any:
-            body = await self.body()
-            try:
-                return await console.parse(parse_json_document, body, "body")
-            except JobSpecError as exc:
-                raise HTTPException(400, str(exc)) from None
-
-    class BodyRoute(APIRoute):
-        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-            handler = super().get_route_handler()
-
-            async def bounded(request: Request) -> Response:
-                return await handler(BodyRequest(request.scope, request.receive))
-
-            return bounded
 
     Reader = Annotated[User, Depends(user)]
     Writer = Annotated[User, Depends(writer)]

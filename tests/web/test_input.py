@@ -55,8 +55,10 @@ def test_deep_form_input_is_a_422_naming_the_field_and_changes_nothing(
             edit = http.post("/jobs/nightly/edit", data={"csrf": token, "spec": spec, "expected_version": "1"})
             assert edit.status_code == 422, edit.text[-500:]
             assert "spec: refused: nested too deeply" in shown(edit)
+        pause = http.post("/jobs/nightly/pause", data={"csrf": token, "note": "n" * 1001})
+        assert pause.status_code == 422 and "job 'nightly': note: 1001 characters; the limit is 1000" in shown(pause)
     with redis_server.client() as r:
-        assert r.hgetall(keys.api_jobs) == before and set(before) == {"nightly"}
+        assert r.hgetall(keys.api_jobs) == before and set(before) == {"nightly"} and r.hlen(keys.paused) == 0
     assert "Traceback" not in console.log()
 
 
@@ -113,17 +115,23 @@ def test_every_error_has_the_documented_shape(settings: AppSettings, start_conso
             "no route": http.get("/api/v1/nope"),
             "no method": http.put("/api/v1/jobs"),
             "invalid": http.get("/api/v1/jobs", params={"limit": 0}),
-            "no spec": http.post("/api/v1/jobs", json={"nospec": 1}),
+            "no spec": http.post("/api/v1/jobs", json={"spec": 1}),
+            "long text": http.post(
+                "/api/v1/jobs", json={"spec": {**SPEC, "description": "d" * 4001}, "note": "n" * 1001}
+            ),
         }
         statuses = {name: answer.status_code for name, answer in answers.items()}
         assert statuses == {"deep body": 400, "bad json": 400, "too big": 413, "no route": 404, "no method": 405,
-                            "invalid": 422, "no spec": 422}  # fmt: skip
+                            "invalid": 422, "no spec": 422, "long text": 422}  # fmt: skip
         for name, answer in answers.items():
             body = answer.json()
             assert set(body) == {"error", "problems"} and body["error"] == body["problems"][0], (name, body)
         assert answers["deep body"].json()["error"] == "body: nested more than 100 levels deep"
         assert answers["no route"].json()["error"] == "not found: GET /api/v1/nope"
         assert answers["no method"].json()["error"] == "method not allowed: PUT /api/v1/jobs"
+        assert answers["long text"].json()["problems"] == [
+            "job 'nightly': description: 4001 characters; the limit is 4000"
+        ]
         assert answers["invalid"].json()["problems"] == ["query.limit: Input should be greater than or equal to 1"]
         pages = {
             404: http.get("/nope"),
