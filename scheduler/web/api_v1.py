@@ -5,7 +5,9 @@ Every action calls :class:`scheduler.jobops.JobOps` or :class:`scheduler.operato
 like ``chronoq`` and :class:`scheduler.api.Client`, so the three give the same answers and the
 same messages. Errors are ``{"error": "<first line>", "problems": [...lines]}``: an invalid spec
 422 (each line naming job and field), an unknown job 404, a version conflict or a job owned by
-a file or code 409, read-only mode 403, Redis down 503.
+a file or code 409, read-only mode 403, Redis down 503; the framework's own errors take the
+same shape (the app's handlers): a body not JSON or nested too deep 400, an unknown path 404,
+a wrong method 405, a bad parameter 422, a body over the limit 413.
 
 No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations, and
 the dependency aliases are local to :func:`router`.

@@ -79,7 +79,8 @@ def create_app(settings: AppSettings) -> FastAPI:
         if exc.status_code == 413:
             detail = f"the request body is over {MAX_REQUEST_BYTES} bytes; nothing changed"
         elif exc.status_code in (404, 405) and detail in ("Not Found", "Method Not Allowed"):
-            detail = f"{detail.lower()}: {request.method} {request.url.path}"
+            path = request.url.path
+            detail = f"{detail.lower()}: {request.method} {path if len(path) <= 300 else path[:300] + '...'}"
         return error(request, exc.status_code, [detail], exc.headers)
 
     @app.exception_handler(RequestValidationError)
