@@ -37,7 +37,7 @@ from scheduler.jobstore import (
 from scheduler.message import TaskMessage
 from scheduler.operator import Operator
 from scheduler.planner import backfill_problem, plan_backfill, refusal
-from scheduler.specs import JobDefaults, JobSpec, validate_job_documents
+from scheduler.specs import STORED, JobDefaults, JobSpec, validate_job_documents
 from scheduler.triggers import next_fire_times
 from scheduler.views import NEVER_RUN, OUTCOMES
 from shared.errors import (
@@ -155,7 +155,7 @@ class JobOps:
             flag = paused_flags.get(entry.id)
             flags = {"paused": flag is not None, "paused_note": (flag or {}).get("note", "")}
             records.append(JobRecord.model_validate({**json.loads(entry.raw), **flags}) if entry.api
-                           else self._registry_record(JobSpec.model_validate(json.loads(entry.raw)["spec"]), flags))  # fmt: skip
+                           else self._registry_record(JobSpec.model_validate(json.loads(entry.raw)["spec"], context=STORED), flags))  # fmt: skip
         return JobPage(items=records, total=len(entries), offset=offset, limit=limit)
 
     # -- changing API jobs ---------------------------------------------------------------
@@ -353,7 +353,7 @@ class JobOps:
                 (plan.update if diff else plan.unchanged).append(spec.id)
                 plan.diff += [f"~ {spec.id}: {line}" for line in diff]
             elif spec.id in registry:
-                owner = JobSpec.model_validate(registry[spec.id]["spec"])
+                owner = JobSpec.model_validate(registry[spec.id]["spec"], context=STORED)
                 if spec_document(owner) != wanted:
                     owned_problems[spec.id] = f"{refusal('update', owner.source)} (the file differs from it)"
                 plan.unchanged.append(spec.id)

@@ -32,7 +32,7 @@ from scheduler.events import SentEvents
 from scheduler.fires import Fire, Limits
 from scheduler.jobstore import source_kind
 from scheduler.planner import plan_manual
-from scheduler.specs import JobSpec
+from scheduler.specs import STORED, JobSpec
 from scheduler.state import StateStore
 from scheduler.triggers import describe_trigger, next_fire_times
 from scheduler.views import audit_counts, fire_view
@@ -89,7 +89,7 @@ class Operator:
         if raw is None:
             raise UnknownJobError(job_id)
         entry: dict[str, Any] = json.loads(raw)
-        return JobSpec.model_validate(entry["spec"]), entry
+        return JobSpec.model_validate(entry["spec"], context=STORED), entry
 
     async def list_jobs(self, now: datetime | None = None) -> list[dict[str, Any]]:
         """Every registered job: id, task, trigger, next fire, last fire and outcome, paused."""
@@ -117,7 +117,7 @@ class Operator:
             last_fires = dict(zip(fired, await pipe.execute(), strict=True))
         return [
             self._summary(
-                JobSpec.model_validate(registry[job_id]["spec"]),
+                JobSpec.model_validate(registry[job_id]["spec"], context=STORED),
                 now,
                 fire_view(last_fires[job_id]) if last_fires.get(job_id) else {},
                 paused.get(job_id),

@@ -67,6 +67,17 @@ _TASK_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _INTERVAL_UNITS = {"weeks": 604800, "days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
 
 
+STORED = {"stored": True}
+"""``JobSpec.model_validate(..., context=STORED)``: a spec read back from Redis (the registry, a
+stored API job). The limits on text added since it was written (description, cron length) are
+not applied to it: a job stored by an earlier version keeps loading and running; only new
+input (files, code, every create and edit) is held to them."""
+
+
+def _new(info: ValidationInfo) -> bool:
+    return not (info.context or {}).get("stored", False)
+
+
 def _check_timezone(value: str) -> str:
     if (problem := text_problem(value, MAX_TIMEZONE_CHARS)) is not None:
         raise ValueError(problem)
@@ -201,21 +212,21 @@ class JobSpec(_JobOptions):
 
     @field_validator("description")
     @classmethod
-    def _check_description(cls, value: str) -> str:
-        if (problem := text_problem(value, MAX_DESCRIPTION_CHARS)) is not None:
+    def _check_description(cls, value: str, info: ValidationInfo) -> str:
+        if _new(info) and (problem := text_problem(value, MAX_DESCRIPTION_CHARS)) is not None:
             raise ValueError(problem)
         return value
 
     @field_validator("cron", mode="before")
     @classmethod
-    def _check_cron(cls, value: Any) -> Any:
-        if isinstance(value, str) and (problem := text_problem(value, MAX_CRON_CHARS)) is not None:
+    def _check_cron(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and _new(info) and (problem := text_problem(value, MAX_CRON_CHARS)) is not None:
             raise ValueError(problem)
         if isinstance(value, dict):
             if len(value) > 8:  # year month day week day_of_week hour minute second
                 raise ValueError(f"{len(value)} fields; a cron mapping has at most 8")
             for key, item in value.items():
-                if isinstance(item, str) and (problem := text_problem(item, MAX_CRON_CHARS)) is not None:
+                if isinstance(item, str) and _new(info) and (problem := text_problem(item, MAX_CRON_CHARS)) is not None:
                     raise ValueError(f"{safe_repr(key)}: {problem}")
                 if not isinstance(key, str) or isinstance(item, bool) or not isinstance(item, str | int):
                     raise ValueError(f"{safe_repr(key)}: {safe_repr(item)} must be a string or an integer")

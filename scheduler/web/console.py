@@ -20,7 +20,7 @@ import redis
 from scheduler.api import AsyncClient
 from scheduler.jobops import JobOps
 from scheduler.operator import Operator
-from scheduler.specs import JobSpec
+from scheduler.specs import STORED, JobSpec
 from scheduler.triggers import next_fire_times
 from shared.errors import (
     BackfillLimitError,
@@ -208,7 +208,7 @@ class SpecCache:
             for job_id, raw in entries.items():
                 known = self._specs.get(job_id)
                 if known is None or known[0] != raw:
-                    known = (raw, JobSpec.model_validate(json.loads(raw)["spec"]))
+                    known = (raw, JobSpec.model_validate(json.loads(raw)["spec"], context=STORED))
                     self._specs[job_id] = known
                 spec = known[1]
                 if spec.enabled:

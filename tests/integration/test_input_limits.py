@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from scheduler.api import Client
+from scheduler.api import AsyncClient, Client
 from scheduler.bounds import (
     MAX_CRON_CHARS,
     MAX_DESCRIPTION_CHARS,
@@ -21,6 +21,8 @@ from scheduler.bounds import (
     MAX_NOTE_CHARS,
     MAX_PAYLOAD_BYTES,
 )
+from scheduler.jobstore import JobRecord, parse_record, spec_document
+from scheduler.specs import STORED, JobSpec
 from shared.errors import JobSpecError
 from shared.settings import AppSettings
 from tests.conftest import chronoq
@@ -117,3 +119,21 @@ def test_a_job_at_every_limit_round_trips_through_export_and_apply(
     plan = json.loads(applied.stdout)
     assert (plan["unchanged"], plan["create"], plan["update"], plan["applied"]) == ([spec["id"]], [], [], True)
     print(f"a job at every limit exports to {size} bytes")
+
+
+async def test_a_job_stored_before_the_limits_keeps_loading(settings: AppSettings) -> None:
+    """A job an earlier version stored with a description over today's limit is still read by
+    every face and loaded by the replicas (parse_record); only new input is held to it."""
+    long = {**SPEC, "description": "d" * (MAX_DESCRIPTION_CHARS + 1)}
+    async with AsyncClient(settings, by="test") as api:
+        ops = api.ops
+        spec = JobSpec.model_validate({**ops.defaults.model_dump(), **long, "source": "api"}, context=STORED)
+        record = JobRecord(id="limits", spec=spec_document(spec))
+        await ops.store.write("create", "limits", record=record, spec=spec, audit=ops._audit("create", "limits", ""))
+        assert (await api.get("limits")).spec["description"] == long["description"]
+        assert [r.id for r in (await api.list()).items] == ["limits"]
+        assert (await ops.operator.show("limits"))["spec"]["description"] == long["description"]
+        _, loaded = parse_record(str(await ops.store.raw("limits")))
+        assert loaded.description == long["description"]
+        with pytest.raises(JobSpecError, match=f"job 'limits': description: {MAX_DESCRIPTION_CHARS + 1} characters"):
+            await api.update("limits", {"args": [1]})
