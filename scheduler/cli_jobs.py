@@ -16,10 +16,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from scheduler.api import AsyncClient
-from scheduler.jobfiles import parse_job_file
+from scheduler.bounds import MAX_DOCUMENT_BYTES
+from scheduler.jobfiles import parse_document, parse_job_file, parse_json_document
 from scheduler.jobmodels import ApplyPlan, BackfillResult
 from scheduler.jobstore import JobRecord
 from shared.errors import EX_CONFIG, JobChangeError, JobSpecError, UnknownJobError
@@ -61,8 +60,8 @@ def add_commands(jobs: Any, command: Callable[[Any, str, str], argparse.Argument
         sub.add_argument("--note", default="", help="recorded in the audit trail")
 
 
-def _value(text: str) -> Any:
-    return yaml.safe_load(text) if text.strip() else ""
+def _value(text: str, what: str) -> Any:
+    return parse_document(text, what) if text.strip() else ""
 
 
 def _assignments(pairs: list[str]) -> dict[str, Any]:
@@ -71,36 +70,46 @@ def _assignments(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise JobSpecError(f"--set {pair!r}: expected KEY=VALUE")
-        try:
-            changes[key.strip()] = _value(value)
-        except yaml.YAMLError as exc:
-            raise JobSpecError(f"--set {key.strip()}: not a YAML value: {exc}") from None
+        changes[key.strip()] = _value(value, f"--set {key.strip()}")
     return changes
 
 
 def _spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
     document: dict[str, Any] = {}
     if args.spec:
-        text = Path(args.spec[1:]).read_text() if args.spec.startswith("@") else args.spec
-        try:
-            document = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise JobSpecError(f"--spec: not YAML or JSON: {exc}") from None
+        document = parse_document(_spec_text(args.spec), "--spec")
         if not isinstance(document, dict):
             raise JobSpecError("--spec: must be a mapping with id, task and a trigger")
     for key in _FLAG_KEYS:
         if (value := getattr(args, key)) is not None:
             document[key] = (
-                value if key in ("id", "task", "cron", "queue", "timezone", "description") else _value(value)
+                value
+                if key in ("id", "task", "cron", "queue", "timezone", "description")
+                else _value(value, f"--{key}")
             )
     for key in _JSON_FLAG_KEYS:
         if (value := getattr(args, key)) is not None:
-            try:
-                document[key] = json.loads(value)
-            except ValueError as exc:
-                raise JobSpecError(f"--{key}: not JSON: {exc}") from None
+            document[key] = parse_json_document(value, f"--{key}")
     document.update(_assignments(args.set))
     return document
+
+
+def _spec_text(spec: str) -> str:
+    """``--spec``'s text, or the file it names (``@FILE``) read up to the document limit."""
+    if not spec.startswith("@"):
+        return spec
+    path = Path(spec[1:])
+    try:
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_DOCUMENT_BYTES + 1)  # never a huge file whole
+    except OSError as exc:
+        raise JobSpecError(f"--spec {path}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise JobSpecError(f"--spec {path}: larger than {MAX_DOCUMENT_BYTES} bytes, the limit of one job's spec")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JobSpecError(f"--spec {path}: not UTF-8 text (byte {exc.start})") from None
 
 
 async def run(args: argparse.Namespace, settings: AppSettings) -> int:

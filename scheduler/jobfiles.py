@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from scheduler.bounds import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_NODES, depth_problem
 from shared.errors import JobSpecError
 
 MAX_FILE_BYTES = 8 * 1024 * 1024  # the default of SCHEDULER_JOB_FILE_MAX_BYTES
@@ -79,8 +80,8 @@ class _SafeLoader(_BaseSafeLoader):  # type: ignore[valid-type,misc]
 _SafeLoader.add_constructor("tag:yaml.org,2002:int", _SafeLoader.construct_yaml_int)
 
 
-def _expanded_size(node: yaml.Node, sizes: dict[int, int], aliases: list[int]) -> int:
-    """Values in ``node`` with every alias expanded; raises _Refused past MAX_YAML_NODES values
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], aliases: list[int], limit: int = MAX_YAML_NODES) -> int:
+    """Values in ``node`` with every alias expanded; raises _Refused past ``limit`` values
     or MAX_YAML_ALIASES aliases.
 
     Memoised per node, so a billion-laughs document is measured in a few hundred steps. The
@@ -101,9 +102,9 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], aliases: list[int]) -
         children = [part for pair in node.value for part in pair]
     total = 1
     for child in children:
-        total += _expanded_size(child, sizes, aliases)
-        if total > MAX_YAML_NODES:
-            raise _Refused(f"aliases expand to more than {MAX_YAML_NODES} values (a 'billion laughs' file?)")
+        total += _expanded_size(child, sizes, aliases, limit)
+        if total > limit:
+            raise _Refused(f"aliases expand to more than {limit} values (a 'billion laughs' file?)")
     sizes[id(node)] = total
     return total
 
@@ -133,7 +134,7 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return mapping
 
 
-def _load_yaml(text: str) -> Any:
+def _load_yaml(text: str, max_nodes: int = MAX_YAML_NODES) -> Any:
     if text.lstrip().startswith("{"):
         # JSON is YAML, and generated job files often are JSON: read it with the json module,
         # fifty times faster than a YAML parser. Anything json rejects goes to the YAML path.
@@ -147,7 +148,7 @@ def _load_yaml(text: str) -> Any:
         root = loader.get_single_node()
         if root is None:
             return None
-        _expanded_size(root, {}, [0])
+        _expanded_size(root, {}, [0], max_nodes)
         return loader.construct_document(root)
     finally:
         loader.dispose()
@@ -197,4 +198,58 @@ def parse_job_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> dict[str, Any
         return {}
     if not isinstance(document, dict):
         raise JobSpecError(f"{path}: the top level must be a mapping with 'defaults' and 'jobs'")
+    return document
+
+
+def parse_document(text: str, what: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:
+    """One document typed or posted by a user (a spec, a console form field, ``--spec``), as
+    YAML or JSON, safely: refused before parsing when over ``max_bytes`` (UTF-8), nested deeper
+    than the job files' limits, or holding more than MAX_DOCUMENT_NODES values (counted from
+    its separators first, so a huge list costs a scan, not a parse); then parsed like a job
+    file (no tags, no duplicate keys, aliases bounded) and refused past MAX_DOCUMENT_DEPTH.
+
+    CPU-bound (up to a few hundred ms at the limits): async code runs it in a worker thread.
+    Raises JobSpecError with one line starting with ``what``.
+    """
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise JobSpecError(f"{what}: {size} bytes; the limit is {max_bytes}")
+    # Every value after the first follows a newline, a comma, a bracket, a colon or a dash:
+    # a cheap upper bound of the values, before a parser builds them.
+    separators = text.count("\n") + text.count(",")
+    if separators > MAX_DOCUMENT_NODES:
+        raise JobSpecError(f"{what}: {separators} lines and commas; the limit is {MAX_DOCUMENT_NODES} values")
+    try:
+        document = _load_yaml(text, MAX_DOCUMENT_NODES)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise JobSpecError(f"{what}: not YAML or JSON: {where}{exc.problem or exc.context}") from None
+    except (yaml.YAMLError, _Refused) as exc:
+        raise JobSpecError(f"{what}: refused: {exc}") from None
+    except RecursionError:
+        raise JobSpecError(f"{what}: nested more than {MAX_DOCUMENT_DEPTH} levels deep") from None
+    except ValueError as exc:  # an integer of over 4,300 digits in JSON
+        raise JobSpecError(f"{what}: a value cannot be read: {exc}") from None
+    if (problem := depth_problem(document)) is not None:
+        raise JobSpecError(f"{what}: {problem}")
+    return document
+
+
+def parse_json_document(data: bytes | str, what: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:
+    """A JSON document (an API body, a form's args), safely: over ``max_bytes`` or nested past
+    MAX_DOCUMENT_DEPTH is refused (json itself stops at ~1,000 levels with a RecursionError,
+    which is refused the same way). Raises JobSpecError with one line starting with ``what``."""
+    if len(data) > max_bytes:
+        raise JobSpecError(f"{what}: {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        document = json.loads(data, parse_int=_int_or_huge)
+    except json.JSONDecodeError as exc:
+        raise JobSpecError(f"{what}: not JSON: {exc.msg} (line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise JobSpecError(f"{what}: nested more than {MAX_DOCUMENT_DEPTH} levels deep") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise JobSpecError(f"{what}: not JSON: {exc}") from None
+    if (problem := depth_problem(document)) is not None:
+        raise JobSpecError(f"{what}: {problem}")
     return document

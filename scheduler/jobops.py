@@ -39,7 +39,7 @@ from scheduler.jobstore import (
 from scheduler.message import TaskMessage
 from scheduler.operator import Operator
 from scheduler.planner import backfill_problem, plan_backfill, refusal
-from scheduler.specs import JobDefaults, JobSpec, validate_job_documents
+from scheduler.specs import STORED, JobDefaults, JobSpec, validate_job_documents
 from scheduler.triggers import next_fire_times
 from scheduler.views import NEVER_RUN, OUTCOMES
 from shared.errors import (
@@ -157,7 +157,7 @@ class JobOps:
             flag = paused_flags.get(entry.id)
             flags = {"paused": flag is not None, "paused_note": (flag or {}).get("note", "")}
             records.append(JobRecord.model_validate({**json.loads(entry.raw), **flags}) if entry.api
-                           else self._registry_record(JobSpec.model_validate(json.loads(entry.raw)["spec"]), flags))  # fmt: skip
+                           else self._registry_record(JobSpec.model_validate(json.loads(entry.raw)["spec"], context=STORED), flags))  # fmt: skip
         return JobPage(items=records, total=len(entries), offset=offset, limit=limit)
 
     # -- changing API jobs ---------------------------------------------------------------
@@ -172,6 +172,7 @@ class JobOps:
         """Store a new API job (version 1); every replica runs it within a second. Its first
         fire is the first after now (a start in the past replays nothing)."""
         spec = self.validate(document)
+        self.operator.check_note(spec.id, note)
         owner = await self._owner(spec.id)
         if owner != API:
             raise OwnershipError(spec.id, owned_message(owner, "create"), owner=owner)
@@ -198,6 +199,7 @@ class JobOps:
         """Change an API job: ``changes`` (job-file keys; a new trigger key replaces the old
         one) or a whole new ``spec``. With ``expected_version`` a concurrent change is a
         VersionConflictError; without, a conflict is retried on the fresh version."""
+        self.operator.check_note(job_id, note)
         for _ in range(UPDATE_TRIES):
             current = await self._api_record(job_id, "update")
             if expected_version is not None and expected_version != current.version:
@@ -232,6 +234,7 @@ class JobOps:
     async def delete(self, job_id: str, *, expected_version: int | None = None, note: str = "") -> JobRecord:
         """Delete an API job: every replica stops it within a second; running tasks go on.
         Its pause, last fire and failure count go with it (a later create is a new job)."""
+        self.operator.check_note(job_id, note)
         current = await self._api_record(job_id, "delete")
         await self.store.write("delete", job_id, expected=expected_version, audit=self._audit("delete", job_id, note))
         return current
@@ -287,6 +290,7 @@ class JobOps:
         ``dry_run``: the same answer, nothing sent or recorded (the console's preview)."""
         if self._encode is None:
             raise RuntimeError("these operations cannot publish (no encoder)")
+        self.operator.check_note(job_id, note)
         now = now or datetime.now(UTC)
         spec, _ = await self.operator.spec(job_id)
         limit = self.settings.scheduler.backfill_max_fires
@@ -342,6 +346,8 @@ class JobOps:
         delete. Jobs of files and code in it must match them exactly (else OwnershipError).
         The whole document is validated first: an invalid one changes nothing."""
         specs = validate_job_documents([(Path(label), document)], self.defaults)
+        for spec in specs:  # before any change: a plan is applied whole or refused
+            self.operator.check_note(spec.id, note)
         registry = await self.operator.control.jobs()
         api = {k: JobRecord.model_validate_json(v) for k, v in (await self.store.all_raw()).items()}
         plan, owned_problems = ApplyPlan(), {}
@@ -352,7 +358,7 @@ class JobOps:
                 (plan.update if diff else plan.unchanged).append(spec.id)
                 plan.diff += [f"~ {spec.id}: {line}" for line in diff]
             elif spec.id in registry:
-                owner = JobSpec.model_validate(registry[spec.id]["spec"])
+                owner = JobSpec.model_validate(registry[spec.id]["spec"], context=STORED)
                 if spec_document(owner) != wanted:
                     owned_problems[spec.id] = f"{refusal('update', owner.source)} (the file differs from it)"
                 plan.unchanged.append(spec.id)

@@ -21,8 +21,9 @@ from typing import Any, Literal
 import redis.asyncio
 from pydantic import BaseModel, ValidationError
 
+from scheduler.bounds import name_repr
 from scheduler.planner import refusal
-from scheduler.specs import TRIGGER_KEYS, JobDefaults, JobSpec, _describe, trigger_problem
+from scheduler.specs import STORED, TRIGGER_KEYS, JobDefaults, JobSpec, _describe, trigger_problem
 from shared import lua
 from shared.errors import (
     JobSpecError,
@@ -73,12 +74,13 @@ def spec_document(spec: JobSpec) -> dict[str, Any]:
     return {k: v for k, v in ordered.items() if v is not None or k == "misfire_grace_time"}
 
 
-def validate_api_spec(document: Any, defaults: JobDefaults | None, label: str = "") -> JobSpec:
+def validate_api_spec(document: Any, defaults: JobDefaults | None, label: str = "", *, stored: bool = False) -> JobSpec:
     """A job-file mapping validated as an API job (source ``api``), on ``defaults`` (None: the
     mapping is complete, as a stored spec is).
 
     Raises JobSpecError with one line per problem, each naming the job and the field:
     ``job 'x': cron '61 * * * *': minute must be 0-59`` (``label`` goes first when given).
+    ``stored``: a record read back from Redis (:data:`scheduler.specs.STORED`).
     """
     prefix = f"{label}: " if label else ""
     if not isinstance(document, dict):
@@ -86,13 +88,13 @@ def validate_api_spec(document: Any, defaults: JobDefaults | None, label: str = 
             f"{prefix}a job must be a mapping with id, task and a trigger, not {type(document).__name__}"
         )
     job_id = document.get("id")
-    place = f"{prefix}job {job_id!r}" if isinstance(job_id, str) else f"{prefix}job (no id)"
+    place = f"{prefix}job {name_repr(job_id)}" if isinstance(job_id, str) else f"{prefix}job (no id)"
     found: list[str] = []
     if "source" in document:
         found.append("unknown key 'source'")
     try:
         base = {} if defaults is None else defaults.model_dump()
-        spec = JobSpec.model_validate({**base, **document, "source": API})
+        spec = JobSpec.model_validate({**base, **document, "source": API}, context=STORED if stored else None)
     except ValidationError as exc:
         if (problem := trigger_problem(*(document.get(key) for key in TRIGGER_KEYS))) is not None:
             found.append(problem)
@@ -112,7 +114,7 @@ def parse_record(raw: str) -> tuple[dict[str, Any], JobSpec]:
         int(record["version"])
     except (ValueError, TypeError, KeyError) as exc:
         raise JobSpecError(f"stored API job: not a valid record ({exc})") from None
-    spec = validate_api_spec(record["spec"], None, label="stored")
+    spec = validate_api_spec(record["spec"], None, label="stored", stored=True)
     if spec.id != record.get("id"):
         raise JobSpecError(f"stored job {record.get('id')!r}: id: the spec says {spec.id!r}")
     return record, spec

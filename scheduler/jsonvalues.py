@@ -7,11 +7,8 @@ import math
 from datetime import date, time
 from typing import Any
 
-from scheduler.bounds import JSON_INT_RANGE, safe_repr
+from scheduler.bounds import JSON_INT_RANGE, MAX_JSON_DEPTH, safe_repr
 from scheduler.jobfiles import HugeNumber
-
-MAX_JSON_DEPTH = 64
-
 
 _LONGEST_NUMBER = 24
 """Characters of the longest JSON a finite float or an int of up to 64 bits is written as."""

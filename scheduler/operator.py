@@ -25,18 +25,19 @@ import redis
 import redis.asyncio
 from loguru import logger
 
+from scheduler.bounds import MAX_NAME_CHARS, MAX_NOTE_CHARS, name_repr, text_problem
 from scheduler.control import ControlStore
 from scheduler.epoch import redis_facts
 from scheduler.events import SentEvents, announce
 from scheduler.fires import Fire, Limits
 from scheduler.jobstore import source_kind
 from scheduler.planner import plan_manual
-from scheduler.specs import JobSpec
+from scheduler.specs import STORED, JobSpec
 from scheduler.state import StateStore
 from scheduler.triggers import describe_trigger, next_fire_times
 from scheduler.views import audit_counts, fire_view
 from shared.coverage import unserved_tasks
-from shared.errors import ChronoqError, UnknownJobError
+from shared.errors import ChronoqError, JobSpecError, UnknownJobError
 from shared.fleet import Outcome, scheduler_ledger
 from shared.names import RedisKeys, format_scheduled_at
 from shared.settings import AppSettings
@@ -89,7 +90,7 @@ class Operator:
         if raw is None:
             raise UnknownJobError(job_id)
         entry: dict[str, Any] = json.loads(raw)
-        return JobSpec.model_validate(entry["spec"]), entry
+        return JobSpec.model_validate(entry["spec"], context=STORED), entry
 
     async def list_jobs(self, now: datetime | None = None) -> list[dict[str, Any]]:
         """Every registered job: id, task, trigger, next fire, last fire and outcome, paused."""
@@ -117,7 +118,7 @@ class Operator:
             last_fires = dict(zip(fired, await pipe.execute(), strict=True))
         return [
             self._summary(
-                JobSpec.model_validate(registry[job_id]["spec"]),
+                JobSpec.model_validate(registry[job_id]["spec"], context=STORED),
                 now,
                 fire_view(last_fires[job_id]) if last_fires.get(job_id) else {},
                 paused.get(job_id),
@@ -225,18 +226,31 @@ class Operator:
 
     # -- changing ------------------------------------------------------------------------------
 
+    def check_note(self, job_id: str, note: str) -> None:
+        """Refuse a change whose note (or whose ``by``) is over its limit, before anything is
+        written; raises JobSpecError naming the job and the field. Every change of this class
+        and of :class:`scheduler.jobops.JobOps` calls it first."""
+        fields = (("note", note, MAX_NOTE_CHARS), ("by", self.by, MAX_NAME_CHARS))
+        problems = [f"job {name_repr(job_id)}: {name}: {problem}" for name, value, limit in fields
+                    if (problem := text_problem(value, limit)) is not None]  # fmt: skip
+        if problems:
+            raise JobSpecError(problems)
+
     async def pause(self, job_id: str, note: str = "") -> dict[str, Any]:
+        self.check_note(job_id, note)
         await self.spec(job_id)
         await self.control.pause(job_id, note=note, by=self.by)
         return {"job": job_id, "paused": True, "note": note}
 
     async def resume(self, job_id: str, note: str = "") -> dict[str, Any]:
+        self.check_note(job_id, note)
         await self.spec(job_id)
         was_paused = job_id in await self.control.paused()
         await self.control.resume(job_id, note=note, by=self.by)
         return {"job": job_id, "paused": False, "was_paused": was_paused, "note": note}
 
     async def remove(self, job_id: str, note: str = "") -> dict[str, Any]:
+        self.check_note(job_id, note)
         spec, entry = await self.spec(job_id)
         await self.control.remove(job_id, str(entry.get("source_hash", "")), spec.source, note=note, by=self.by)
         return {"job": job_id, "removed": True, "source": spec.source, "note": note}
@@ -245,6 +259,7 @@ class Operator:
         """Fire the job now, once: decided and published like a scheduled fire."""
         if self._encode is None:
             raise ChronoqError("this operator cannot publish (no encoder)")
+        self.check_note(job_id, note)
         spec, _ = await self.spec(job_id)
         now = datetime.now(UTC)
         fire = plan_manual(spec, now, force=force)

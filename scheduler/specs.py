@@ -41,7 +41,19 @@ from pydantic import (
     model_validator,
 )
 
-from scheduler.bounds import MAX_DURATION_S, MAX_INSTANCES, MAX_YEAR, safe_repr
+from scheduler.bounds import (
+    MAX_CRON_CHARS,
+    MAX_DESCRIPTION_CHARS,
+    MAX_DURATION_S,
+    MAX_INSTANCES,
+    MAX_NAME_CHARS,
+    MAX_PAYLOAD_BYTES,
+    MAX_TIMEZONE_CHARS,
+    MAX_YEAR,
+    name_repr,
+    safe_repr,
+    text_problem,
+)
 from scheduler.cron import parse_cron
 from scheduler.jobfiles import parse_job_file
 from scheduler.jsonvalues import flat_json_size_bound, json_problem
@@ -49,18 +61,30 @@ from shared.errors import ConfigError, JobSpecError
 from shared.names import DEFAULT_CRON_QUEUE
 from shared.settings import AppSettings, SchedulerSettings
 
-MAX_PAYLOAD_BYTES = 64 * 1024
 TRIGGER_KEYS = ("cron", "interval", "date")
-_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
+_ID_RE = re.compile(rf"^[A-Za-z0-9._:-]{{1,{MAX_NAME_CHARS}}}$")
 _TASK_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _INTERVAL_UNITS = {"weeks": 604800, "days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
 
 
+STORED = {"stored": True}
+"""``JobSpec.model_validate(..., context=STORED)``: a spec read back from Redis (the registry, a
+stored API job). The limits on text added since it was written (description, cron length) are
+not applied to it: a job stored by an earlier version keeps loading and running; only new
+input (files, code, every create and edit) is held to them."""
+
+
+def _new(info: ValidationInfo) -> bool:
+    return not (info.context or {}).get("stored", False)
+
+
 def _check_timezone(value: str) -> str:
+    if (problem := text_problem(value, MAX_TIMEZONE_CHARS)) is not None:
+        raise ValueError(problem)
     try:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Europe/Berlin)") from None
+        raise ValueError(f"unknown time zone {safe_repr(value)} (use an IANA name such as Europe/Berlin)") from None
     return value
 
 
@@ -71,7 +95,7 @@ class _JobOptions(BaseModel):
 
     timezone: StrictStr = "UTC"
     """IANA name; cron fields and naive dates are read in this zone."""
-    queue: StrictStr = Field(DEFAULT_CRON_QUEUE, pattern=r"^\S{1,200}$")
+    queue: StrictStr = Field(DEFAULT_CRON_QUEUE, pattern=rf"^\S{{1,{MAX_NAME_CHARS}}}$")
     jitter: float = Field(0.0, ge=0, le=MAX_DURATION_S, strict=True)
     """Seconds: each fire is dispatched 0..jitter s late; the schedule never moves."""
     coalesce: StrictBool = True
@@ -83,6 +107,13 @@ class _JobOptions(BaseModel):
     """With max_instances queued or running fleet-wide: skip the fire, let one wait, or run anyway."""
 
     _timezone = field_validator("timezone")(_check_timezone)
+
+    @field_validator("queue", mode="before")
+    @classmethod
+    def _check_queue(cls, value: Any) -> Any:
+        if isinstance(value, str) and (problem := text_problem(value, MAX_NAME_CHARS)) is not None:
+            raise ValueError(problem)
+        return value
 
 
 class JobDefaults(_JobOptions):
@@ -162,8 +193,10 @@ class JobSpec(_JobOptions):
     @field_validator("id")
     @classmethod
     def _check_id(cls, value: str) -> str:
+        if (problem := text_problem(value, MAX_NAME_CHARS)) is not None:
+            raise ValueError(problem)
         if not _ID_RE.match(value):
-            raise ValueError(f"{value!r} must be 1-200 letters, digits or . _ : -")
+            raise ValueError(f"{safe_repr(value)} must be 1-{MAX_NAME_CHARS} letters, digits or . _ : -")
         if value in (".", ".."):  # URLs drop these path segments: no console or API URL could name the job
             raise ValueError(f"{value!r} cannot name a job (a URL path segment); use letters or digits too")
         return value
@@ -171,15 +204,30 @@ class JobSpec(_JobOptions):
     @field_validator("task")
     @classmethod
     def _check_task(cls, value: str) -> str:
-        if len(value) > 200 or not _TASK_RE.match(value):
-            raise ValueError(f"{value!r} is not a Celery task name (dotted identifiers such as reports.build)")
+        if (problem := text_problem(value, MAX_NAME_CHARS)) is not None:
+            raise ValueError(problem)
+        if not _TASK_RE.match(value):
+            raise ValueError(f"{safe_repr(value)} is not a Celery task name (dotted identifiers such as reports.build)")
+        return value
+
+    @field_validator("description")
+    @classmethod
+    def _check_description(cls, value: str, info: ValidationInfo) -> str:
+        if _new(info) and (problem := text_problem(value, MAX_DESCRIPTION_CHARS)) is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("cron", mode="before")
     @classmethod
-    def _check_cron(cls, value: Any) -> Any:
+    def _check_cron(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and _new(info) and (problem := text_problem(value, MAX_CRON_CHARS)) is not None:
+            raise ValueError(problem)
         if isinstance(value, dict):
+            if len(value) > 8:  # year month day week day_of_week hour minute second
+                raise ValueError(f"{len(value)} fields; a cron mapping has at most 8")
             for key, item in value.items():
+                if isinstance(item, str) and _new(info) and (problem := text_problem(item, MAX_CRON_CHARS)) is not None:
+                    raise ValueError(f"{safe_repr(key)}: {problem}")
                 if not isinstance(key, str) or isinstance(item, bool) or not isinstance(item, str | int):
                     raise ValueError(f"{safe_repr(key)}: {safe_repr(item)} must be a string or an integer")
                 if isinstance(item, int) and not 0 <= item <= 9999:
@@ -326,9 +374,14 @@ def validate_job_documents(docs: list[tuple[Path, dict[str, Any]]], defaults: Jo
                 found += _describe(exc)
             if isinstance(job_id, str):
                 if job_id in first_use:
-                    found.append(f"id {job_id!r} is already used by {first_use[job_id]}")
+                    found.append(f"id {name_repr(job_id)} is already used by {first_use[job_id]}")
                 first_use.setdefault(job_id, place)
-            label = f"{place} ({job_id if isinstance(job_id, str) else 'no id'})"
+            shown = (
+                job_id[:MAX_NAME_CHARS] + ("..." if len(job_id) > MAX_NAME_CHARS else "")
+                if isinstance(job_id, str)
+                else "no id"
+            )
+            label = f"{place} ({shown})"
             problems += [f"{label}: {line}" for line in dict.fromkeys(found)]
     if problems:
         raise JobSpecError(problems)

@@ -5,23 +5,29 @@ Every action calls :class:`scheduler.jobops.JobOps` or :class:`scheduler.operato
 like ``chronoq`` and :class:`scheduler.api.Client`, so the three give the same answers and the
 same messages. Errors are ``{"error": "<first line>", "problems": [...lines]}``: an invalid spec
 422 (each line naming job and field), an unknown job 404, a version conflict or a job owned by
-a file or code 409, read-only mode 403, Redis down 503.
+a file or code 409, read-only mode 403, Redis down 503; the framework's own errors take the
+same shape (the app's handlers): a body not JSON or nested too deep 400, an unknown path 404,
+a wrong method 405, a bad parameter 422, a body over the limit 413.
 
 No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations, and
 the dependency aliases are local to :func:`router`.
 """
 
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
+from scheduler.jobfiles import parse_json_document
 from scheduler.jobmodels import BackfillResult, TriggerResult
 from scheduler.jobstore import JobRecord
 from scheduler.views import OUTCOMES
 from scheduler.web.console import Console
 from scheduler.web.security import Guard, User
+from shared.errors import JobSpecError
 
 
 class NewJob(BaseModel):
@@ -58,6 +64,31 @@ API_DOCS = "/api/v1/docs"
 """The API's reference page (:mod:`scheduler.web.apidocs`, rendered by the pages' router)."""
 
 
+class BodyRequest(Request):
+    """A request whose JSON body is parsed in a worker thread within the document limits
+    (size, depth): a hostile body is a 400 naming it, and never stalls the event loop."""
+
+    async def json(self) -> Any:
+        body = await self.body()
+        console: Console = self.app.state.console
+        try:
+            return await console.parse(parse_json_document, body, "body")
+        except JobSpecError as exc:
+            raise HTTPException(400, str(exc)) from None
+
+
+class BodyRoute(APIRoute):
+    """The API's routes: their body is read by :class:`BodyRequest`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def bounded(request: Request) -> Response:
+            return await handler(BodyRequest(request.scope, request.receive))
+
+        return bounded
+
+
 def router(console: Console, guard: Guard) -> APIRouter:
     def user(request: Request) -> User:
         return guard.user(request)
@@ -69,7 +100,7 @@ def router(console: Console, guard: Guard) -> APIRouter:
 
     Reader = Annotated[User, Depends(user)]
     Writer = Annotated[User, Depends(writer)]
-    api = APIRouter(prefix="/api/v1")
+    api = APIRouter(prefix="/api/v1", route_class=BodyRoute)
 
     @api.get(OPENAPI.removeprefix("/api/v1"), include_in_schema=False)
     async def openapi(request: Request, _: Reader) -> dict[str, Any]:

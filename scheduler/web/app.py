@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from loguru import logger
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from scheduler.bounds import MAX_REQUEST_BYTES
 from scheduler.web.api_v1 import router as api_router
 from scheduler.web.console import Console, error_status
+from scheduler.web.pages import error_page
 from scheduler.web.pages import router as pages_router
 from scheduler.web.security import Guard, SecurityHeaders
 from shared.settings import AppSettings
@@ -46,6 +51,7 @@ def create_app(settings: AppSettings) -> FastAPI:
         redoc_url=None,
     )
     app.state.console = console
+    app.add_middleware(BodyLimit, max_bytes=MAX_REQUEST_BYTES)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/healthz", include_in_schema=False)
@@ -65,17 +71,29 @@ def create_app(settings: AppSettings) -> FastAPI:
     def is_api(request: Request) -> bool:
         return request.url.path.removeprefix(request.scope.get("root_path", "")).startswith("/api/")
 
-    @app.exception_handler(HTTPException)
+    def error(
+        request: Request, status_code: int, lines: list[str], headers: Mapping[str, str] | None = None
+    ) -> Response:
+        """Every error of every path in one shape: ``{"error", "problems"}`` under /api/, the
+        console's error page elsewhere (the framework's own 404, 405, 413 and 422 included)."""
+        if is_api(request):
+            return JSONResponse({"error": lines[0], "problems": lines}, status_code, headers=headers)
+        return error_page(request, status_code, lines, headers)
+
+    @app.exception_handler(HTTPException)  # Starlette's: the router's 404 and 405 are raised as it
     async def http_error(request: Request, exc: HTTPException) -> Response:
         detail = str(exc.detail)
-        if is_api(request):
-            return JSONResponse({"error": detail, "problems": [detail]}, exc.status_code, headers=exc.headers)
-        return PlainTextResponse(f"{exc.status_code}: {detail}\n", exc.status_code, headers=exc.headers)
+        if exc.status_code == 413:
+            detail = f"the request body is over {MAX_REQUEST_BYTES} bytes; nothing changed"
+        elif exc.status_code in (404, 405) and detail in ("Not Found", "Method Not Allowed"):
+            path = request.url.path
+            detail = f"{detail.lower()}: {request.method} {path if len(path) <= 300 else path[:300] + '...'}"
+        return error(request, exc.status_code, [detail], exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse({"error": lines[0] if lines else "invalid request", "problems": lines}, 422)
+        return error(request, 422, lines or ["invalid request"])
 
     @app.middleware("http")
     async def chronoq_errors(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -91,9 +109,38 @@ def create_app(settings: AppSettings) -> FastAPI:
                 logger.opt(exception=exc).error("console: {} {} failed", request.method, request.url.path)
                 found = (500, [f"internal error ({type(exc).__name__}); see the console's log"])
             status_code, lines = found
-            if is_api(request):
-                return JSONResponse({"error": lines[0], "problems": lines}, status_code)
-            return PlainTextResponse("\n".join(lines) + "\n", status_code)
+            return error(request, status_code, lines)
 
     app.add_middleware(SecurityHeaders)  # the outermost: on every answer, errors included
     return app
+
+
+class BodyLimit:
+    """Refuse a request body over ``max_bytes`` as it is read (or at once when its
+    Content-Length says so): an HTTPException 413 raised where the route reads it, so the
+    app's handler answers it in the one error shape. (Starlette's own limit answers plain
+    text.) A route that reads no body is not refused."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        total = 0
+
+        async def limited() -> Message:
+            nonlocal total
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise HTTPException(413)
+            message = await receive()
+            if message["type"] == "http.request":
+                total += len(message.get("body", b""))
+                if total > self.max_bytes:
+                    raise HTTPException(413)
+            return message
+
+        await self.app(scope, limited, send)

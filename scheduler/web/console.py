@@ -20,7 +20,7 @@ import redis
 from scheduler.api import AsyncClient
 from scheduler.jobops import JobOps
 from scheduler.operator import Operator
-from scheduler.specs import JobSpec
+from scheduler.specs import STORED, JobSpec
 from scheduler.triggers import next_fire_times
 from shared.errors import (
     BackfillLimitError,
@@ -44,6 +44,9 @@ LIVE_TTL_S = 2.0
 LIVE_MAX_KEYS = 500
 TIMELINE_MAX_FIRES = 2000
 """Per job and per page: the timeline lists at most this many fires (its chart counts all)."""
+PARSE_THREADS = 2
+"""User documents (form fields, API bodies) are parsed in at most this many worker threads at
+once per console; more posts wait their turn while the event loop goes on answering."""
 
 
 T = TypeVar("T")
@@ -76,6 +79,15 @@ class Console:
         self._live_locks: dict[Hashable, asyncio.Lock] = {}
         self.live_reads = 0
         """How often a live region's data was read from Redis (not taken from the cache)."""
+        self._parse_limiter: anyio.CapacityLimiter | None = None
+
+    async def parse(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in a worker thread, at most :data:`PARSE_THREADS` at once: a
+        user's document is parsed (and a form read into a spec) off the event loop, so a big
+        one never stalls the other requests (``/healthz`` included)."""
+        if self._parse_limiter is None:  # created in the serving event loop
+            self._parse_limiter = anyio.CapacityLimiter(PARSE_THREADS)
+        return await anyio.to_thread.run_sync(function, *args, limiter=self._parse_limiter)
 
     async def client(self) -> AsyncClient:
         async with self._lock:
@@ -196,7 +208,7 @@ class SpecCache:
             for job_id, raw in entries.items():
                 known = self._specs.get(job_id)
                 if known is None or known[0] != raw:
-                    known = (raw, JobSpec.model_validate(json.loads(raw)["spec"]))
+                    known = (raw, JobSpec.model_validate(json.loads(raw)["spec"], context=STORED))
                     self._specs[job_id] = known
                 spec = known[1]
                 if spec.enabled:

@@ -8,19 +8,22 @@ operations as the API. A refused action renders the page again with the error an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from datetime import UTC, datetime
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote, urlencode
 
-import yaml
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from scheduler.bounds import MAX_REQUEST_BYTES, safe_repr
+from scheduler.jobfiles import parse_document, parse_json_document
 from scheduler.jobstore import JobRecord
 from scheduler.views import OUTCOMES
 from scheduler.web.api_v1 import API_DOCS, OPENAPI, job_rows
@@ -149,11 +152,11 @@ def router(console: Console, guard: Guard) -> APIRouter:
     @pages.post("/new", response_class=HTMLResponse)
     async def create_job(request: Request) -> Response:
         user = guard.user(request)
-        form = {k: str(v) for k, v in (await request.form()).items()}
+        form = await _form(request)
         guard.check_csrf(request, form.get(CSRF_FIELD, ""))
         guard.writable()
         try:
-            document = _form_spec(form)
+            document = await console.parse(_form_spec, form)
             record = await (await console.ops(user.by)).create(document, note=form.get("note", ""))
         except Exception as exc:
             return await failed(request, user, exc, "new.html", title="New job", form=form)
@@ -175,7 +178,7 @@ def router(console: Console, guard: Guard) -> APIRouter:
         user = guard.user(request)
         if action not in _ACTIONS:
             raise HTTPException(404, f"no action {action!r}")
-        form = {k: str(v) for k, v in (await request.form()).items()}
+        form = await _form(request)
         guard.check_csrf(request, form.get(CSRF_FIELD, ""))
         preview = action == "backfill" and form.get("preview") == "1"
         if not preview:
@@ -199,7 +202,7 @@ def router(console: Console, guard: Guard) -> APIRouter:
                 await ops.delete(job_id, expected_version=_int(form.get("expected_version"), None), note=note)
                 return _redirect(request, "/jobs", f"deleted {job_id}")
             elif action == "edit":
-                spec = _parse_spec(form.get("spec", ""))
+                spec = await console.parse(_parse_spec, form.get("spec", ""), "spec")
                 version = _int(form.get("expected_version"), None)
                 record = await ops.update(job_id, spec=spec, expected_version=version, note=note)
                 done = f"saved {job_id} (version {record.version})"
@@ -244,6 +247,26 @@ def router(console: Console, guard: Guard) -> APIRouter:
     return pages
 
 
+@functools.cache
+def _templates() -> Jinja2Templates:
+    return Jinja2Templates(directory=TEMPLATES)
+
+
+def error_page(
+    request: Request, status_code: int, lines: list[str], headers: Mapping[str, str] | None = None
+) -> Response:
+    """The console's error page (the one every refused action shows) for an error raised
+    before any page's own handling: an unknown path (404), a method a path does not take
+    (405), a body over the limit (413), authentication (401/403), a bug (500)."""
+    try:
+        title = f"{status_code} {HTTPStatus(status_code).phrase}"
+    except ValueError:
+        title = str(status_code)
+    context = {"base": request.scope.get("root_path", ""), "title": title, "errors": lines, "user": User("", ""),
+               "read_only": False, "done": ""}  # fmt: skip
+    return _templates().TemplateResponse(request, "error.html", context, status_code=status_code, headers=headers)
+
+
 async def _job_context(console: Console, user: User, job_id: str) -> dict[str, Any]:
     ops = await console.ops(user.by)
     record: JobRecord = await ops.get(job_id)
@@ -255,6 +278,12 @@ async def _job_context(console: Console, user: User, job_id: str) -> dict[str, A
         "chart": runs_chart(shown["history"]),
         "stamp": _ms_time,
     }
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """A posted form's fields. The request is at most MAX_REQUEST_BYTES (the app's limit); a
+    field's own limit is checked where it is used, so the message names the field."""
+    return {k: str(v) for k, v in (await request.form(max_part_size=MAX_REQUEST_BYTES)).items()}
 
 
 def _unchanged_or(request: Request, response: Response) -> Response:
@@ -300,40 +329,30 @@ def _when(job_id: str, form: dict[str, str], field: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _parse_spec(text: str) -> dict[str, Any]:
-    """A spec typed as YAML or JSON, with ``chronoq jobs add --spec``'s messages."""
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise JobSpecError(f"spec: not YAML or JSON: {exc}") from None
+def _parse_spec(text: str, field: str) -> dict[str, Any]:
+    """A spec typed as YAML or JSON in the form's ``field``, parsed safely and within the
+    document limits (:func:`scheduler.jobfiles.parse_document`); blocking: run it off the loop."""
+    document = parse_document(text, field)
     if not isinstance(document, dict):
-        raise JobSpecError("spec: must be a mapping with id, task and a trigger")
+        raise JobSpecError(f"{field}: must be a mapping with id, task and a trigger")
     return document
 
 
 def _form_spec(form: dict[str, str]) -> dict[str, Any]:
-    """The new-job form as a job-file mapping: the fields, then any extra keys typed as YAML."""
-    document = _parse_spec(form["extra"]) if form.get("extra", "").strip() else {}
+    """The new-job form as a job-file mapping: the fields, then any extra keys typed as YAML.
+    Every problem names the form's field; blocking (parses): run it off the event loop."""
+    document = _parse_spec(form["extra"], "Other job keys") if form.get("extra", "").strip() else {}
     for key in ("id", "task", "queue", "description"):
         if form.get(key, "").strip():
             document[key] = form[key].strip()
+    job = f"job {safe_repr(document.get('id', '?'))}"
     kind, value = form.get("kind", "cron"), form.get("schedule", "").strip()
     if kind in ("cron", "interval", "date") and value:
-        document[kind] = value if kind != "interval" else _parse_value(document.get("id", "?"), kind, value)
+        document[kind] = value if kind != "interval" else parse_document(value, f"{job}: {kind}")
     for key in ("args", "kwargs"):
         if form.get(key, "").strip():
-            try:
-                document[key] = json.loads(form[key])
-            except ValueError as exc:
-                raise JobSpecError(f"job {document.get('id', '?')!r}: {key}: not JSON: {exc}") from None
+            document[key] = parse_json_document(form[key], f"{job}: {key}")
     return document
-
-
-def _parse_value(job_id: str, field: str, text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise JobSpecError(f"job {job_id!r}: {field}: not a YAML value: {exc}") from None
 
 
 def _rates(previous: str, now_ms: int, counters: dict[str, int]) -> dict[str, float]:

@@ -347,6 +347,9 @@ NAMES: tuple[Name, ...] = (
     call("uvicorn", "uvicorn.server:Server.handle_exit", "scheduler/web/serve.py:_server_class",
          ("self", "sig", "frame")),
     call("uvicorn", "uvicorn.server:Server.run", "scheduler/web/serve.py:serve", ("self", "sockets")),
+    # -- FastAPI/Starlette: the API's JSON bodies parsed off the event loop, within limits ------
+    override("fastapi", "fastapi.routing:APIRoute.get_route_handler", "scheduler/web/api_v1.py:BodyRoute", ("self",)),
+    override("starlette", "starlette.requests:Request.json", "scheduler/web/api_v1.py:BodyRequest", ("self",)),
     # -- pydantic: the Redis URL shown with its password masked ------------------------------
     override("pydantic", "pydantic.types:SecretStr._display", "shared/redis_settings.py:SecretUrl", ("self",)),
     # -- PyYAML: duplicate keys refused, huge integers not built -----------------------------

@@ -238,7 +238,7 @@ BAD_JOBS = [
     ("id: x\ntask: t.a\ninterval: 5\nargs: ['" + "a" * 70000 + "']", "kwargs: args and kwargs are 70010 bytes as JSON"),
     ("id: x\ntask: reports build\ninterval: 5", "task: 'reports build' is not a Celery task name"),
     ("id: x\ntask: os.system()\ninterval: 5", "task: 'os.system()' is not a Celery task name"),
-    ("id: x\ntask: " + "a" * 201 + "\ninterval: 5", "task: '" + "a" * 201 + "' is not a Celery task name"),
+    ("id: x\ntask: " + "a" * 201 + "\ninterval: 5", "task: 201 characters; the limit is 200"),
     ("id: x y\ntask: t.a\ninterval: 5", "id: 'x y' must be 1-200 letters"),
     ("id: a/b\ntask: t.a\ninterval: 5", "id: 'a/b' must be 1-200 letters"),
     ("id: '..'\ntask: t.a\ninterval: 5", "id: '..' cannot name a job (a URL path segment)"),
