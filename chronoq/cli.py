@@ -23,6 +23,7 @@ import os
 import sys
 from typing import Any
 
+from chronoq import __version__
 from scheduler import cli as operator_cli
 from scheduler import command as scheduler_command
 from workers import command as worker_command
@@ -47,7 +48,9 @@ def parser() -> argparse.ArgumentParser:
             )
             command.add_arguments(daemon)
 
-    return operator_cli._parser(USAGE + (operator_cli.__doc__ or "").partition("::\n")[2], add_daemons)
+    chronoq = operator_cli._parser(USAGE + (operator_cli.__doc__ or "").partition("::\n")[2], add_daemons)
+    chronoq.add_argument("--version", action="version", version=f"chronoq {__version__}")
+    return chronoq
 
 
 def child_command() -> list[str]:
