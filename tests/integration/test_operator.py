@@ -22,6 +22,7 @@ from tests.conftest import (
     wait_for,
     write_jobs,
 )
+from tests.integration.test_replicas import fires
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -131,6 +132,15 @@ def test_pause_resume_trigger_and_status(
     assert as_json(settings, "jobs", "trigger", "slow", "--force")["outcome"] == "dispatched"
     wait_for(lambda: len(ran(client, settings, "slow")) == 2, 10, "the forced fire to run")
     client.set(f"{settings.redis.key_prefix}release-slow", 1)
+    # Both runs end now: the test leaves nothing running or unacknowledged on the shared server.
+    wait_for(
+        lambda: (
+            [f.get("run") for f in fires(client, settings, "slow") if f["outcome"] == "dispatched"]
+            == ["succeeded", "succeeded"]
+        ),
+        15,
+        "the slow fires to end once released",
+    )
 
     status = as_json(settings, "status")
     alive = [r for r in status["replicas"] if r["alive"]]

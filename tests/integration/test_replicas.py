@@ -8,6 +8,7 @@ each run to a list), not from the schedulers' own accounts.
 from __future__ import annotations
 
 import itertools
+import json
 import signal
 import time
 from collections import Counter
@@ -45,13 +46,23 @@ def gaps_and_duplicates(runs: list[dict[str, Any]], interval_s: float) -> tuple[
     return gaps, duplicates
 
 
-def settle(client: Any, settings: AppSettings) -> None:
-    """Wait until every queued fire has run (the queue is empty and nothing is unacked)."""
-    wait_for(
-        lambda: client.llen(settings.celery.cron_queue) == 0 and client.hlen("unacked") == 0,
-        20,
-        "the workers to finish the queued fires",
-    )
+def settle(client: Any, settings: AppSettings, workers: tuple[WorkerProcess, ...] = ()) -> None:
+    """Wait until every queued fire has run (the queue is empty and nothing is unacked); a
+    failure says what is still queued or unacknowledged, and the end of each worker's log."""
+    queue = settings.celery.cron_queue
+
+    def unacked() -> dict[str, str]:
+        # kombu's unacked hash is shared by every test on this server: count this test's only.
+        entries = client.hgetall("unacked").items()
+        return {tag: entry for tag, entry in entries if json.loads(entry)[2] == queue}
+
+    try:
+        wait_for(lambda: client.llen(queue) == 0 and not unacked(), 20, "the workers to finish the queued fires")
+    except pytest.fail.Exception:
+        unacked_now = {tag: str(entry)[:300] for tag, entry in client.hgetall("unacked").items()}
+        index = client.zrange("unacked_index", 0, -1, withscores=True)
+        logs = "\n".join(f"--- {w.hostname}\n{w.log()[-3000:]}" for w in workers)
+        pytest.fail(f"queue={client.llen(queue)} unacked={unacked_now} index={index} at {time.time():.1f}\n{logs}")
 
 
 def leader_of(client: Any, settings: AppSettings, replicas: list[SchedulerProcess]) -> SchedulerProcess:
@@ -94,7 +105,7 @@ def test_sigkill_of_the_leader_loses_and_doubles_nothing(
     time.sleep(6)
     for replica in replicas:
         replica.stop()
-    settle(client, settings)
+    settle(client, settings, two_workers)
 
     survivors = {r.owner for r in replicas if r is not leader}
     for job_id in ("j0", "j1", "j2"):
