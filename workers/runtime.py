@@ -25,6 +25,7 @@ import redis
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from celery import Task, states
 from celery.app.task import get_actual_ignore_result
+from celery.exceptions import BackendStoreError
 from kombu.exceptions import OperationalError
 from loguru import logger
 
@@ -107,7 +108,9 @@ class ChronoqTask(Task):  # type: ignore[misc]
             self.backend.store_result(
                 request.id, {"pid": os.getpid(), "hostname": request.hostname}, states.STARTED, request=request
             )
-        except (redis.RedisError, OSError, OperationalError) as exc:
+        # BackendStoreError: Celery's retries of the store ran out (result_backend_always_retry),
+        # as when a SIGKILLed master's writes are not confirmed by a replica (WAIT).
+        except (redis.RedisError, OSError, OperationalError, BackendStoreError) as exc:
             logger.warning("STARTED state not stored task_id={}: {}", request.id, type(exc).__name__)
 
     @property
