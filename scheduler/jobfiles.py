@@ -154,6 +154,12 @@ def _load_yaml(text: str, max_nodes: int = MAX_YAML_NODES) -> Any:
         loader.dispose()
 
 
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> tuple[str, str | None]:
+    """Where a YAML syntax error is (``line N: `` or nothing) and what it is, for one line."""
+    mark = exc.problem_mark or exc.context_mark
+    return (f"line {mark.line + 1}: " if mark is not None else ""), exc.problem or exc.context
+
+
 def parse_job_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> dict[str, Any]:
     """Read and safely parse one job file; does not validate its content.
 
@@ -185,9 +191,8 @@ def parse_job_file(path: Path, max_bytes: int = MAX_FILE_BYTES) -> dict[str, Any
     except tomllib.TOMLDecodeError as exc:
         raise JobSpecError(f"{path}: TOML syntax error: {exc}") from None
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise JobSpecError(f"{path}: {where}YAML error: {exc.problem or exc.context}") from None
+        where, problem = _yaml_problem(exc)
+        raise JobSpecError(f"{path}: {where}YAML error: {problem}") from None
     except (yaml.YAMLError, _Refused) as exc:
         raise JobSpecError(f"{path}: YAML refused: {exc}") from None
     except RecursionError:
@@ -222,9 +227,8 @@ def parse_document(text: str, what: str, max_bytes: int = MAX_DOCUMENT_BYTES) ->
     try:
         document = _load_yaml(text, MAX_DOCUMENT_NODES)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise JobSpecError(f"{what}: not YAML or JSON: {where}{exc.problem or exc.context}") from None
+        where, problem = _yaml_problem(exc)
+        raise JobSpecError(f"{what}: not YAML or JSON: {where}{problem}") from None
     except (yaml.YAMLError, _Refused) as exc:
         raise JobSpecError(f"{what}: refused: {exc}") from None
     except RecursionError:
